@@ -1,0 +1,153 @@
+"""Hugging Face `Glm4MoeForCausalLM` checkpoints <-> our sharded NNX model.
+
+`load_pretrained` streams tensor by tensor straight into the sharded layout: each device shard is filled
+by a callback that reads only the HF tensors it needs, so the whole model is never in host memory.
+`save_pretrained` gathers one HF tensor at a time and writes sharded safetensors that transformers loads.
+"""
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import SingleDeviceSharding
+
+from klong_jax.hf.checkpoint import SafetensorsReader, SafetensorsWriter
+from klong_jax.hf.mapping import is_mtp_key, tensor_maps
+from klong_jax.models.config import ModelConfig
+from klong_jax.models.init import model_shardings
+
+log = logging.getLogger(__name__)
+
+
+def load_config(path: str, **runtime) -> ModelConfig:
+    cfg_path = os.path.join(path, "config.json")
+    with open(cfg_path) as f:
+        d = json.load(f)
+    try:
+        return ModelConfig.from_hf_dict(d, **runtime)
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"{cfg_path}: {e}") from e
+
+
+def _check_keys(reader: SafetensorsReader, maps, cfg: ModelConfig, path: str) -> None:
+    expected = {}
+    for m in maps.values():
+        for _, key in m.keys():
+            expected[key] = m.hf_shape
+    mtp = [k for k in reader.keys() if is_mtp_key(k, cfg)]
+    if mtp:
+        log.info("%s: skipping %d multi-token-prediction tensors (model.layers.%d.*)", path, len(mtp),
+                 cfg.num_hidden_layers)
+    unexpected = sorted(set(reader.keys()) - set(expected) - set(mtp))
+    if unexpected:
+        raise ValueError(f"{path}: tensors not in a Glm4MoeForCausalLM of this config: {unexpected[:10]}"
+                         f"{' ...' if len(unexpected) > 10 else ''}")
+    missing = sorted(set(expected) - set(reader.keys()))
+    if missing:
+        raise ValueError(f"{path}: missing tensors: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+    for key, shape in expected.items():
+        got = reader.shape(key)
+        if got != shape:
+            raise ValueError(f"{path}: tensor {key} has shape {got}, config.json implies {shape}")
+
+
+def load_pretrained(path: str, *, dtype: str | None = None, mesh=None, rules=None, **runtime):
+    """Load a HF checkpoint directory into a (sharded) model.
+
+    dtype: parameter storage dtype (default float32); runtime: ModelConfig runtime fields (e.g. dtype of
+    compute via `compute_dtype`, attention_impl, remat_policy).
+    """
+    if "compute_dtype" in runtime:
+        runtime["dtype"] = runtime.pop("compute_dtype")
+    if dtype is not None:
+        runtime["param_dtype"] = dtype
+    cfg = load_config(path, **runtime)
+    reader = SafetensorsReader(path)
+    maps = tensor_maps(cfg)
+    _check_keys(reader, maps, cfg, path)
+    if mesh is None:
+        graphdef, abstract_state, shardings = model_shardings(cfg, _single_device_mesh())
+        shardings = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), shardings)
+    else:
+        graphdef, abstract_state, shardings = model_shardings(cfg, mesh, *(() if rules is None else (rules,)))
+
+    flat_abstract = dict(nnx.to_flat_state(abstract_state))
+    flat_shardings = dict(nnx.to_flat_state(shardings))
+    if set(flat_abstract) != set(maps):
+        raise RuntimeError(f"internal: mapping and model disagree: {set(flat_abstract) ^ set(maps)}")
+
+    def load_one(path_, var):
+        m = maps[path_]
+        dtype_np = np.dtype(jnp.dtype(var.dtype))
+
+        def fill(index):
+            stack_idx, inner_idx = index[:m.n_stack], index[m.n_stack:]
+            ranges = [range(*s.indices(n)) for s, n in zip(stack_idx, m.stack_shape)]
+            out_shape = tuple(len(r) for r in ranges) + tuple(
+                len(range(*s.indices(n))) for s, n in zip(inner_idx, m.inner_shape))
+            out = np.empty(out_shape, dtype_np)
+            for pos in np.ndindex(*[len(r) for r in ranges]):
+                global_idx = tuple(r[p] for r, p in zip(ranges, pos))
+                if m.n_stack == 0:
+                    key = m.hf_key()
+                elif m.n_stack == 1:
+                    key = m.hf_key(global_idx[0] + m.layer_offset)
+                else:
+                    key = m.hf_key(global_idx[0] + m.layer_offset, global_idx[1])
+                out[pos] = m.to_ours(reader.get(key))[inner_idx].astype(dtype_np)
+            return out
+
+        value = jax.make_array_from_callback(var.shape, flat_shardings[path_], fill)
+        return var.replace(value=value)
+
+    flat_loaded = [(p, load_one(p, v)) for p, v in flat_abstract.items()]
+    state = nnx.from_flat_state(flat_loaded)
+    return nnx.merge(graphdef, state)
+
+
+def _single_device_mesh():
+    return jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1, 1, 1),
+                             ("data", "fsdp", "expert", "context", "tensor"))
+
+
+def _host_value(x) -> np.ndarray:
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def save_pretrained(model, path: str, *, dtype: str | None = None, max_shard_bytes: int = 4 << 30) -> None:
+    """Write config.json + safetensors that `Glm4MoeForCausalLM.from_pretrained` loads.
+
+    Gathers one HF tensor at a time (a slice of a stacked variable), so host memory stays bounded by the
+    largest single tensor plus one shard. Every process must call this; process 0 writes.
+    """
+    cfg: ModelConfig = model.cfg
+    maps = tensor_maps(cfg)
+    _, state = nnx.split(model)
+    flat = dict(nnx.to_flat_state(state))
+    writer = SafetensorsWriter(path, max_shard_bytes) if jax.process_index() == 0 else None
+    out_dtype = None if dtype is None else np.dtype(jnp.dtype(dtype))
+    for p, m in maps.items():
+        value = flat[p].get_value()
+        for idx, key in m.keys():
+            host = _host_value(value[idx] if idx else value)
+            host = m.to_hf(host)
+            if out_dtype is not None and p[-1] not in ("router", "router_bias"):
+                host = host.astype(out_dtype)  # router stays fp32, as HF keeps it
+            if writer is not None:
+                writer.add(key, host)
+    if writer is not None:
+        writer.close()
+        hf_cfg = cfg.to_hf_dict()
+        if dtype is not None:
+            hf_cfg["dtype"] = dtype
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(hf_cfg, f, indent=2)
+
+
+__all__ = ["load_pretrained", "save_pretrained", "load_config"]

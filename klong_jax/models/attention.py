@@ -1,0 +1,55 @@
+"""GQA self-attention with q/k/v bias, optional per-head qk RMSNorm and partial NeoX RoPE."""
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+import kernels
+from klong_jax.models.layers import RMSNorm, apply_rope, param
+from klong_jax.sharding import constrain
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg, *, dtype, param_dtype, rngs: nnx.Rngs):
+        D, H, K, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        std = cfg.initializer_range
+        self.q_proj = param(rngs, (D, H, hd), ("embed", "heads", "head_dim"), param_dtype, std=std)
+        self.k_proj = param(rngs, (D, K, hd), ("embed", "kv_heads", "head_dim"), param_dtype, std=std)
+        self.v_proj = param(rngs, (D, K, hd), ("embed", "kv_heads", "head_dim"), param_dtype, std=std)
+        self.o_proj = param(rngs, (H, hd, D), ("heads", "head_dim", "embed"), param_dtype, std=std)
+        if cfg.attention_bias:
+            self.q_bias = param(rngs, (H, hd), ("heads", "head_dim"), param_dtype, init="zeros")
+            self.k_bias = param(rngs, (K, hd), ("kv_heads", "head_dim"), param_dtype, init="zeros")
+            self.v_bias = param(rngs, (K, hd), ("kv_heads", "head_dim"), param_dtype, init="zeros")
+        if cfg.use_qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+        self.use_bias, self.use_qk_norm = cfg.attention_bias, cfg.use_qk_norm
+        self.impl, self.scale, self.dtype = cfg.attention_impl, hd ** -0.5, dtype
+
+    def project_qkv(self, x_BTD, cos_BTR, sin_BTR):
+        x = x_BTD.astype(self.dtype)
+        q_BTHD = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...].astype(self.dtype))
+        k_BTKD = jnp.einsum("btd,dhk->bthk", x, self.k_proj[...].astype(self.dtype))
+        v_BTKD = jnp.einsum("btd,dhk->bthk", x, self.v_proj[...].astype(self.dtype))
+        if self.use_bias:
+            q_BTHD = q_BTHD + self.q_bias[...].astype(self.dtype)
+            k_BTKD = k_BTKD + self.k_bias[...].astype(self.dtype)
+            v_BTKD = v_BTKD + self.v_bias[...].astype(self.dtype)
+        if self.use_qk_norm:
+            q_BTHD, k_BTKD = self.q_norm(q_BTHD), self.k_norm(k_BTKD)
+        q_BTHD = apply_rope(q_BTHD, cos_BTR, sin_BTR)
+        k_BTKD = apply_rope(k_BTKD, cos_BTR, sin_BTR)
+        # Named so the save_attention_inputs remat policy can keep exactly these.
+        q_BTHD = checkpoint_name(constrain(q_BTHD, ("batch", "seq", "act_heads", None)), "attn_q")
+        k_BTKD = checkpoint_name(constrain(k_BTKD, ("batch", "seq", "act_kv_heads", None)), "attn_k")
+        v_BTKD = checkpoint_name(constrain(v_BTKD, ("batch", "seq", "act_kv_heads", None)), "attn_v")
+        return q_BTHD, k_BTKD, v_BTKD
+
+    def output(self, o_BTHD):
+        return jnp.einsum("bthk,hkd->btd", o_BTHD.astype(self.dtype), self.o_proj[...].astype(self.dtype))
+
+    def __call__(self, x_BTD, cos_BTR, sin_BTR, *, doc_ids_BT=None, window_ids_BT=None):
+        q_BTHD, k_BTKD, v_BTKD = self.project_qkv(x_BTD, cos_BTR, sin_BTR)
+        o_BTHD = kernels.attention(q_BTHD, k_BTKD, v_BTKD, impl=self.impl, doc_ids=doc_ids_BT,
+                                   window_ids=window_ids_BT, causal=True, sm_scale=self.scale)
+        return self.output(o_BTHD)

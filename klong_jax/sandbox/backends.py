@@ -1,0 +1,166 @@
+"""Starting a sandbox's namespace holder with bubblewrap or, where it cannot start, with `unshare`.
+
+A holder keeps one episode's namespaces (mount, pid, network, ipc, uts) alive between commands, so
+background jobs survive from one command to the next; killing the holder kills every process of the
+episode (pid-namespace teardown). Commands enter the holder's namespaces with nsenter (see sandbox.py).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+
+from klong_jax.sandbox.view import ViewSpec, bwrap_view_args
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("bwrap", "unshare")
+BACKEND_ENV = "KLONG_SANDBOX_BACKEND"  # "auto" (default), "bwrap" or "unshare"
+_HOLDER_START_TIMEOUT_S = 20.0
+_FALLBACK_INIT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fallback_init.py")
+
+
+class SandboxUnavailableError(RuntimeError):
+    """No backend can confine commands on this host; commands are never run unconfined."""
+
+
+class Holder:
+    """A running namespace holder: `ns_pid` is the host pid of the namespace's init."""
+
+    def __init__(self, process: subprocess.Popen, ns_pid: int, backend: str):
+        self.process = process
+        self.ns_pid = ns_pid
+        self.backend = backend
+
+    def alive(self) -> bool:
+        return self.process.poll() is None and os.path.exists(f"/proc/{self.ns_pid}")
+
+    def kill(self) -> None:
+        """SIGKILL the holder: its namespace init dies with it (parent-death signal), and with the init
+        the kernel kills every process in the pid namespace."""
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+
+def _host_env() -> dict[str, str]:
+    return {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+
+
+def start_bwrap(spec: ViewSpec) -> Holder:
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        raise SandboxUnavailableError("bwrap (bubblewrap) is not installed")
+    info_r, info_w = os.pipe()
+    argv = [bwrap, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
+            "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--info-fd", str(info_w),
+            *bwrap_view_args(spec), "--chdir", "/", "--", "/usr/bin/sleep", "infinity"]
+    try:
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, pass_fds=(info_w,), start_new_session=True,
+                                   env=_host_env())
+    finally:
+        os.close(info_w)
+    with os.fdopen(info_r, "rb") as info:
+        # bwrap writes the info document once the namespaces exist and closes the fd; EOF without
+        # a document means it failed (the reason is on stderr).
+        text = _read_with_timeout(info, process, "bwrap")
+    try:
+        ns_pid = int(json.loads(text)["child-pid"])
+    except (ValueError, KeyError) as e:
+        process.kill()
+        err = process.communicate()[1].decode(errors="replace")
+        raise SandboxUnavailableError(f"bwrap failed to start: {err.strip() or text!r}") from e
+    return Holder(process, ns_pid, "bwrap")
+
+
+def start_unshare(spec: ViewSpec, root_dir: str) -> Holder:
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        raise SandboxUnavailableError("unshare (util-linux) is not installed")
+    argv = [unshare, "--mount", "--pid", "--net", "--ipc", "--uts", "--fork", "--kill-child",
+            "--propagation", "private", "--", sys.executable, "-I", "-S", _FALLBACK_INIT, root_dir,
+            json.dumps(spec.to_json_dict())]
+    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, start_new_session=True, env=_host_env())
+    text = _read_with_timeout(process.stdout, process, "unshare fallback", line=True)
+    if not text.startswith("ready "):
+        process.kill()
+        err = process.communicate()[1].decode(errors="replace")
+        raise SandboxUnavailableError(f"unshare fallback failed to start: {err.strip() or text!r}")
+    return Holder(process, int(text.split()[1]), "unshare")
+
+
+def _read_with_timeout(stream, process: subprocess.Popen, what: str, line: bool = False) -> str:
+    result: list[bytes] = []
+    read = stream.readline if line else stream.read
+    reader = threading.Thread(target=lambda: result.append(read()), daemon=True)
+    reader.start()
+    reader.join(_HOLDER_START_TIMEOUT_S)
+    if reader.is_alive():
+        process.kill()
+        raise SandboxUnavailableError(f"{what} did not start within {_HOLDER_START_TIMEOUT_S}s")
+    return (result[0] if result else b"").decode(errors="replace")
+
+
+_probe_lock = threading.Lock()
+_probe_results: dict[str, str | None] = {}  # backend -> None if it works, else the reason it does not
+_warned_fallback = False
+
+
+def _probe(backend: str) -> str | None:
+    """Whether `backend` can start here: starts and kills a throwaway holder once per process."""
+    with _probe_lock:
+        if backend not in _probe_results:
+            scratch = tempfile.mkdtemp(prefix="klong_sandbox_probe_")
+            try:
+                os.makedirs(os.path.join(scratch, "ep"))
+                os.makedirs(os.path.join(scratch, "root"))
+                for name in ("passwd", "group"):
+                    shutil.copyfile(f"/etc/{name}", os.path.join(scratch, name))
+                spec = ViewSpec(os.path.join(scratch, "ep"), 65534, 1 << 20, (),
+                                os.path.join(scratch, "passwd"), os.path.join(scratch, "group"))
+                holder = (start_bwrap(spec) if backend == "bwrap"
+                          else start_unshare(spec, os.path.join(scratch, "root")))
+                holder.kill()
+                _probe_results[backend] = None
+            except (SandboxUnavailableError, OSError) as e:
+                _probe_results[backend] = str(e)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+        return _probe_results[backend]
+
+
+def choose_backend(requested: str | None) -> str:
+    """The backend to use: `requested`, else $KLONG_SANDBOX_BACKEND, else auto (bwrap, falling back to
+    unshare with a warning logged once). An explicitly requested backend that cannot start is an error."""
+    global _warned_fallback
+    choice = requested or os.environ.get(BACKEND_ENV) or "auto"
+    if choice not in (*BACKENDS, "auto"):
+        raise ValueError(f"sandbox backend must be one of {BACKENDS} or 'auto', got {choice!r} "
+                         f"(from {'the argument' if requested else '$' + BACKEND_ENV})")
+    if os.geteuid() != 0:
+        raise SandboxUnavailableError(
+            "the sandbox must run as root: it runs each episode under its own unprivileged uid so that "
+            "RLIMIT_NPROC binds and episodes cannot touch each other")
+    if choice != "auto":
+        reason = _probe(choice)
+        if reason is not None:
+            raise SandboxUnavailableError(f"sandbox backend {choice!r} cannot start: {reason}")
+        return choice
+    bwrap_reason = _probe("bwrap")
+    if bwrap_reason is None:
+        return "bwrap"
+    unshare_reason = _probe("unshare")
+    if unshare_reason is not None:
+        raise SandboxUnavailableError(f"no sandbox backend can start: bwrap: {bwrap_reason}; "
+                                      f"unshare: {unshare_reason}")
+    if not _warned_fallback:
+        _warned_fallback = True
+        log.warning("bubblewrap cannot start (%s); sandboxing with the unshare fallback", bwrap_reason)
+    return "unshare"

@@ -1,0 +1,112 @@
+"""Init process of the `unshare` fallback sandbox (run as a script, stdlib only; imports no klong_jax).
+
+Started by `unshare --mount --pid --net --ipc --uts --fork --kill-child --propagation private`, so it is
+pid 1 of fresh namespaces, as root (it needs root to mount). It builds the same view bubblewrap would
+(read-only system paths, the episode directory read-write, a private /tmp, a minimal /dev, a fresh
+/proc), chroots into it, reports "ready <host pid>" on stdout, and then reaps orphans forever: commands
+enter its namespaces with nsenter and drop to the sandbox uid before running anything.
+
+Usage: python fallback_init.py ROOT_DIR SPEC_JSON
+"""
+import ctypes
+import json
+import os
+import signal
+import sys
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_REC = 16384
+PR_SET_PDEATHSIG = 1
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _mount(source, target, fstype, flags, data=None):
+    rc = _libc.mount(source and source.encode(), target.encode(), fstype and fstype.encode(),
+                     ctypes.c_ulong(flags), data and data.encode())
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {source!r} on {target!r} ({fstype}): {os.strerror(err)}")
+
+
+def _bind(source, target, read_only):
+    if os.path.isdir(source):
+        os.makedirs(target, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if not os.path.exists(target):
+            open(target, "w").close()
+    _mount(source, target, None, MS_BIND | MS_REC)
+    if read_only:
+        # A bind mount only becomes read-only on a remount (the kernel ignores MS_RDONLY on the bind).
+        _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+
+
+def build_root(root, spec):
+    _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "mode=755,size=16m")
+    for kind, path, target in spec["system_entries"]:
+        if kind == "symlink":
+            os.symlink(target, root + path)
+        else:
+            _bind(path, root + path, read_only=True)
+    _bind(spec["passwd_file"], root + "/etc/passwd", read_only=True)
+    _bind(spec["group_file"], root + "/etc/group", read_only=True)
+    for path in spec["extra_ro_paths"]:
+        _bind(path, root + path, read_only=True)
+    os.makedirs(root + "/dev", exist_ok=True)
+    _mount("tmpfs", root + "/dev", "tmpfs", MS_NOSUID, "mode=755,size=64k")
+    for name in spec["device_nodes"]:
+        if os.path.exists("/dev/" + name):
+            _bind("/dev/" + name, root + "/dev/" + name, read_only=False)
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, root + "/dev/" + name)
+    os.makedirs(root + "/dev/shm")
+    _mount("tmpfs", root + "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777,size=64m")
+    os.makedirs(root + "/proc", exist_ok=True)
+    _mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV)
+    os.makedirs(root + "/tmp", exist_ok=True)
+    _mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={spec['tmp_bytes']}")
+    _bind(spec["episode_dir"], root + spec["episode_dir"], read_only=False)
+    # Nothing may be created next to the mounts: the root tmpfs itself becomes read-only.
+    _mount(None, root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, "mode=755")
+
+
+def reap_forever():
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGCHLD])
+    while True:
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                pass
+        except ChildProcessError:
+            pass
+        signal.sigtimedwait([signal.SIGCHLD], 5.0)
+
+
+def main():
+    root, spec_json = sys.argv[1], sys.argv[2]
+    spec = json.loads(spec_json)
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getpid() != 1:
+        sys.exit("fallback_init must run as pid 1 of a new pid namespace")
+    # Before the new /proc is mounted, /proc still belongs to the host: /proc/self is the host pid.
+    host_pid = int(os.readlink("/proc/self"))
+    _mount(None, "/", None, MS_REC | (1 << 18))  # MS_PRIVATE: no mount events leak to the host
+    build_root(root, spec)
+    os.chroot(root)
+    os.chdir("/")
+    sys.stdout.write(f"ready {host_pid}\n")
+    sys.stdout.flush()
+    os.close(1)
+    os.close(2)
+    os.open("/dev/null", os.O_WRONLY)
+    os.open("/dev/null", os.O_WRONLY)
+    reap_forever()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Resource limits of a sandbox and the result of one command run in it."""
+from __future__ import annotations
+
+import dataclasses
+
+GIB = 1 << 30
+MIB = 1 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class SandboxLimits:
+    """Limits applied to every command an episode runs.
+
+    The rlimits (cpu_seconds, address_space_bytes, file_size_bytes, open_files) are per process, as the
+    kernel defines them. max_processes is RLIMIT_NPROC of the sandbox's own unprivileged uid, so it
+    bounds all live processes of the episode together (background jobs included).
+    """
+
+    cpu_seconds: int = 3600                 # RLIMIT_CPU, per process
+    address_space_bytes: int = 16 * GIB     # RLIMIT_AS, per process
+    max_processes: int = 256                # RLIMIT_NPROC of the episode's uid: all its processes
+    file_size_bytes: int = 4 * GIB          # RLIMIT_FSIZE: largest file a process may write
+    open_files: int = 1024                  # RLIMIT_NOFILE, per process
+    output_bytes: int = 32_000              # bytes of a command's output kept (head and tail)
+    command_timeout_s: float = 600.0        # default wall-clock limit of one command
+    episode_timeout_s: float | None = None  # wall-clock limit of the whole episode (None: none)
+    tmp_bytes: int = 512 * MIB              # size of the sandbox's private /tmp (a tmpfs)
+    # After the command's main process exits, how long to keep reading output from background
+    # processes that still hold it before killing them (jobs with redirected output are kept).
+    drain_grace_s: float = 1.0
+
+    def __post_init__(self):
+        for name in ("cpu_seconds", "address_space_bytes", "max_processes", "file_size_bytes",
+                     "open_files", "output_bytes", "tmp_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"SandboxLimits.{name} must be a positive integer, got {value!r}")
+        if self.max_processes < 4:
+            raise ValueError(f"SandboxLimits.max_processes must be >= 4 (a shell needs a few), "
+                             f"got {self.max_processes}")
+        if not self.command_timeout_s > 0:
+            raise ValueError(f"SandboxLimits.command_timeout_s must be > 0, got {self.command_timeout_s!r}")
+        if self.episode_timeout_s is not None and not self.episode_timeout_s > 0:
+            raise ValueError(f"SandboxLimits.episode_timeout_s must be > 0 or None, "
+                             f"got {self.episode_timeout_s!r}")
+        if self.drain_grace_s < 0:
+            raise ValueError(f"SandboxLimits.drain_grace_s must be >= 0, got {self.drain_grace_s!r}")
+
+
+# Exit code reported when a command was killed at its (or the episode's) time limit, as `timeout` does.
+TIMEOUT_EXIT_CODE = 124
+
+
+@dataclasses.dataclass(frozen=True)
+class CommandResult:
+    """What one command did.
+
+    exit_code: the shell's exit status; 128+N when killed by signal N; 124 when timed out.
+    output: stdout and stderr interleaved, decoded as UTF-8 (invalid bytes replaced); when longer than
+      the limit, the head and the tail are kept with a marker line between them saying how much was cut.
+    notes: sandbox events worth telling the agent about (also appended to `output`).
+    """
+
+    exit_code: int
+    output: str
+    timed_out: bool
+    truncated: bool
+    wall_s: float
+    notes: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not self.timed_out
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
