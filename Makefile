@@ -8,7 +8,13 @@ EXTRAS ?= tpu,serve,dev
 PY312 := $(shell for c in python3.12 "env PYENV_VERSION=3.12 python3.12" $$HOME/.pyenv/versions/3.12*/bin/python3.12 /usr/bin/python3.12 /usr/local/bin/python3.12; do \
 	  if $$c -c 'import sys; assert sys.version_info[:2]==(3,12)' >/dev/null 2>&1; then echo $$c; break; fi; done)
 
-.PHONY: venv demo test test-all clean
+# Reference env for the Hugging Face parity round trip: Python 3.11 + torch (CPU) + transformers, kept
+# apart from the project env (no torch there).
+HFREF ?= .venv-hfref
+PY311 := $(shell for c in python3.11 $$HOME/.pyenv/versions/3.11*/bin/python3.11 /usr/bin/python3.11; do \
+	  if $$c -c 'import sys; assert sys.version_info[:2]==(3,11)' >/dev/null 2>&1; then echo $$c; break; fi; done)
+
+.PHONY: venv hfref demo test test-all clean
 $(VENV)/.installed: pyproject.toml requirements/lock.txt
 	@test -n "$(PY312)" || { echo "python3.12 not found (needed by jax 0.11+)"; exit 1; }
 	$(PY312) -m venv $(VENV)
@@ -18,14 +24,22 @@ $(VENV)/.installed: pyproject.toml requirements/lock.txt
 
 venv: $(VENV)/.installed
 
+$(HFREF)/.installed:
+	@test -n "$(PY311)" || { echo "python3.11 not found (needed for the transformers reference env)"; exit 1; }
+	$(PY311) -m venv $(HFREF)
+	$(HFREF)/bin/python -m pip install -q torch==2.13.0 transformers==5.24.0 safetensors==0.8.0 numpy
+	touch $@
+
+hfref: $(HFREF)/.installed
+
 demo: venv
 	JAX_PLATFORMS=cpu $(PY) launch/train.py --config=configs/sft.py:tiny --workdir=$${WORKDIR:-/tmp/klong_demo}
 
-test: venv
-	JAX_PLATFORMS=cpu $(PY) -m pytest tests -m "not slow"
+test: venv hfref
+	KLONG_HF_PYTHON=$(HFREF)/bin/python JAX_PLATFORMS=cpu $(PY) -m pytest tests -m "not slow"
 
-test-all: venv
-	JAX_PLATFORMS=cpu $(PY) -m pytest tests
+test-all: venv hfref
+	KLONG_HF_PYTHON=$(HFREF)/bin/python JAX_PLATFORMS=cpu $(PY) -m pytest tests
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(HFREF)

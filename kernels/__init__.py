@@ -2,11 +2,27 @@
 
 `attention(q, k, v, impl=...)` dispatches to one implementation by name; all share one signature:
   fn(q_BTHD, k_BSKD, v_BSKD, *, doc_ids=None, window_ids=None, causal=True, sm_scale=None) -> o_BTHD
+  reference  plain JAX with an explicit T x S mask (the oracle; small T only)
+  blockwise  memory-linear XLA loops over the blocks the mask keeps (CPU / GPU at long context)
+  pallas     Pallas TPU kernels (interpret mode off TPU); under a mesh, run per batch/head shard
+  ring       context parallelism over the `context` mesh axis (Pallas per chunk on TPU, blockwise elsewhere)
+Extra keyword arguments (block sizes, mesh, ...) pass through to the implementation.
 """
+import functools
+
+# Modules, not their same-named functions, are bound here: `kernels.flash_attention` and
+# `kernels.ring_attention` must stay importable as modules.
+import kernels.flash_attention
+import kernels.ring_attention
+from kernels.blockwise import blockwise_attention
+from kernels.mesh_specs import shard_batch_and_heads
 from kernels.reference import attention_mask, reference_attention
 
 IMPLEMENTATIONS = {
     "reference": reference_attention,
+    "blockwise": blockwise_attention,
+    "pallas": functools.partial(shard_batch_and_heads, kernels.flash_attention.flash_attention),
+    "ring": kernels.ring_attention.ring_attention,
 }
 
 
@@ -18,4 +34,4 @@ def attention(q_BTHD, k_BSKD, v_BSKD, *, impl: str = "reference", **kwargs):
     return fn(q_BTHD, k_BSKD, v_BSKD, **kwargs)
 
 
-__all__ = ["attention", "attention_mask", "reference_attention", "IMPLEMENTATIONS"]
+__all__ = ["attention", "attention_mask", "reference_attention", "blockwise_attention", "IMPLEMENTATIONS"]

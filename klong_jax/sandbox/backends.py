@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("bwrap", "unshare")
 BACKEND_ENV = "KLONG_SANDBOX_BACKEND"  # "auto" (default), "bwrap" or "unshare"
+# Which executables the backends use (default: found on PATH); pointing one at a missing file disables
+# that backend, which is how tests exercise the fallback and the no-backend error.
+BWRAP_ENV = "KLONG_SANDBOX_BWRAP"
+UNSHARE_ENV = "KLONG_SANDBOX_UNSHARE"
 _HOLDER_START_TIMEOUT_S = 20.0
 _FALLBACK_INIT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fallback_init.py")
 
@@ -48,20 +52,27 @@ class Holder:
         self.process.wait()
 
 
+def _executable(env_var: str, name: str) -> str:
+    path = os.environ.get(env_var) or shutil.which(name)
+    if not path or not os.access(path, os.X_OK):
+        raise SandboxUnavailableError(f"{name} is not installed (or ${env_var}={path!r} is not executable)")
+    return path
+
+
 def _host_env() -> dict[str, str]:
     return {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 
 
 def start_bwrap(spec: ViewSpec) -> Holder:
-    bwrap = shutil.which("bwrap")
-    if bwrap is None:
-        raise SandboxUnavailableError("bwrap (bubblewrap) is not installed")
+    bwrap = _executable(BWRAP_ENV, "bwrap")
     info_r, info_w = os.pipe()
     argv = [bwrap, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
             "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--info-fd", str(info_w),
-            *bwrap_view_args(spec), "--chdir", "/", "--", "/usr/bin/sleep", "infinity"]
+            *bwrap_view_args(spec), "--chdir", "/", "--",
+            # Prints once the view is complete (the info fd comes earlier, before the mounts).
+            "/bin/sh", "-c", "echo ready && exec /usr/bin/sleep infinity >/dev/null"]
     try:
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, pass_fds=(info_w,), start_new_session=True,
                                    env=_host_env())
     finally:
@@ -76,13 +87,17 @@ def start_bwrap(spec: ViewSpec) -> Holder:
         process.kill()
         err = process.communicate()[1].decode(errors="replace")
         raise SandboxUnavailableError(f"bwrap failed to start: {err.strip() or text!r}") from e
+    ready = _read_with_timeout(process.stdout, process, "bwrap", line=True)
+    if ready.strip() != "ready":
+        process.kill()
+        err = process.communicate()[1].decode(errors="replace")
+        raise SandboxUnavailableError(f"bwrap failed to start: {err.strip() or ready!r}")
+    process.stdout.close()
     return Holder(process, ns_pid, "bwrap")
 
 
 def start_unshare(spec: ViewSpec, root_dir: str) -> Holder:
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        raise SandboxUnavailableError("unshare (util-linux) is not installed")
+    unshare = _executable(UNSHARE_ENV, "unshare")
     argv = [unshare, "--mount", "--pid", "--net", "--ipc", "--uts", "--fork", "--kill-child",
             "--propagation", "private", "--", sys.executable, "-I", "-S", _FALLBACK_INIT, root_dir,
             json.dumps(spec.to_json_dict())]
@@ -109,14 +124,16 @@ def _read_with_timeout(stream, process: subprocess.Popen, what: str, line: bool 
 
 
 _probe_lock = threading.Lock()
-_probe_results: dict[str, str | None] = {}  # backend -> None if it works, else the reason it does not
+# (backend, its executable override) -> None if it works, else the reason it does not.
+_probe_results: dict[tuple[str, str], str | None] = {}
 _warned_fallback = False
 
 
 def _probe(backend: str) -> str | None:
     """Whether `backend` can start here: starts and kills a throwaway holder once per process."""
+    key = (backend, os.environ.get(BWRAP_ENV if backend == "bwrap" else UNSHARE_ENV, ""))
     with _probe_lock:
-        if backend not in _probe_results:
+        if key not in _probe_results:
             scratch = tempfile.mkdtemp(prefix="klong_sandbox_probe_")
             try:
                 os.makedirs(os.path.join(scratch, "ep"))
@@ -128,12 +145,12 @@ def _probe(backend: str) -> str | None:
                 holder = (start_bwrap(spec) if backend == "bwrap"
                           else start_unshare(spec, os.path.join(scratch, "root")))
                 holder.kill()
-                _probe_results[backend] = None
+                _probe_results[key] = None
             except (SandboxUnavailableError, OSError) as e:
-                _probe_results[backend] = str(e)
+                _probe_results[key] = str(e)
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
-        return _probe_results[backend]
+        return _probe_results[key]
 
 
 def choose_backend(requested: str | None) -> str:

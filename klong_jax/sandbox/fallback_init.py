@@ -9,9 +9,12 @@ enter its namespaces with nsenter and drop to the sandbox uid before running any
 Usage: python fallback_init.py ROOT_DIR SPEC_JSON
 """
 import ctypes
+import fcntl
 import json
 import os
 import signal
+import socket
+import struct
 import sys
 
 MS_RDONLY = 1
@@ -21,6 +24,9 @@ MS_REMOUNT = 32
 MS_BIND = 4096
 MS_REC = 16384
 PR_SET_PDEATHSIG = 1
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 1
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -55,8 +61,6 @@ def build_root(root, spec):
             _bind(path, root + path, read_only=True)
     _bind(spec["passwd_file"], root + "/etc/passwd", read_only=True)
     _bind(spec["group_file"], root + "/etc/group", read_only=True)
-    for path in spec["extra_ro_paths"]:
-        _bind(path, root + path, read_only=True)
     os.makedirs(root + "/dev", exist_ok=True)
     _mount("tmpfs", root + "/dev", "tmpfs", MS_NOSUID, "mode=755,size=64k")
     for name in spec["device_nodes"]:
@@ -71,9 +75,21 @@ def build_root(root, spec):
     _mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV)
     os.makedirs(root + "/tmp", exist_ok=True)
     _mount("tmpfs", root + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={spec['tmp_bytes']}")
+    # After /tmp, so paths under /tmp are mounted on top of the private tmpfs.
+    for path in spec["extra_ro_paths"]:
+        _bind(path, root + path, read_only=True)
     _bind(spec["episode_dir"], root + spec["episode_dir"], read_only=False)
     # Nothing may be created next to the mounts: the root tmpfs itself becomes read-only.
     _mount(None, root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, "mode=755")
+
+
+def loopback_up():
+    """A new network namespace has only a loopback device, and it is down; bubblewrap brings it up,
+    so commands can use local servers they start themselves (nothing outside is reachable)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        request = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, request))[1]
+        fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
 
 
 def reap_forever():
@@ -96,6 +112,7 @@ def main():
     # Before the new /proc is mounted, /proc still belongs to the host: /proc/self is the host pid.
     host_pid = int(os.readlink("/proc/self"))
     _mount(None, "/", None, MS_REC | (1 << 18))  # MS_PRIVATE: no mount events leak to the host
+    loopback_up()
     build_root(root, spec)
     os.chroot(root)
     os.chdir("/")

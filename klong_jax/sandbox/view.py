@@ -63,17 +63,39 @@ def write_identity_files(directory: str, uid: int, home: str) -> tuple[str, str]
     return passwd_path, group_path
 
 
+def _under(path: str, parent: str) -> bool:
+    return path == parent or path.startswith(parent.rstrip("/") + "/")
+
+
+def _ancestor_dirs(path: str) -> list[str]:
+    """bubblewrap creates missing parents of a mount point with mode 0700, which the sandbox uid could
+    not traverse: create them first, world-traversable (parents inside a system path already exist)."""
+    args = []
+    parts = path.strip("/").split("/")[:-1]
+    for i in range(1, len(parts) + 1):
+        ancestor = "/" + "/".join(parts[:i])
+        if not any(_under(ancestor, system) for system in SYSTEM_PATHS):
+            args += ["--perms", "0755", "--dir", ancestor]
+    return args
+
+
+def check_episode_dir(path: str) -> None:
+    if path == "/" or any(_under(path, system) for system in SYSTEM_PATHS + ("/proc", "/dev", "/sys")):
+        raise ValueError(f"episode directory {path!r} must not be / or inside a system directory "
+                         f"({', '.join(SYSTEM_PATHS)}, /proc, /dev, /sys)")
+
+
 def bwrap_view_args(spec: ViewSpec) -> list[str]:
     args = []
     for kind, path, target in spec.system_entries():
         args += ["--symlink", target, path] if kind == "symlink" else ["--ro-bind", path, path]
     args += ["--ro-bind", spec.passwd_file, "/etc/passwd", "--ro-bind", spec.group_file, "/etc/group"]
-    for path in spec.extra_ro_paths:
-        args += ["--ro-bind", path, path]
     args += ["--dev", "/dev", "--proc", "/proc"]
     args += ["--perms", "1777", "--size", str(spec.tmp_bytes), "--tmpfs", "/tmp"]
-    # After /tmp, so an episode directory under /tmp is mounted on top of the private tmpfs.
-    args += ["--bind", spec.episode_dir, spec.episode_dir]
+    # After /tmp, so paths under /tmp are mounted on top of the private tmpfs.
+    for path in spec.extra_ro_paths:
+        args += [*_ancestor_dirs(path), "--ro-bind", path, path]
+    args += [*_ancestor_dirs(spec.episode_dir), "--bind", spec.episode_dir, spec.episode_dir]
     return args
 
 

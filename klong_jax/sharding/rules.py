@@ -24,7 +24,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # parameters
     ("layers", None),
     ("vocab", "tensor"),
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", "expert")),  # non-expert weights also spread over the expert axis
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
     ("head_dim", None),

@@ -97,24 +97,21 @@ def _allocate(rng: random.Random, difficulty: int, length: int) -> list[tuple[st
     allocation = []
     for kind, share in zip(kinds, shares):
         per_item = _STEPS_PER_ITEM.get(kind, 1)
-        items = min(max(round(share / per_item), 1 if per_item > 1 else 2), kind_of({"kind": kind}).MAX_ITEMS)
+        fewest = 1 if per_item > 1 else 2
+        items = min(max(round(share / per_item), fewest), kind_of({"kind": kind}).MAX_ITEMS)
         allocation.append((kind, items))
     return allocation
 
 
-def _document(title: str, sections: list[dict], files: dict[str, str]) -> str:
-    given = ("\n".join(f"- `{path}`" for path in sorted(files)) if files
-             else "None: the directory starts empty.")
+def _document(title: str, sections: list[dict]) -> str:
     body = "\n".join(kind_of(s).spec(s, number) for number, s in enumerate(sections, 1))
     return (f"# {title}\n\n"
-            "## Abstract\n"
-            f"This document specifies a small project in {len(sections)} sections. Carry out every "
-            "section in order, in the current directory, with the tools. Names and values are exact: "
-            "copy them literally. A rubric checks every item, so partial work earns partial credit.\n\n"
-            f"## Given files\n{given}\n\n"
+            f"This project has {len(sections)} sections. Carry them out in order, in the current "
+            "directory, with the tools. Names and values are exact: copy them literally. A rubric "
+            "checks every item; partial work earns partial credit.\n\n"
             f"{body}\n"
             "## Submission\n"
-            "When every section is done, call `submit` with a one-line summary.\n")
+            "When every section is done, call `submit`.\n")
 
 
 def _rubric(title: str, sections: list[dict], new_id) -> dict:
@@ -133,7 +130,7 @@ def generate_task(index: int, seed: int = 0, split: str = "train", difficulty: i
                 for kind, items in _allocate(rng, difficulty, length)]
     task = Task(task_id=f"{split}-{seed}-{index:04d}", title=title, split=split, seed=seed, index=index,
                 difficulty=difficulty, length=length, sections=sections, spec="", rubric={})
-    task.spec = _document(title, sections, task.initial_files())
+    task.spec = _document(title, sections)
     task.rubric = _rubric(title, sections, base.uuid_source(rng))
     return task
 

@@ -30,8 +30,8 @@ def make(rng: random.Random, names: base.Names, n_items: int, difficulty: int) -
 def spec(section: dict, number: int) -> str:
     rows = "\n".join(f"- `{row}`" for row in section["rows"])
     return (f"## Section {number}: Append rows to {section['file']}\n"
-            f"The file `{section['file']}` has the columns `{','.join(section['header'])}`. "
-            "Append these rows at its end, in this order, one row per line:\n"
+            f"`{section['file']}` has the columns `{','.join(section['header'])}`. "
+            "Append these rows at its end, in this order:\n"
             f"{rows}\n")
 
 
@@ -54,7 +54,9 @@ def rubric(section: dict, number: int, new_id) -> dict:
         ]) for row in rows
     ]
     items.append(base.node(new_id, f"{path} keeps its old lines and ends with the new rows in order", [
-        base.leaf(new_id, f"The first {len(original)} lines of {path} are unchanged",
+        # Credited only once rows were appended: an episode that does nothing must score 0.
+        base.leaf(new_id, f"Rows are appended and the first {len(original)} lines of {path} are kept",
+                  f"test \"$(wc -l < {path})\" -gt {len(original)} && "
                   f"test \"$(head -n {len(original)} {path} | paste -sd ' ')\" = {_joined(original)}",
                   base.CODE_DEVELOPMENT, base.DATA_PREPARATION),
         base.leaf(new_id, f"The last {len(rows)} lines of {path} are the new rows in order",

@@ -26,11 +26,10 @@ def make(rng: random.Random, names: base.Names, n_items: int, difficulty: int) -
 
 
 def spec(section: dict, number: int) -> str:
-    rows = "\n".join(f"| `{f['path']}` | `{f['line']}` |" for f in section["files"])
+    rows = "\n".join(f"- `{f['path']}`: `{f['line']}`" for f in section["files"])
     return (f"## Section {number}: Create the {section['dir']} files\n"
-            f"Create the directory `{section['dir']}` and in it the files below. "
-            "Each file holds exactly one line.\n\n"
-            f"| file | line |\n|---|---|\n{rows}\n")
+            f"Create the directory `{section['dir']}` with these files, each holding one line:\n"
+            f"{rows}\n")
 
 
 def initial_files(section: dict) -> dict[str, str]:

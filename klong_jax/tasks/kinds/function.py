@@ -86,18 +86,20 @@ def spec(section: dict, number: int) -> str:
     items = "\n".join(f"- `{f['name']}({f['arg']})`: {f['text']}. Test: `python3 {_test_path(f)}`"
                       for f in section["functions"])
     return (f"## Section {number}: Functions in {section['module']}\n"
-            f"Write the module `{section['module']}` with the functions below. Each has a test "
-            "script that must print `OK`.\n"
+            f"Write `{section['module']}` with these functions; each test script must print `OK`.\n"
             f"{items}\n")
 
 
 def initial_files(section: dict) -> dict[str, str]:
+    # The scripts write no .pyc: a cached buggy draft of the same size, written in the same second,
+    # would otherwise shadow the repaired module.
     module = _module_name(section)
     files = {}
     for f in section["functions"]:
         cases = ", ".join(f"({arg!r}, {want!r})" for arg, want in f["tests"])
         files[_test_path(f)] = (
             "import sys\n"
+            "sys.dont_write_bytecode = True\n"
             "sys.path.insert(0, 'src')\n"
             f"from {module} import {f['name']}\n\n"
             f"for arg, want in [{cases}]:\n"
@@ -115,7 +117,8 @@ def rubric(section: dict, number: int, new_id) -> dict:
     for f in section["functions"]:
         name = f["name"]
         hidden = "; ".join(f"assert {name}({arg!r}) == {want!r}" for arg, want in f["hidden"])
-        hidden_code = f"import sys; sys.path.insert(0, 'src'); from {module} import {name}; {hidden}"
+        hidden_code = (f"import sys; sys.dont_write_bytecode = True; sys.path.insert(0, 'src'); "
+                       f"from {module} import {name}; {hidden}")
         items.append(base.node(new_id, f"{name} is implemented in {path} as specified", [
             base.leaf(new_id, f"{path} defines {name}({f['arg']})",
                       f"grep -q {shlex.quote(f'def {name}(')} {path}", base.CODE_DEVELOPMENT, base.METHOD),

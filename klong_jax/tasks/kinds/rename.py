@@ -25,12 +25,11 @@ def make(rng: random.Random, names: base.Names, n_items: int, difficulty: int) -
 
 
 def spec(section: dict, number: int) -> str:
-    rows = "\n".join(f"| `{m['src']}` | `{m['dst']}` |" for m in section["moves"])
-    keep = " Leave every other file where it is." if section["kept"] else ""
+    rows = "\n".join(f"- `{m['src']}` -> `{m['dst']}`" for m in section["moves"])
+    keep = " Leave the other files where they are." if section["kept"] else ""
     return (f"## Section {number}: Move the {section['src_dir']} files\n"
-            f"Move each file in the left column to the name in the right column; the directory "
-            f"`{section['dst_dir']}` does not exist yet.{keep}\n\n"
-            f"| from | to |\n|---|---|\n{rows}\n")
+            f"Move these files to their new names; `{section['dst_dir']}` does not exist yet.{keep}\n"
+            f"{rows}\n")
 
 
 def initial_files(section: dict) -> dict[str, str]:
@@ -51,8 +50,11 @@ def rubric(section: dict, number: int, new_id) -> dict:
                       base.CODE_DEVELOPMENT, base.DATA_PREPARATION),
         ]))
     for k in section["kept"]:
+        # Credited only once the section is under way (the target directory exists): an episode
+        # that does nothing must score 0.
         items.append(base.node(new_id, f"{k['path']} is left in place", [
-            base.leaf(new_id, f"{k['path']} still exists unchanged",
+            base.leaf(new_id, f"{k['path']} still exists unchanged after the moves",
+                      f"test -d {section['dst_dir']} && "
                       f"test \"$(cat {k['path']})\" = {base.quote(k['content'])}",
                       base.CODE_DEVELOPMENT, base.DATA_PREPARATION),
         ]))

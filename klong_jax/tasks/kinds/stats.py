@@ -40,7 +40,7 @@ def make(rng: random.Random, names: base.Names, n_items: int, difficulty: int) -
         op = rng.choice(ops)
         column = None if op == "count" else rng.choice(columns)
         color = rng.choice(present) if op in ("count", "sum_where") else None
-        key = "_".join(part for part in (op, column, color) if part)
+        key = "_".join(part for part in ("sum" if op == "sum_where" else op, column, color) if part)
         if key in keys:
             continue
         keys.add(key)
@@ -65,9 +65,9 @@ def _describe(stat: dict) -> str:
 def spec(section: dict, number: int) -> str:
     items = "\n".join(f"- `{s['key']}`: {_describe(s)}" for s in section["stats"])
     return (f"## Section {number}: Statistics of {section['csv']}\n"
-            f"The file `{section['csv']}` has a header line and the columns "
-            f"`{','.join(section['header'])}`. Compute each value below and append it to "
-            f"`{section['out']}` as one line `key=value`, in this order:\n{items}\n")
+            f"`{section['csv']}` has a header and the columns `{','.join(section['header'])}`. "
+            f"Compute each value and append it to `{section['out']}` as a line `key=value`, "
+            f"in this order:\n{items}\n")
 
 
 def initial_files(section: dict) -> dict[str, str]:

@@ -1,0 +1,61 @@
+"""Host-side bookkeeping of a sandbox uid's processes and files (reads /proc; no external tools)."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+
+def uid_pids(uid: int) -> list[int]:
+    """Pids of live processes whose effective uid is `uid` (the owner of /proc/PID)."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{name}").st_uid == uid:
+                pids.append(int(name))
+        except FileNotFoundError:
+            continue
+    return pids
+
+
+def count_uid(uid: int) -> int:
+    """Live tasks of `uid`, threads included: RLIMIT_NPROC counts threads too."""
+    total = 0
+    for pid in uid_pids(uid):
+        try:
+            total += len(os.listdir(f"/proc/{pid}/task"))
+        except FileNotFoundError:
+            continue
+    return total
+
+
+def kill_uid(uid: int, timeout_s: float = 5.0) -> None:
+    """SIGKILLs every process of `uid` until none is left (a fork bomb may fork while being killed)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        pids = uid_pids(uid)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"processes of sandbox uid {uid} survive SIGKILL: {pids[:10]}")
+        time.sleep(0.01)
+
+
+def chown_tree(path: str, uid: int) -> None:
+    """Makes the episode directory and everything in it belong to the sandbox uid (without following
+    symlinks), so commands can write there and nowhere else."""
+    def fix(p: str) -> None:
+        st = os.lstat(p)
+        if st.st_uid != uid or st.st_gid != uid:
+            os.lchown(p, uid, uid)
+    fix(path)
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            fix(os.path.join(root, name))
