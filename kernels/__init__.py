@@ -3,7 +3,8 @@
 `attention(q, k, v, impl=...)` dispatches to one implementation by name; all share one signature:
   fn(q_BTHD, k_BSKD, v_BSKD, *, doc_ids=None, window_ids=None, causal=True, sm_scale=None) -> o_BTHD
   reference  plain JAX with an explicit T x S mask (the oracle; small T only)
-  blockwise  memory-linear XLA loops over the blocks the mask keeps (CPU / GPU at long context)
+  blockwise  memory-linear XLA loops over the blocks the mask keeps (CPU / GPU at long context);
+             under a mesh, run per batch/head shard
   pallas     Pallas TPU kernels (interpret mode off TPU); under a mesh, run per batch/head shard
   ring       context parallelism over the `context` mesh axis (Pallas per chunk on TPU, blockwise elsewhere)
 Extra keyword arguments (block sizes, mesh, ...) pass through to the implementation.
@@ -20,7 +21,9 @@ from kernels.reference import attention_mask, reference_attention
 
 IMPLEMENTATIONS = {
     "reference": reference_attention,
-    "blockwise": blockwise_attention,
+    # Both loop over blocks with data-dependent indices, which XLA cannot partition: under a mesh they
+    # run per batch/head shard (shard_map), the sequence whole on each device.
+    "blockwise": functools.partial(shard_batch_and_heads, blockwise_attention),
     "pallas": functools.partial(shard_batch_and_heads, kernels.flash_attention.flash_attention),
     "ring": kernels.ring_attention.ring_attention,
 }

@@ -7,7 +7,6 @@ stored. GQA: the G = H / K query heads of a kv head share its k/v block, never r
 """
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -119,7 +118,7 @@ def core_fwd(q_BTHD, k_BSKD, v_BSKD, q_seg, k_seg, *, causal, scale, out_dtype,
 
 
 def core_bwd(q_BTHD, k_BSKD, v_BSKD, o_BTHD, lse_BHT, do_BTHD, q_seg, k_seg, *, causal, scale,
-             block_q=512, block_k=512):
+             grad_dtype=jnp.float32, block_q=512, block_k=512):
     x = _Blocked(q_BTHD, k_BSKD, q_seg, k_seg, block_q, block_k, causal)
     q, k, v = x.q_view(q_BTHD), x.kv_view(k_BSKD), x.kv_view(v_BSKD)
     do = x.q_view(do_BTHD, v_BSKD.dtype)
@@ -152,7 +151,7 @@ def core_bwd(q_BTHD, k_BSKD, v_BSKD, o_BTHD, lse_BHT, do_BTHD, q_seg, k_seg, *, 
                                    preferred_element_type=jnp.float32)
 
         dq = lax.fori_loop(0, x.counts[b, i], visit, jnp.zeros((x.bq, x.K, x.G, x.D), jnp.float32))
-        return dq * scale
+        return (dq * scale).astype(grad_dtype)
 
     def dkv_of_k_block(bj):
         b, kb = _split_bi(bj, x.nk)
@@ -172,7 +171,7 @@ def core_bwd(q_BTHD, k_BSKD, v_BSKD, o_BTHD, lse_BHT, do_BTHD, q_seg, k_seg, *, 
 
         zeros = jnp.zeros((x.bk, x.K, x.D), jnp.float32)
         dk, dv = lax.fori_loop(0, x.counts_t[b, kb], visit, (zeros, zeros))
-        return dk * scale, dv
+        return (dk * scale).astype(grad_dtype), dv.astype(grad_dtype)
 
     dq = lax.map(dq_of_q_block, jnp.arange(x.B * x.nq)).reshape(x.B, x.Tp, x.H, x.D)
     dk, dv = lax.map(dkv_of_k_block, jnp.arange(x.B * x.nk))

@@ -79,12 +79,13 @@ def main(argv):
     ap.add_argument("--head_dim", type=int, default=128)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--block", type=int, default=512)
+    ap.add_argument("--batch_per_device", type=int, default=1)
     ap.add_argument("--windows", action="store_true")
     ap.add_argument("--backward", action="store_true")
     a = ap.parse_args(argv)
     result = compile_for_topology(a.topology, impl=a.impl, seq=a.seq, heads=a.heads, kv_heads=a.kv_heads,
                                   head_dim=a.head_dim, windows=a.windows, backward=a.backward, dtype=a.dtype,
-                                  block=a.block)
+                                  block=a.block, batch_per_device=a.batch_per_device)
     print(json.dumps(result))
     return 0
 

@@ -2,8 +2,8 @@
 
 An implementation supplies two "core" functions over unpadded token segments:
   core_fwd(q_BTHD, k_BSKD, v_BSKD, q_seg, k_seg, *, causal, scale, out_dtype) -> (o_BTHD, lse_BHT f32)
-  core_bwd(q_BTHD, k_BSKD, v_BSKD, o_BTHD, lse_BHT, do_BTHD, q_seg, k_seg, *, causal, scale)
-      -> (dq_BTHD, dk_BSKD, dv_BSKD), all fp32
+  core_bwd(q_BTHD, k_BSKD, v_BSKD, o_BTHD, lse_BHT, do_BTHD, q_seg, k_seg, *, causal, scale, grad_dtype)
+      -> (dq_BTHD, dk_BSKD, dv_BSKD) in grad_dtype (accumulated in fp32; ring attention asks for fp32)
 lse is -inf on rows that attend to nothing (their output is 0). Ring attention calls the same cores
 per pair of sequence chunks and combines them itself.
 """
@@ -43,7 +43,7 @@ def attention_with_vjp(core_fwd, core_bwd, q_BTHD, k_BSKD, v_BSKD, q_seg: Segmen
 
     def bwd(res, do):
         q, k, v, qs, ks, o, lse = res
-        dq, dk, dv = core_bwd(q, k, v, o, lse, do, qs, ks, causal=causal, scale=scale)
+        dq, dk, dv = core_bwd(q, k, v, o, lse, do, qs, ks, causal=causal, scale=scale, grad_dtype=q.dtype)
         no_grad = jax.tree.map(lambda _: None, (qs, ks))
         return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), *no_grad)
 

@@ -4,17 +4,21 @@ import os
 import jax
 
 
-def setup_devices(cpu_devices: int = 0, distributed: bool | None = None) -> None:
+def setup_devices(cpu_devices: int = 0) -> None:
     """Call before any JAX operation.
 
     cpu_devices: emulated devices for the CPU backend (harmless on TPU/GPU, which ignore it).
-    distributed: call jax.distributed.initialize(); default: when a coordinator is configured in the
-    environment (TPU pods and the tests' JAX_COORDINATOR_ADDRESS set it).
+    Multi-process: with KLONG_COORDINATOR / KLONG_NUM_PROCESSES / KLONG_PROCESS_ID set (as the tests and
+    a manual multi-host launch do) jax.distributed is initialised with them; on TPU pods
+    (several TPU_WORKER_HOSTNAMES) jax.distributed.initialize() discovers everything itself.
     """
     if cpu_devices:
         jax.config.update("jax_num_cpu_devices", cpu_devices)
-    if distributed is None:
-        distributed = bool(os.environ.get("JAX_COORDINATOR_ADDRESS") or os.environ.get("TPU_WORKER_HOSTNAMES")
-                           and "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""))
-    if distributed and not jax.distributed.is_initialized():
+    if jax.distributed.is_initialized():
+        return
+    if os.environ.get("KLONG_COORDINATOR"):
+        jax.distributed.initialize(coordinator_address=os.environ["KLONG_COORDINATOR"],
+                                   num_processes=int(os.environ["KLONG_NUM_PROCESSES"]),
+                                   process_id=int(os.environ["KLONG_PROCESS_ID"]))
+    elif "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
         jax.distributed.initialize()

@@ -141,10 +141,10 @@ def test_read_jsonl_raise_and_skip(tmp_path, caplog):
 
 
 def test_cli_validator(tmp_path, capsys):
-    assert tj.main(["x", _bad_file(tmp_path)]) == 1
-    assert "4 problem(s)" in capsys.readouterr().out
+    assert tj.main(["validate", _bad_file(tmp_path)]) == 1
+    assert "5 problem(s)" in capsys.readouterr().out  # line 5 has two
     good = _write(tmp_path, [json.dumps(_good()).encode() + b"\n"])
-    assert tj.main(["x", good]) == 0
+    assert tj.main(["validate", good]) == 0
 
 
 def test_split_turns():

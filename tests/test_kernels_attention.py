@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import AxisType
 
 import kernels
 from kernels.blockwise import blockwise_attention
@@ -57,7 +58,7 @@ def test_bf16_matches_fp32_reference_within_bf16_error(impl):
     o, grads = value_and_grads(IMPLS[impl](case), q, k, v, **kw)
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     o_ref, grads_ref = value_and_grads(reference_attention, *f32, **kw)
-    assert o.dtype == jnp.float32 and np.isfinite(np.asarray(o)).all()
+    assert IMPLS[impl](case)(q, k, v, **kw).dtype == jnp.bfloat16
     _assert_close(o, o_ref, 2e-2, "output")
     for name, g, g_ref in zip("qkv", grads, grads_ref):
         bound = 2e-2 * float(jnp.abs(g_ref).max())
@@ -92,14 +93,19 @@ def test_dispatcher_gives_the_same_result_for_every_implementation():
         kernels.attention(q, k, v, impl="nope")
 
 
-def test_padding_rows_output_zero_and_get_zero_grads():
-    q, k, v = random_qkv(2, 1, 160, 2, 2, 64)
-    doc, _ = packed_batch(160, [[(100, [])]])
-    for fn in (blockwise_attention, flash_attention):
-        o, (dq, dk, dv) = value_and_grads(functools.partial(fn, block_q=64, block_k=64), q, k, v, doc_ids=doc)
-        assert not np.asarray(o[:, 100:]).any()
-        assert not np.asarray(dq[:, 100:]).any() and not np.asarray(dk[:, 100:]).any()
-        assert not np.asarray(dv[:, 100:]).any()
+@pytest.mark.parametrize("impl,case", [("pallas", CASES[4]), ("blockwise", CASES[0])], ids=["pallas", "blockwise"])
+def test_dispatcher_under_a_mesh_runs_per_batch_and_head_shard(impl, case):
+    # What the model does: call the dispatcher inside jit under jax.set_mesh. Mosaic kernels and the
+    # blockwise loops cannot be partitioned by XLA, so these entries shard batch over data-like axes
+    # and heads over "tensor" with shard_map.
+    q, k, v, kw = case.inputs()
+    o_ref, grads_ref = value_and_grads(reference_attention, q, k, v, **kw)
+    mesh = jax.make_mesh((2, 2, 2), ("data", "context", "tensor"), axis_types=(AxisType.Auto,) * 3)
+    with jax.set_mesh(mesh):
+        o, grads = value_and_grads(functools.partial(kernels.attention, impl=impl), q, k, v, **kw)
+    _assert_close(o, o_ref, 1e-5, "output")
+    for name, g, g_ref in zip("qkv", grads, grads_ref):
+        _assert_close(g, g_ref, 1e-4, f"d{name}")
 
 
 def test_bad_shapes_are_reported():
@@ -108,3 +114,18 @@ def test_bad_shapes_are_reported():
         flash_attention(q, k, v)
     with pytest.raises(ValueError, match="blockwise.py"):
         blockwise_attention(q[..., :32], k, v)
+
+
+def test_pallas_splits_the_batch_when_schedules_outgrow_smem(monkeypatch):
+    # On TPU the per-row block schedule lives in SMEM; rows that do not fit together run as separate
+    # kernel calls. Force one row per call and check the result is unchanged.
+    import kernels.flash_attention as fa
+
+    monkeypatch.setattr(fa, "SMEM_SCHEDULE_BYTES", 1)
+    case = CASES[3]
+    q, k, v, kw = case.inputs()
+    o, grads = value_and_grads(IMPLS["pallas"](case), q, k, v, **kw)
+    o_ref, grads_ref = value_and_grads(reference_attention, q, k, v, **kw)
+    _assert_close(o, o_ref, 1e-5, "output")
+    for name, g, g_ref in zip("qkv", grads, grads_ref):
+        _assert_close(g, g_ref, 1e-4, f"d{name}")

@@ -5,14 +5,13 @@ import os
 import re
 import resource
 import socket
-import sys
 import threading
 import time
 import uuid
 
 import pytest
 
-from klong_jax.sandbox import Sandbox, SandboxLimits, processes
+from klong_jax.sandbox import Sandbox, SandboxLimits, host_python, processes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = SandboxLimits(cpu_seconds=20, address_space_bytes=1 << 30, max_processes=48,
@@ -62,8 +61,10 @@ def test_fork_bomb(sandbox):
     res = sandbox.run("setsid -f bash -c ':(){ :|:& };:' >/dev/null 2>&1 </dev/null; echo started",
                       timeout_s=5)
     assert res.exit_code == 0
-    time.sleep(0.5)
-    res = sandbox.run("sleep 3; echo done", timeout_s=8)
+    deadline = time.monotonic() + 10
+    while processes.count_uid(sandbox.uid) < SMALL.max_processes - 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    res = sandbox.run("sleep 4; echo done", timeout_s=10)
     assert any("limit of 48 processes" in note for note in res.notes), res
     assert processes.count_uid(sandbox.uid) < SMALL.max_processes
     assert_episode_alive(sandbox)
@@ -202,13 +203,13 @@ def test_episode_timeout_kills_everything(tmp_path):
 
 
 def test_run_python(tmp_path):
-    # The host interpreter's installation, shown read-only, runs the stateless python tool.
-    prefix = os.path.realpath(sys.base_prefix)
-    python = os.path.join(prefix, "bin", os.path.basename(os.path.realpath(sys.executable)))
-    extra = () if prefix.startswith("/usr") else (prefix,)
-    with Sandbox(tmp_path / "ep", limits=SMALL, extra_ro_paths=extra, python=python) as sb:
-        res = sb.run_python("import os\nprint(os.getuid() != 0, os.getcwd())\nopen('p.txt', 'w').write('x')")
+    # This interpreter and its virtual environment, shown read-only, run the stateless python tool.
+    paths, python = host_python()
+    with Sandbox(tmp_path / "ep", limits=SMALL, extra_ro_paths=paths, python=python) as sb:
+        res = sb.run_python("import os, numpy\nprint(os.getuid() != 0, os.getcwd())\n"
+                            "open('p.txt', 'w').write('x')")
         assert res.exit_code == 0 and res.output == f"True {sb.episode_dir}\n", res
+        assert sb.run(f"touch {paths[0]}/x || echo read-only").output.endswith("read-only\n")
         res = sb.run_python("raise SystemExit(7)")
         assert res.exit_code == 7
         res = sb.run_python("bytearray(4 << 30)")

@@ -35,7 +35,7 @@ def test_seeds_and_splits_give_different_tasks():
 
 
 @pytest.mark.parametrize("difficulty", [1, 2, 3])
-@pytest.mark.parametrize("length", [4, 24, 60])
+@pytest.mark.parametrize("length", [4, 24, 72])
 def test_every_rubric_validates(difficulty, length):
     for task in generate_tasks(3, seed=11, difficulty=difficulty, length=length):
         root = parse_rubric(task.rubric, source=task.task_id)  # ids unique, weights, categories

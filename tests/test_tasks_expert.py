@@ -68,3 +68,10 @@ def test_generate_cli_writes_tasks_and_graded_trajectories(tmp_path, capsys):
     lines = (out / "trajectories.jsonl").read_text().splitlines()
     assert [json.loads(line)["task_id"] for line in lines] == [d.name for d in task_dirs]
     assert not (out / "episodes").exists()
+
+
+def test_expert_refuses_an_episode_that_was_not_set_up(tmp_path):
+    task = generate_task(0, difficulty=2)
+    with Sandbox(tmp_path / "episode") as sandbox:
+        with pytest.raises(ValueError, match="call task.setup"):
+            run_expert(task, sandbox)

@@ -291,6 +291,7 @@ def parse_pieces(pieces: Sequence[str], *, arg_types: ArgTypes | None = None,
                 break
             if not at(ARG_KEY):
                 if isinstance(peek(), _Special):
+                    errors.append(f"{where}: unexpected {str(peek())} inside the tool call")
                     break
                 stray = take_text()
                 if stray.strip():

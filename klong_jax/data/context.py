@@ -186,16 +186,23 @@ class Episode:
         self._pending = view
         return view
 
+    def _current(self, view: ContextView | None) -> ContextView:
+        if view is None:
+            return self.view()
+        if view.turn != len(self.turns):
+            raise ValueError(f"a view for turn {view.turn}, but the next turn is {len(self.turns)}")
+        return view
+
     def prompt_ids(self, view: ContextView | None = None) -> np.ndarray:
         """prefix + turns[start..j-1] + <|assistant|>: what the model is given for turn j."""
-        view = view or self.view()
+        view = self._current(view)
         parts = [self.prefix_ids] + [t.ids for t in self.turns[view.start:view.turn]]
         parts.append(np.asarray(self.template.generation_prompt_ids, np.int32))
         return np.concatenate(parts)
 
     def context_messages(self, view: ContextView | None = None) -> list[Message]:
         """The same context as messages (tool results truncated), for a chat-API model."""
-        view = view or self.view()
+        view = self._current(view)
         return list(self.prefix_messages) + [m for t in self.turns[view.start:view.turn]
                                              for m in t.messages]
 
@@ -242,7 +249,8 @@ class Episode:
         cfg = self.config
         msgs = list(observations)
         prevs = [assistant] + msgs[:-1]   # truncation changes content only, never the role tokens
-        lengths = [len(self._render(m, p)) for m, p in zip(msgs, prevs)]
+        rendered = [self._render(m, p) for m, p in zip(msgs, prevs)]
+        lengths = [len(r) for r in rendered]
         limits = [cfg.max_tool_result_tokens if m.role == "tool" and cfg.max_tool_result_tokens
                   else None for m in msgs]
         tool_idx = [i for i, m in enumerate(msgs) if m.role == "tool"]
@@ -257,20 +265,22 @@ class Episode:
         out_ids: list[int] = []
         out_roles: list[int] = []
         for i, (m, p) in enumerate(zip(msgs, prevs)):
-            removed = 0
+            removed, ids = 0, rendered[i]
             if limits[i] is not None and lengths[i] > limits[i]:
-                m, removed = self._truncate(m, p, limits[i])
+                m, removed = self._truncate(m, p, limits[i], lengths[i])
                 msgs[i] = m
-            ids = self._render(m, p)
+                ids = self._render(m, p)
             if removed:
                 truncations.append(Truncation(j, i, lengths[i], len(ids), removed))
             out_ids += ids
             out_roles += [ROLE_CODES[m.role]] * len(ids)
         return tuple(msgs), out_ids, out_roles, tuple(truncations)
 
-    def _truncate(self, message: Message, prev: Message, limit: int) -> tuple[Message, int]:
+    def _truncate(self, message: Message, prev: Message, limit: int, length: int
+                  ) -> tuple[Message, int]:
         """(message, removed characters): the most content (head and tail, a marker between) within
-        `limit` rendered tokens; the marker alone when even that does not fit."""
+        `limit` rendered tokens (`length`: the message's rendered tokens now); the marker alone
+        when even that does not fit."""
         content, marker = message.content, self.config.truncation_marker
         n = len(content)
 
@@ -278,16 +288,30 @@ class Episode:
             head, tail = content[:(keep + 1) // 2], content[n - keep // 2:] if keep // 2 else ""
             return dataclasses.replace(message, content=head + marker.format(chars=n - keep) + tail)
 
+        def fits(keep: int) -> bool:
+            return len(self._render(build(keep), prev)) <= limit
+
         lo, hi = 0, n - 1
         marker_only = len(self._render(build(0), prev))
         if marker_only > limit:
             # Nothing fits: keep whichever is shorter; the next view drops this turn if need be.
-            if len(self._render(message, prev)) <= marker_only:
-                return message, 0
-            return build(0), n
+            return (message, 0) if length <= marker_only else (build(0), n)
+        # Bracket the answer near the characters-per-token estimate before bisecting: the search
+        # is exact either way, the estimate only saves encodes of long texts.
+        guess = min(n - 1, int(n * (limit - marker_only) / max(length - marker_only, 1)))
+        if guess > 0 and fits(guess):
+            lo = guess
+            upper = min(n - 1, guess + guess // 8 + 16)
+            if upper > lo:
+                if fits(upper):
+                    lo = upper
+                else:
+                    hi = upper - 1
+        elif guess > 0:
+            hi = guess - 1
         while lo < hi:   # largest kept-character count that fits; size(lo) <= limit throughout
             mid = (lo + hi + 1) // 2
-            if len(self._render(build(mid), prev)) <= limit:
+            if fits(mid):
                 lo = mid
             else:
                 hi = mid - 1

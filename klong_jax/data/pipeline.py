@@ -79,7 +79,9 @@ class DataConfig:
         unknown = sorted(set(items) - names)
         if unknown:
             raise ValueError(f"unknown data config key(s) {unknown}; known: {sorted(names)}")
-        if not isinstance(items.get("context"), ContextConfig):
+        if "context" not in items:
+            raise ValueError("the data config needs a 'context' (ContextConfig fields)")
+        if not isinstance(items["context"], ContextConfig):
             items["context"] = ContextConfig.from_mapping(items["context"])
         for key in ("paths", "end_tools"):
             if key in items and isinstance(items[key], str):
@@ -139,7 +141,7 @@ class TrajectoryToWindows:
         except (TrajectoryError, ContextOverflow) as e:
             if self.on_error == "raise":
                 raise
-            logging.warning("skipping %s:%d: %s", record.source, record.line, e)
+            logging.warning("skipping %s", e)   # the error names its file and line
             return Skipped(record.source, record.line, f"{type(e).__name__}: {e}")
         return SplitRecord(record.source, record.line, windows)
 
@@ -257,8 +259,22 @@ def make_source(config: DataConfig):
     return TfdsRecordSource(config.tfds_data_dir, split=config.split, name=config.tfds_name)
 
 
+def make_rows(config: DataConfig, *, tokenizer: Tokenizer | None = None) -> grain.IterDataset:
+    """The pipeline up to packing: rows of [seq_len] arrays (no batching, no worker processes)."""
+    return _rows(config, tokenizer)[0]
+
+
 def make_dataset(config: DataConfig, *, tokenizer: Tokenizer | None = None) -> grain.IterDataset:
-    """The whole pipeline; `tokenizer` overrides config.tokenizer (an already loaded one)."""
+    """The whole pipeline: batches of [batch_size, seq_len]; `tokenizer` overrides
+    config.tokenizer (an already loaded one, pickled by content into worker processes)."""
+    it_ds, _ = _rows(config, tokenizer)
+    it_ds = it_ds.batch(config.batch_size, drop_remainder=config.drop_remainder)
+    if config.num_workers > 0:
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers))
+    return it_ds
+
+
+def _rows(config: DataConfig, tokenizer: Tokenizer | None):
     tok = tokenizer if tokenizer is not None else load_tokenizer(config.tokenizer)
     source = make_source(config)
     index, count = _shard(config)
@@ -280,7 +296,4 @@ def make_dataset(config: DataConfig, *, tokenizer: Tokenizer | None = None) -> g
                                                  prefetch_buffer_size=4 * config.read_threads))
     it_ds = PackIterDataset(it_ds, seq_len=config.seq_len, mode=config.packing,
                             chunk=config.pack_chunk, pad_id=tok.pad_id)
-    it_ds = it_ds.batch(config.batch_size, drop_remainder=config.drop_remainder)
-    if config.num_workers > 0:
-        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers))
-    return it_ds
+    return it_ds, tok

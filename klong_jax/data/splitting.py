@@ -26,7 +26,8 @@ class Window:
     index: int                     # k within its trajectory
     start_turn: int                # s_k
     end_turn: int                  # e_k (only its assistant message is in the window)
-    generated_turns: tuple[int, ...]   # g_k..e_k: trained here (plus the overlap if train_overlap)
+    generated_turns: tuple[int, ...]   # g_k..e_k: the turns generated with this context
+    trained_turns: tuple[int, ...]     # turns with loss: generated_turns (+ overlap if train_overlap)
     prefix_len: int
     input_ids: np.ndarray          # int32 [L]
     targets: np.ndarray            # int32 [L]
@@ -78,7 +79,8 @@ def windows_from_episode(episode: Episode, *, train_overlap: bool = False,
         input_ids = np.concatenate(ids).astype(np.int32)
         targets, loss_mask = example_arrays(input_ids, np.concatenate(loss_tokens), pad)
         windows.append(Window(
-            index=len(windows), start_turn=s, end_turn=e, generated_turns=tuple(sorted(trained)),
+            index=len(windows), start_turn=s, end_turn=e, generated_turns=tuple(range(g, e + 1)),
+            trained_turns=tuple(sorted(trained)),
             prefix_len=P, input_ids=input_ids, targets=targets, loss_mask=loss_mask,
             positions=np.arange(len(input_ids), dtype=np.int32), turn_ids=np.concatenate(turn_ids),
             token_offsets=np.concatenate(offsets), roles=np.concatenate(roles)))

@@ -84,14 +84,20 @@ def synthetic_corpus(n: int, *, seed: int = 0, turns: tuple[int, int] = (2, 30),
 
 def texts_of(trajectories: Sequence[Trajectory]) -> Iterator[str]:
     """Every text a tokenizer should learn from (what the chat template renders)."""
-    from klong_jax.data.chat_template import encode_argument
-    for t in trajectories:
-        for m in t.messages:
-            yield m.content
-            if m.reasoning:
-                yield m.reasoning
-            for c in m.tool_calls:
-                yield c.name
-                for k, v in c.arguments.items():
-                    yield k
-                    yield encode_argument(v)
+    from klong_jax.data.train_tokenizer import trajectory_texts
+    return trajectory_texts(trajectories)
+
+
+def build_tokenizers(directory: str, *, vocab_size: int = 600, n_trajectories: int = 20,
+                     seed: int = 0) -> dict:
+    """A SentencePiece model and a byte-level BPE tokenizer.json trained on a synthetic corpus:
+    {"sp": SentencePieceTokenizer, "hf": HuggingFaceTokenizer}."""
+    import os
+
+    from klong_jax.data.tokenizer import HuggingFaceTokenizer, SentencePieceTokenizer
+    from klong_jax.data.train_tokenizer import train_hf_tokenizer_json, train_sentencepiece
+    texts = list(texts_of(synthetic_corpus(n_trajectories, seed=seed)))
+    sp = train_sentencepiece(texts, os.path.join(directory, "sp.model"), vocab_size=vocab_size)
+    hf = train_hf_tokenizer_json(texts, os.path.join(directory, "tokenizer.json"),
+                                 vocab_size=vocab_size)
+    return {"sp": SentencePieceTokenizer(sp), "hf": HuggingFaceTokenizer(hf)}

@@ -14,8 +14,6 @@ import os
 import re
 from collections.abc import Sequence
 
-import numpy as np
-
 
 class Tokenizer(abc.ABC):
     """Text <-> ids. Special tokens are single ids that text never encodes to."""
@@ -185,10 +183,11 @@ _CACHE: dict[str, Tokenizer] = {}
 
 def load_tokenizer(path: str, *, cache: bool = True) -> Tokenizer:
     """`*.model` -> SentencePiece; `*.json` or a directory holding tokenizer.json -> Hugging Face."""
-    if cache and path in _CACHE:
-        return _CACHE[path]
     if os.path.isdir(path):
         path = os.path.join(path, "tokenizer.json")
+    path = os.path.abspath(path)
+    if cache and path in _CACHE:
+        return _CACHE[path]
     if path.endswith(".model"):
         tok: Tokenizer = SentencePieceTokenizer(path)
     elif path.endswith(".json"):
@@ -200,6 +199,3 @@ def load_tokenizer(path: str, *, cache: bool = True) -> Tokenizer:
         _CACHE[path] = tok
     return tok
 
-
-def as_int32(ids: Sequence[int]) -> np.ndarray:
-    return np.asarray(ids, dtype=np.int32)

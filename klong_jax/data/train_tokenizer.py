@@ -13,42 +13,38 @@ from __future__ import annotations
 
 import glob
 import io
-import json
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
 
 from klong_jax.data.chat_template import GLM45_SPECIAL_TOKENS, encode_argument
+from klong_jax.data.trajectory import Trajectory, read_jsonl
 
 _MAX_PIECE_CHARS = 2000   # SentencePiece skips training sentences over max_sentence_length bytes
 
 
+def trajectory_texts(trajectories: Iterable[Trajectory]) -> Iterator[str]:
+    """Every text the chat template renders from these trajectories."""
+    for t in trajectories:
+        for m in t.messages:
+            yield m.content
+            if m.reasoning:
+                yield m.reasoning
+            for call in m.tool_calls:
+                yield call.name
+                for key, value in call.arguments.items():
+                    yield key
+                    yield encode_argument(value)
+
+
 def texts_of_file(path: str) -> Iterator[str]:
+    """Texts of a JSONL trajectory file (validated: a bad line is an error naming it) or of a
+    text file."""
     if path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{number}: invalid JSON: {e.msg}") from None
-                yield from _texts_of_record(record)
+        yield from trajectory_texts(read_jsonl(path))
     else:
         with open(path, encoding="utf-8") as f:
             yield f.read()
-
-
-def _texts_of_record(record: dict) -> Iterator[str]:
-    for m in record.get("messages", ()):
-        for key in ("content", "reasoning"):
-            if isinstance(m.get(key), str):
-                yield m[key]
-        for call in m.get("tool_calls") or ():
-            yield str(call.get("name", ""))
-            for k, v in (call.get("arguments") or {}).items():
-                yield str(k)
-                yield encode_argument(v)
 
 
 def _sentences(texts: Iterable[str]) -> Iterator[str]:

@@ -20,7 +20,6 @@ import dataclasses
 import json
 import logging
 import math
-import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -418,9 +417,9 @@ def write_jsonl(path: str, trajectories: Sequence[Trajectory]) -> None:
 
 
 def main(argv: Sequence[str]) -> int:
-    """`python -m klong_jax.data.trajectory FILE...`: prints every problem; exit 1 if any."""
+    """`python -m klong_jax.data.validate FILE...`: prints every problem; exit 1 if any."""
     if len(argv) < 2:
-        print("usage: python -m klong_jax.data.trajectory FILE.jsonl [FILE.jsonl ...]")
+        print("usage: python -m klong_jax.data.validate FILE.jsonl [FILE.jsonl ...]")
         return 2
     n_issues = 0
     for path in argv[1:]:
@@ -430,6 +429,3 @@ def main(argv: Sequence[str]) -> int:
     print(f"{n_issues} problem(s) in {len(argv) - 1} file(s)")
     return 1 if n_issues else 0
 
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv))

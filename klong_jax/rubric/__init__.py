@@ -8,14 +8,14 @@
     result.score, result.summary(), result.to_dict()     # GradeResult tree
 """
 from klong_jax.rubric.command_judge import CommandJudge
-from klong_jax.rubric.grading import (GradeResult, GradingContext, Judge, LeafVerdict, files_touched,
-                                      grade, snapshot_files)
+from klong_jax.rubric.grading import (GradeResult, GradingContext, Judge, LeafVerdict, RecordedJudge,
+                                      files_touched, grade, snapshot_files)
 from klong_jax.rubric.llm_judge import LLMJudge, parse_verdict
 from klong_jax.rubric.tree import (FINEGRAINED_CATEGORIES, LEAF_CATEGORIES, RubricError, RubricNode,
                                    code_dev_variant, load_rubric, parse_rubric,
                                    resources_provided_variant)
 
 __all__ = ["FINEGRAINED_CATEGORIES", "LEAF_CATEGORIES", "CommandJudge", "GradeResult", "GradingContext",
-           "Judge", "LLMJudge", "LeafVerdict", "RubricError", "RubricNode", "code_dev_variant",
-           "files_touched", "grade", "load_rubric", "parse_rubric", "parse_verdict",
+           "Judge", "LLMJudge", "LeafVerdict", "RecordedJudge", "RubricError", "RubricNode",
+           "code_dev_variant", "files_touched", "grade", "load_rubric", "parse_rubric", "parse_verdict",
            "resources_provided_variant", "snapshot_files"]

@@ -39,7 +39,8 @@ class CommandJudge:
             sandbox = self._sandbox_for(context.episode_dir)
             result = sandbox.run(leaf.check, timeout_s=self.timeout_s)
         except Exception as e:  # sandbox unavailable, closed, or failed to start
-            return LeafVerdict(0.0, False, f"sandbox failure running the check: {type(e).__name__}: {e}",
+            return LeafVerdict(0.0, False,
+                               f"sandbox failure running the check: {type(e).__name__}: {e}",
                                self.name, {"check": leaf.check})
         output = result.output[-_OUTPUT_IN_EXPLANATION:]
         metadata = {"check": leaf.check, "exit_code": result.exit_code, "wall_s": result.wall_s}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 
 # Files a reproduction is judged by first (PaperBench's judge reads reproduce.sh and its log).
 _FIRST = ("reproduce.sh", "reproduce.log", "README.md", "README")
@@ -24,13 +25,13 @@ def cut_middle(text: str, limit: int) -> str:
 def read_head_and_tail(path: str, limit: int) -> str:
     """The file's text if it fits in `limit` characters, else its head and tail with a marker; reads
     O(limit) bytes whatever the file's size (logs can be gigabytes)."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
+    with _open_no_follow(path) as f:
+        size = os.fstat(f.fileno()).st_size
         if size <= limit:
             return f.read(limit).decode("utf-8", errors="replace")
         head = f.read(limit // 2).decode("utf-8", errors="replace")
         f.seek(size - (limit - limit // 2))
-        tail = f.read().decode("utf-8", errors="replace")
+        tail = f.read(limit - limit // 2).decode("utf-8", errors="replace")
     return f"{head}\n[... {size - limit} bytes omitted ...]\n{tail}"
 
 
@@ -38,10 +39,20 @@ def _is_text(path: str) -> bool:
     if os.path.splitext(path)[1].lower() not in _TEXT_SUFFIXES:
         return False
     try:
-        with open(path, "rb") as f:
+        with _open_no_follow(path) as f:
             return b"\0" not in f.read(4096)
     except OSError:
         return False
+
+
+def _open_no_follow(path: str):
+    """The grader runs as root over files an agent wrote: never follow a symlink out of the
+    submission (e.g. to /etc/shadow), and never block on a FIFO."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(f"{path} is not a regular file")
+    return os.fdopen(fd, "rb")
 
 
 def collect_files(episode_dir: str, requirement: str, *, max_file_chars: int, max_total_chars: int

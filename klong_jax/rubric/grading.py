@@ -1,9 +1,9 @@
 """Grading a rubric tree: judges score the leaves, weighted means score the parents.
 
-A leaf's score is 0 or 1 from the first judge that accepts it. A leaf whose grading failed scores 0 and
-is marked invalid (valid = False); invalid leaves are counted in the summary, never hidden. A parent's
-score is sum(w_i * s_i) / sum(w_i) over its children, 0 when the weights sum to 0; a parent is valid when
-all its children are.
+A leaf's score is 0 or 1 from the first judge that accepts it. A leaf whose grading failed scores 0
+and is marked invalid (valid = False); invalid leaves are counted in the summary, never hidden. A
+parent's score is sum(w_i * s_i) / sum(w_i) over its children, 0 when the weights sum to 0; a parent is
+valid when all its children are.
 """
 from __future__ import annotations
 
@@ -103,6 +103,30 @@ class GradeResult:
         return out
 
 
+class RecordedJudge:
+    """Grades from recorded verdicts, e.g. the leaves of an earlier grading, so a tree can be re-scored
+    (under a variant, or after fixing weights) without judging again. Unknown leaves are invalid."""
+
+    name = "recorded"
+
+    def __init__(self, verdicts: dict[str, LeafVerdict]):
+        self.verdicts = dict(verdicts)
+
+    @classmethod
+    def from_result(cls, result: GradeResult) -> "RecordedJudge":
+        return cls({leaf.id: LeafVerdict(leaf.score, leaf.valid, leaf.explanation,
+                                         leaf.judge or cls.name, dict(leaf.metadata))
+                    for leaf in result.leaves() if leaf.graded})
+
+    def accepts(self, leaf: RubricNode) -> bool:
+        return True
+
+    def judge(self, leaf: RubricNode, context: GradingContext) -> LeafVerdict:
+        if leaf.id not in self.verdicts:
+            return LeafVerdict(0.0, False, f"no recorded verdict for leaf {leaf.id!r}", self.name)
+        return self.verdicts[leaf.id]
+
+
 def grade(rubric: RubricNode, judges: Judge | Sequence[Judge], context: GradingContext, *,
           max_workers: int = 1, skip_zero_weight: bool = True) -> GradeResult:
     """Grades every leaf of `rubric` with the first judge in `judges` that accepts it, and aggregates.
@@ -116,7 +140,8 @@ def grade(rubric: RubricNode, judges: Judge | Sequence[Judge], context: GradingC
         raise ValueError("grade() needs at least one judge")
     to_grade: list[RubricNode] = []
     skipped: set[str] = set()
-    for leaf, effective_zero in _leaves_with_zero_flag(rubric, False):
+    # The root's own weight has no siblings to be relative to: it never zeroes the tree.
+    for leaf, effective_zero in _leaves_with_zero_flag(rubric, False, is_root=True):
         (skipped.add(leaf.id) if skip_zero_weight and effective_zero else to_grade.append(leaf))
 
     def grade_leaf(leaf: RubricNode) -> LeafVerdict:
@@ -145,8 +170,8 @@ def grade(rubric: RubricNode, judges: Judge | Sequence[Judge], context: GradingC
     return _aggregate(rubric, verdicts, skipped)
 
 
-def _leaves_with_zero_flag(node: RubricNode, zero_above: bool):
-    zero = zero_above or node.weight == 0
+def _leaves_with_zero_flag(node: RubricNode, zero_above: bool, is_root: bool = False):
+    zero = zero_above or (node.weight == 0 and not is_root)
     if node.is_leaf:
         yield node, zero
     for child in node.sub_tasks:
@@ -168,7 +193,7 @@ def _aggregate(node: RubricNode, verdicts: dict[str, LeafVerdict], skipped: set[
     total_weight = sum(child.weight for child in children)
     score = (sum(child.weight * child.score for child in children) / total_weight
              if total_weight > 0 else 0.0)
-    invalid = sum(1 for leaf in (l for c in children for l in c.leaves()) if not leaf.valid)
+    invalid = sum(1 for child in children for leaf in child.leaves() if not leaf.valid)
     explanation = f"weighted mean of {len(children)} children (total weight {total_weight})"
     if invalid:
         explanation += f"; {invalid} invalid leaf grading(s) below"

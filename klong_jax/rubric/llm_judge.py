@@ -41,7 +41,8 @@ def parse_verdict(text: str) -> tuple[float, str]:
     lines = [line.strip() for line in text.strip().splitlines()]
     verdict_lines = [line for line in lines if line.startswith("VERDICT")]
     if not lines or not _VERDICT.match(lines[-1]) or len(verdict_lines) != 1:
-        raise VerdictFormatError(f"no strict final verdict line in the answer: {cut_middle(text, 300)!r}")
+        raise VerdictFormatError(
+            f"no strict final verdict line in the answer: {cut_middle(text, 300)!r}")
     return (1.0 if lines[-1].endswith("PASS") else 0.0), "\n".join(lines[:-1]).strip()
 
 
@@ -51,8 +52,9 @@ class LLMJudge:
     def __init__(self, base_url: str, model: str, *, api_key: str | None = None,
                  api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 120.0, max_attempts: int = 4,
                  backoff_s: float = 2.0, max_backoff_s: float = 60.0, temperature: float = 0.0,
-                 max_tokens: int = 2048, max_file_chars: int = 20_000, max_evidence_chars: int = 120_000,
-                 max_task_chars: int = 60_000, extra_body: dict[str, Any] | None = None):
+                 max_tokens: int = 2048, max_file_chars: int = 20_000,
+                 max_evidence_chars: int = 120_000, max_task_chars: int = 60_000,
+                 extra_body: dict[str, Any] | None = None):
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
         self.url = base_url.rstrip("/") + "/chat/completions"
@@ -89,13 +91,13 @@ class LLMJudge:
                                         max_file_chars=self.max_file_chars,
                                         max_total_chars=self.max_evidence_chars)
         ancestors = self._ancestors.get(leaf.id, [])
-        parts = [f"# Task given to the agent\n{cut_middle(context.task, self.max_task_chars) or '(none)'}"]
+        task = cut_middle(context.task, self.max_task_chars) or "(none)"
+        parts = [f"# Task given to the agent\n{task}"]
         if ancestors:
             parts.append("# Parent requirements (outermost first)\n" +
                          "\n".join(f"- {a}" for a in ancestors))
-        parts.append(f"# Requirement to grade (category: {leaf.task_category}"
-                     f"{', ' + leaf.finegrained_task_category if leaf.finegrained_task_category else ''})"
-                     f"\n{leaf.requirements}")
+        category = ", ".join(c for c in (leaf.task_category, leaf.finegrained_task_category) if c)
+        parts.append(f"# Requirement to grade (category: {category})\n{leaf.requirements}")
         parts.append(f"# Submission\n{evidence}")
         parts.append("End with exactly one line: VERDICT: PASS or VERDICT: FAIL")
         return [{"role": "system", "content": SYSTEM_PROMPT},

@@ -1,4 +1,5 @@
-"""PaperBench-format rubric trees: loading, validation and the Code-Dev / resources-provided variants."""
+"""PaperBench-format rubric trees: loading, validation, and the Code-Dev and resources-provided
+variants."""
 from __future__ import annotations
 
 import dataclasses
@@ -124,7 +125,8 @@ def code_dev_variant(root: RubricNode) -> RubricNode:
     are dropped. Returns a new tree."""
     pruned = _keep_leaves(root, lambda leaf: leaf.task_category == "Code Development")
     if pruned is None:
-        raise RubricError(f"rubric {root.id!r} has no Code Development leaf: its Code-Dev variant is empty")
+        raise RubricError(f"rubric {root.id!r} has no Code Development leaf: "
+                          f"its Code-Dev variant is empty")
     return pruned
 
 

@@ -1,17 +1,30 @@
-"""Confined execution of model-written commands (imports no JAX).
+"""Confined execution of model-written commands (imports no JAX; needs root and bubblewrap, else
+falls back to `unshare`; never runs anything unconfined).
 
-    from klong_jax.sandbox import Sandbox, SandboxLimits
+    from klong_jax.sandbox import Sandbox, SandboxLimits, SandboxPool, host_python
     with Sandbox("/path/to/episode", limits=SandboxLimits(command_timeout_s=60)) as sb:
-        res = sb.run("python3 train.py")          # CommandResult
-        res.exit_code, res.output, res.timed_out, res.truncated, res.wall_s
+        res = sb.run("python3 train.py", timeout_s=None, stdin=None)   # a CommandResult
+        res.exit_code, res.output, res.timed_out, res.truncated, res.wall_s, res.notes
         sb.run_python("print(1 + 1)")             # the stateless python tool
+        sb.backend                                # "bwrap" | "unshare"
+    paths, python = host_python()                 # this interpreter + its venv, read-only inside
+    Sandbox(episode_dir, extra_ro_paths=paths, python=python)
     pool = SandboxPool(max_concurrent=8, limits=...)
     with pool.episode("/path/to/episode") as sb: ...
+
+Semantics: cwd is the episode directory (the only writable host path; it and its files are chowned to
+the episode's private uid); each run() is a fresh `bash -c`; files and background jobs whose output is
+redirected (`nohup CMD > log 2>&1 &`) persist until close() or the episode timeout; background jobs
+still attached to the command's output are killed drain_grace_s after the command's shell exits.
+exit_code is 124 on a timeout and 128+N when killed by signal N; sandbox events (timeouts, restarts,
+the process limit) are appended to `output` as `[sandbox: ...]` lines and listed in `notes`.
+$KLONG_SANDBOX_BACKEND=bwrap|unshare|auto picks the backend (see backends.py).
 """
 from klong_jax.sandbox.backends import BACKEND_ENV, SandboxUnavailableError
 from klong_jax.sandbox.limits import TIMEOUT_EXIT_CODE, CommandResult, SandboxLimits
 from klong_jax.sandbox.pool import SandboxPool
 from klong_jax.sandbox.sandbox import Sandbox, SandboxClosedError
+from klong_jax.sandbox.view import host_python
 
 __all__ = ["BACKEND_ENV", "TIMEOUT_EXIT_CODE", "CommandResult", "Sandbox", "SandboxClosedError",
-           "SandboxLimits", "SandboxPool", "SandboxUnavailableError"]
+           "SandboxLimits", "SandboxPool", "SandboxUnavailableError", "host_python"]

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -34,28 +35,49 @@ class SandboxUnavailableError(RuntimeError):
 
 
 class Holder:
-    """A running namespace holder: `ns_pid` is the host pid of the namespace's init."""
+    """A running namespace holder: `ns_pid` is the host pid of the namespace's init.
+
+    The holder's stdin is a pipe that this process never writes to and that no other process inherits
+    (CLOEXEC): the holder waits for EOF on it and then exits, tearing the namespace down. So a sandbox
+    never outlives its owner, however the owner ends (even SIGKILL), and whichever thread made it."""
 
     def __init__(self, process: subprocess.Popen, ns_pid: int, backend: str):
         self.process = process
         self.ns_pid = ns_pid
         self.backend = backend
+        self._pid_ns = _pid_namespace(ns_pid)  # identifies the init even if its pid is reused later
 
     def alive(self) -> bool:
-        return self.process.poll() is None and os.path.exists(f"/proc/{self.ns_pid}")
+        return self.process.poll() is None and _pid_namespace(self.ns_pid) == self._pid_ns
 
     def kill(self) -> None:
-        """SIGKILL the holder: its namespace init dies with it (parent-death signal), and with the init
-        the kernel kills every process in the pid namespace."""
+        """SIGKILLs the namespace's init, upon which the kernel kills every process in the pid
+        namespace, and the holder process itself."""
+        if _pid_namespace(self.ns_pid) == self._pid_ns:
+            try:
+                os.kill(self.ns_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait()
+        for stream in (self.process.stdin, self.process.stdout, self.process.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def _pid_namespace(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return None
 
 
 def _executable(env_var: str, name: str) -> str:
     path = os.environ.get(env_var) or shutil.which(name)
     if not path or not os.access(path, os.X_OK):
-        raise SandboxUnavailableError(f"{name} is not installed (or ${env_var}={path!r} is not executable)")
+        raise SandboxUnavailableError(
+            f"{name} is not installed (or ${env_var}={path!r} is not executable)")
     return path
 
 
@@ -66,13 +88,18 @@ def _host_env() -> dict[str, str]:
 def start_bwrap(spec: ViewSpec) -> Holder:
     bwrap = _executable(BWRAP_ENV, "bwrap")
     info_r, info_w = os.pipe()
+    # No --die-with-parent: it ties the sandbox to the *thread* that started bwrap (a parent-death
+    # signal fires when that thread exits); the stdin pipe ends the sandbox with its owner instead.
+    # --as-pid-1: the holder shell itself is the namespace's init, so its exit ends the namespace
+    # (bubblewrap's own init would wait for the last background job); bash reaps orphans.
     argv = [bwrap, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
-            "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--info-fd", str(info_w),
+            "--unshare-cgroup-try", "--new-session", "--as-pid-1", "--info-fd", str(info_w),
             *bwrap_view_args(spec), "--chdir", "/", "--",
-            # Prints once the view is complete (the info fd comes earlier, before the mounts).
-            "/bin/sh", "-c", "echo ready && exec /usr/bin/sleep infinity >/dev/null"]
+            # Prints once the view is complete (the info fd comes earlier, before the mounts), then
+            # waits for EOF on stdin: see Holder.
+            "/bin/bash", "-c", "echo ready; while read -r _; do :; done"]
     try:
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE, pass_fds=(info_w,), start_new_session=True,
                                    env=_host_env())
     finally:
@@ -101,7 +128,7 @@ def start_unshare(spec: ViewSpec, root_dir: str) -> Holder:
     argv = [unshare, "--mount", "--pid", "--net", "--ipc", "--uts", "--fork", "--kill-child",
             "--propagation", "private", "--", sys.executable, "-I", "-S", _FALLBACK_INIT, root_dir,
             json.dumps(spec.to_json_dict())]
-    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+    process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, start_new_session=True, env=_host_env())
     text = _read_with_timeout(process.stdout, process, "unshare fallback", line=True)
     if not text.startswith("ready "):
@@ -140,7 +167,7 @@ def _probe(backend: str) -> str | None:
                 os.makedirs(os.path.join(scratch, "root"))
                 for name in ("passwd", "group"):
                     shutil.copyfile(f"/etc/{name}", os.path.join(scratch, name))
-                spec = ViewSpec(os.path.join(scratch, "ep"), 65534, 1 << 20, (),
+                spec = ViewSpec(os.path.join(scratch, "ep"), 65534, 1 << 20, 1 << 20, (),
                                 os.path.join(scratch, "passwd"), os.path.join(scratch, "group"))
                 holder = (start_bwrap(spec) if backend == "bwrap"
                           else start_unshare(spec, os.path.join(scratch, "root")))
@@ -155,7 +182,8 @@ def _probe(backend: str) -> str | None:
 
 def choose_backend(requested: str | None) -> str:
     """The backend to use: `requested`, else $KLONG_SANDBOX_BACKEND, else auto (bwrap, falling back to
-    unshare with a warning logged once). An explicitly requested backend that cannot start is an error."""
+    unshare with a warning logged once). An explicitly requested backend that cannot start is an
+    error."""
     global _warned_fallback
     choice = requested or os.environ.get(BACKEND_ENV) or "auto"
     if choice not in (*BACKENDS, "auto"):

@@ -12,6 +12,7 @@ import ctypes
 import fcntl
 import json
 import os
+import select
 import signal
 import socket
 import struct
@@ -70,7 +71,8 @@ def build_root(root, spec):
                          ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
         os.symlink(target, root + "/dev/" + name)
     os.makedirs(root + "/dev/shm")
-    _mount("tmpfs", root + "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777,size=64m")
+    _mount("tmpfs", root + "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV,
+           f"mode=1777,size={spec['shm_bytes']}")
     os.makedirs(root + "/proc", exist_ok=True)
     _mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV)
     os.makedirs(root + "/tmp", exist_ok=True)
@@ -92,15 +94,25 @@ def loopback_up():
         fcntl.ioctl(s.fileno(), SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
 
 
-def reap_forever():
-    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGCHLD])
+def reap_until_owner_gone():
+    """Reaps orphans as they exit, until stdin reaches EOF: stdin is a pipe whose only writer is the
+    Python process that owns the sandbox, so EOF means the owner closed the sandbox or died (even by
+    SIGKILL). Returning ends pid 1, and the kernel then kills everything in the namespace."""
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     while True:
         try:
             while os.waitpid(-1, os.WNOHANG)[0] > 0:
                 pass
         except ChildProcessError:
             pass
-        signal.sigtimedwait([signal.SIGCHLD], 5.0)
+        ready, _, _ = select.select([0, wake_r], [], [], 5.0)
+        if wake_r in ready:
+            os.read(wake_r, 4096)
+        if 0 in ready and not os.read(0, 4096):
+            return
 
 
 def main():
@@ -122,7 +134,7 @@ def main():
     os.close(2)
     os.open("/dev/null", os.O_WRONLY)
     os.open("/dev/null", os.O_WRONLY)
-    reap_forever()
+    reap_until_owner_gone()
 
 
 if __name__ == "__main__":

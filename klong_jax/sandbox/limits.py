@@ -13,25 +13,30 @@ class SandboxLimits:
 
     The rlimits (cpu_seconds, address_space_bytes, file_size_bytes, open_files) are per process, as the
     kernel defines them. max_processes is RLIMIT_NPROC of the sandbox's own unprivileged uid, so it
-    bounds all live processes of the episode together (background jobs included).
+    bounds all live tasks of the episode together (background jobs and threads included: a BLAS library
+    starts one thread per core). When the episode's tasks stay at that limit, every process of the
+    episode is killed (a fork bomb would otherwise make every later command fail).
+    Not bounded: the total memory of all processes together and the disk space of the episode
+    directory (both would need cgroups / quotas).
     """
 
     cpu_seconds: int = 3600                 # RLIMIT_CPU, per process
     address_space_bytes: int = 16 * GIB     # RLIMIT_AS, per process
-    max_processes: int = 256                # RLIMIT_NPROC of the episode's uid: all its processes
+    max_processes: int = 1024               # RLIMIT_NPROC of the episode's uid: all its tasks
     file_size_bytes: int = 4 * GIB          # RLIMIT_FSIZE: largest file a process may write
     open_files: int = 1024                  # RLIMIT_NOFILE, per process
     output_bytes: int = 32_000              # bytes of a command's output kept (head and tail)
     command_timeout_s: float = 600.0        # default wall-clock limit of one command
     episode_timeout_s: float | None = None  # wall-clock limit of the whole episode (None: none)
-    tmp_bytes: int = 512 * MIB              # size of the sandbox's private /tmp (a tmpfs)
+    tmp_bytes: int = 512 * MIB              # size of the sandbox's private /tmp (a tmpfs, in RAM)
+    shm_bytes: int = 256 * MIB              # size of its /dev/shm (Python multiprocessing needs it)
     # After the command's main process exits, how long to keep reading output from background
     # processes that still hold it before killing them (jobs with redirected output are kept).
     drain_grace_s: float = 1.0
 
     def __post_init__(self):
         for name in ("cpu_seconds", "address_space_bytes", "max_processes", "file_size_bytes",
-                     "open_files", "output_bytes", "tmp_bytes"):
+                     "open_files", "output_bytes", "tmp_bytes", "shm_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"SandboxLimits.{name} must be a positive integer, got {value!r}")
@@ -39,7 +44,8 @@ class SandboxLimits:
             raise ValueError(f"SandboxLimits.max_processes must be >= 4 (a shell needs a few), "
                              f"got {self.max_processes}")
         if not self.command_timeout_s > 0:
-            raise ValueError(f"SandboxLimits.command_timeout_s must be > 0, got {self.command_timeout_s!r}")
+            raise ValueError(f"SandboxLimits.command_timeout_s must be > 0, "
+                             f"got {self.command_timeout_s!r}")
         if self.episode_timeout_s is not None and not self.episode_timeout_s > 0:
             raise ValueError(f"SandboxLimits.episode_timeout_s must be > 0 or None, "
                              f"got {self.episode_timeout_s!r}")

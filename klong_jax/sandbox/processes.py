@@ -20,15 +20,40 @@ def uid_pids(uid: int) -> list[int]:
     return pids
 
 
-def count_uid(uid: int) -> int:
-    """Live tasks of `uid`, threads included: RLIMIT_NPROC counts threads too."""
-    total = 0
+def group_members(uid: int, pgid: int) -> list[tuple[int, bool]]:
+    """(pid, is_zombie) of `uid`'s processes in process group `pgid`."""
+    members = []
     for pid in uid_pids(uid):
         try:
-            total += len(os.listdir(f"/proc/{pid}/task"))
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        state, group = fields[0], int(fields[2])
+        if group == pgid:
+            members.append((pid, state in ("Z", "X")))
+    return members
+
+
+def tasks_by_uid(uids: set[int]) -> dict[int, int]:
+    """Live tasks (threads included: RLIMIT_NPROC counts threads) of each uid in `uids`, from one scan
+    of /proc."""
+    counts = dict.fromkeys(uids, 0)
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            uid = os.stat(f"/proc/{name}").st_uid
+            if uid in counts:
+                counts[uid] += len(os.listdir(f"/proc/{name}/task"))
         except FileNotFoundError:
             continue
-    return total
+    return counts
+
+
+def count_uid(uid: int) -> int:
+    """Live tasks of `uid`, threads included."""
+    return tasks_by_uid({uid})[uid]
 
 
 def kill_uid(uid: int, timeout_s: float = 5.0) -> None:

@@ -18,17 +18,19 @@ import tempfile
 import threading
 import time
 
-from klong_jax.sandbox import backends, processes
+from klong_jax.sandbox import backends, monitor, processes
 from klong_jax.sandbox.limits import TIMEOUT_EXIT_CODE, CommandResult, SandboxLimits
 from klong_jax.sandbox.output import BoundedOutput
 from klong_jax.sandbox.uids import acquire_uid, lock_dir
-from klong_jax.sandbox.view import (BASH, ENV, PRLIMIT, SETPRIV, ViewSpec, check_episode_dir,
+from klong_jax.sandbox.view import (BASH, ENV, PRLIMIT, SETPRIV, SETSID, ViewSpec, check_episode_dir,
                                     command_env, write_identity_files)
 
 
-_CENSUS_INTERVAL_S = 1.0  # how often a running command's sandbox counts its processes
+_NSENTER = shutil.which("nsenter") or "/usr/bin/nsenter"
 # How a command's output pump ended.
-_EOF, _TIMED_OUT, _KILLED_BACKGROUND, _PROCESS_LIMIT = "eof", "timed_out", "killed_background", "nproc"
+_EOF, _TIMED_OUT, _KILLED_BACKGROUND = "eof", "timed_out", "killed_background"
+# Consecutive monitor samples at max_processes after which all of an episode's processes are killed.
+_SATURATED_SAMPLES = 2
 
 
 class SandboxClosedError(RuntimeError):
@@ -68,8 +70,9 @@ class Sandbox:
             os.makedirs(self.episode_dir, exist_ok=True)
             processes.chown_tree(self.episode_dir, self.uid)
             passwd, group = write_identity_files(self._private_dir, self.uid, self.episode_dir)
+            ro_paths = tuple(os.path.realpath(p) for p in extra_ro_paths)
             self._spec = ViewSpec(self.episode_dir, self.uid, self.limits.tmp_bytes,
-                                  tuple(os.path.realpath(p) for p in extra_ro_paths), passwd, group)
+                                  self.limits.shm_bytes, ro_paths, passwd, group)
             self._env = command_env(self._spec, env)
             self._start_holder()
         except BaseException:
@@ -77,17 +80,16 @@ class Sandbox:
             raise
         self._started = time.monotonic()
         self._episode_expired = False
-        self._watchdog: threading.Timer | None = None
-        if self.limits.episode_timeout_s is not None:
-            self._watchdog = threading.Timer(self.limits.episode_timeout_s, self._expire_episode)
-            self._watchdog.daemon = True
-            self._watchdog.start()
+        self._saturated_samples = 0
+        self._pending_notes: list[str] = []
+        monitor.MONITOR.register(self)
 
     # ----------------------------------------------------------------------------------------------
     def run(self, command: str, timeout_s: float | None = None, stdin: str | bytes | None = None
             ) -> CommandResult:
         """Runs `command` with bash in the episode directory and returns what it did. Never raises for
-        anything the command does; raises SandboxClosedError after close()."""
+        anything the command does; raises SandboxClosedError after close(), and
+        SandboxUnavailableError if the sandbox cannot be restarted."""
         if self._closed:
             raise SandboxClosedError(f"sandbox of {self.episode_dir} is closed")
         notes = []
@@ -101,28 +103,29 @@ class Sandbox:
             timeout = remaining
         notes += self._ensure_ready()
         started = time.monotonic()
-        process = subprocess.Popen(self._command_argv(command), stdin=subprocess.PIPE if stdin is not None
-                                   else subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
-                                   env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+        process = subprocess.Popen(
+            self._command_argv(command), stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
+            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
         if stdin is not None:
             data = stdin.encode() if isinstance(stdin, str) else stdin
             threading.Thread(target=_feed_stdin, args=(process.stdin, data), daemon=True).start()
         output = BoundedOutput(self.limits.output_bytes)
-        ending = self._pump(process, output, started + timeout)
+        leader = _child_of(process)
+        ending = self._pump(process, leader, output, started + timeout)
         exit_code = _exit_code(process.wait())
         timed_out = ending == _TIMED_OUT
         if timed_out:
             exit_code = TIMEOUT_EXIT_CODE
             expired = self._episode_expired or (self.episode_time_left() or 1.0) <= 0
+            if expired:
+                self._expire_episode()  # returns once every process of the episode is gone
             notes.append("episode time limit reached" if expired
                          else f"command timed out after {timeout:g}s; its processes were killed")
-        if ending == _PROCESS_LIMIT:
-            notes.append(_process_limit_note(self.limits.max_processes))
         if ending == _KILLED_BACKGROUND:
             notes.append("background processes still writing to this command's output were killed "
                          "(redirect their output, e.g. `nohup CMD > log 2>&1 &`, to keep them running)")
-        notes += self._enforce_process_limit()
+        notes += self._take_pending_notes()
         text = output.text()
         for note in notes:
             text += ("" if not text or text.endswith("\n") else "\n") + f"[sandbox: {note}]\n"
@@ -148,8 +151,7 @@ class Sandbox:
         if self._closed:
             return
         self._closed = True
-        if self._watchdog is not None:
-            self._watchdog.cancel()
+        monitor.MONITOR.unregister(self)
         with self._lock:
             self._kill_holder()
         self._release()
@@ -161,26 +163,35 @@ class Sandbox:
         self.close()
 
     def __del__(self):
+        # A sandbox dropped without close(): kill its processes. At interpreter exit the modules
+        # this needs may already be gone; the kernel then ends the namespaces with their holders.
         if not getattr(self, "_closed", True):
-            self.close()
+            try:
+                self.close()
+            except Exception:
+                pass
 
     # ----------------------------------------------------------------------------------------------
     def _command_argv(self, command: str) -> list[str]:
         lim = self.limits
         return [
-            shutil.which("nsenter") or "/usr/bin/nsenter", f"--target={self._holder.ns_pid}",
+            _NSENTER, f"--target={self._holder.ns_pid}",
             "--mount", "--uts", "--ipc", "--net", "--pid", "--root",
-            # Paths from here on resolve inside the sandbox's (read-only) view of /usr.
-            SETPRIV, f"--reuid={self.uid}", f"--regid={self.uid}", "--clear-groups",
+            # Paths from here on resolve inside the sandbox's (read-only) view of /usr. setsid makes
+            # the command's shell (nsenter's child) lead its own process group, so the command can be
+            # killed with one atomic killpg that spares nsenter (see _kill_group).
+            SETSID, SETPRIV, f"--reuid={self.uid}", f"--regid={self.uid}", "--clear-groups",
             "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--",
-            PRLIMIT, f"--cpu={lim.cpu_seconds}:{lim.cpu_seconds + 5}", f"--as={lim.address_space_bytes}",
-            f"--nproc={lim.max_processes}", f"--fsize={lim.file_size_bytes}",
+            PRLIMIT, f"--cpu={lim.cpu_seconds}:{lim.cpu_seconds + 5}",
+            f"--as={lim.address_space_bytes}", f"--nproc={lim.max_processes}",
+            f"--fsize={lim.file_size_bytes}",
             f"--nofile={lim.open_files}", "--core=0", "--",
             ENV, "-i", f"--chdir={self.episode_dir}", *[f"{k}={v}" for k, v in self._env.items()],
             BASH, "-c", command,
         ]
 
-    def _pump(self, process: subprocess.Popen, output: BoundedOutput, deadline: float) -> str:
+    def _pump(self, process: subprocess.Popen, leader: int | None, output: BoundedOutput,
+              deadline: float) -> str:
         """Reads output until EOF, the deadline, or the end of the grace period after the command's
         main process exited. Returns how it ended (_EOF, _TIMED_OUT, ...)."""
         fd = process.stdout.fileno()
@@ -188,30 +199,17 @@ class Sandbox:
         selector = selectors.DefaultSelector()
         selector.register(fd, selectors.EVENT_READ)
         grace_deadline = None
-        next_census = time.monotonic() + _CENSUS_INTERVAL_S
-        saturated_censuses = 0
         try:
             while True:
                 now = time.monotonic()
-                if now >= next_census:
-                    # A process table held full (a fork bomb that escaped the process group) would
-                    # leave the command retrying fork until its timeout: end the episode's processes.
-                    next_census = now + _CENSUS_INTERVAL_S
-                    saturated = processes.count_uid(self.uid) >= self.limits.max_processes - 1
-                    saturated_censuses = saturated_censuses + 1 if saturated else 0
-                    if saturated_censuses >= 2:
-                        self._kill_group(process)
-                        self.kill_all()
-                        self._drain_briefly(fd, output)
-                        return _PROCESS_LIMIT
                 if self._episode_expired or now >= deadline:
-                    self._kill_group(process)
+                    self._kill_group(process, leader)
                     self._drain_briefly(fd, output)
                     return _TIMED_OUT
                 if grace_deadline is None and process.poll() is not None:
                     grace_deadline = now + self.limits.drain_grace_s
                 if grace_deadline is not None and now >= grace_deadline:
-                    self._kill_group(process)
+                    self._kill_group(process, leader)
                     self._drain_briefly(fd, output)
                     return _KILLED_BACKGROUND
                 wait = min(deadline, grace_deadline or deadline) - now
@@ -241,25 +239,40 @@ class Sandbox:
                 return
             output.add(chunk)
 
-    @staticmethod
-    def _kill_group(process: subprocess.Popen, wait_s: float = 2.0) -> None:
-        """SIGKILLs the command's process group (nsenter leads it) and waits (bounded) until its
-        members are reaped, so the next command, and the process census, never see them."""
+    def _kill_group(self, process: subprocess.Popen, leader: int | None, wait_s: float = 2.0
+                    ) -> None:
+        """Kills the command's processes: the process group led by the command's shell.
+
+        nsenter (outside that group) stays alive to reap its child: were nsenter killed first, the
+        shell would be re-parented to the host's init, which may never reap it, and a zombie still
+        counts against the uid's process limit. killpg is atomic, so even a fork bomb cannot outrun it.
+        Other members are re-parented inside the sandbox and reaped by its init; this waits (bounded)
+        until they are gone, so the next command and the process census never see them."""
         deadline = time.monotonic() + wait_s
+        # Only a group with members of this sandbox's uid is ours to kill (never a reused pgid).
+        if leader is not None and processes.group_members(self.uid, leader):
+            try:
+                os.killpg(leader, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            while processes.group_members(self.uid, leader) and time.monotonic() < deadline:
+                time.sleep(0.002)
         try:
-            os.killpg(process.pid, signal.SIGKILL)
-            while time.monotonic() < deadline:
-                process.poll()  # reaps nsenter, our own child
-                time.sleep(0.005)
-                os.killpg(process.pid, 0)  # raises once no member (not even a zombie) is left
-        except ProcessLookupError:
-            pass
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            process.wait()
 
     def _ensure_ready(self) -> list[str]:
         """Restarts the namespace if it died (or was killed); returns notes for the agent."""
-        notes = []
+        notes = self._take_pending_notes()
         if processes.count_uid(self.uid) >= self.limits.max_processes - 1:
-            notes += self._enforce_process_limit()
+            # This command could not even start: free the process table now.
+            self.kill_all()
+            notes.append(_process_limit_note(self.limits.max_processes))
         with self._lock:
             if self._holder is None or not self._holder.alive():
                 if self._holder is not None:
@@ -269,13 +282,26 @@ class Sandbox:
                 self._start_holder()
         return notes
 
-    def _enforce_process_limit(self) -> list[str]:
-        """Processes left behind that exhaust max_processes would make every later command fail
-        (a fork bomb with redirected output): then all of the episode's processes are killed."""
-        if processes.count_uid(self.uid) < self.limits.max_processes - 1:
-            return []
-        self.kill_all()
-        return [_process_limit_note(self.limits.max_processes)]
+    def _monitor_tick(self, tasks: int, now: float) -> None:
+        """Called about once a second by the monitor thread with the episode's live task count."""
+        if self._closed:
+            return
+        if self.limits.episode_timeout_s is not None and not self._episode_expired and \
+                now - self._started >= self.limits.episode_timeout_s:
+            self._expire_episode()
+            return
+        self._saturated_samples = self._saturated_samples + 1 if \
+            tasks >= self.limits.max_processes - 1 else 0
+        if self._saturated_samples >= _SATURATED_SAMPLES:
+            self._saturated_samples = 0
+            self.kill_all()
+            with self._lock:
+                self._pending_notes.append(_process_limit_note(self.limits.max_processes))
+
+    def _take_pending_notes(self) -> list[str]:
+        with self._lock:
+            notes, self._pending_notes = self._pending_notes, []
+        return notes
 
     def _start_holder(self) -> None:
         if self.backend == "bwrap":
@@ -301,6 +327,25 @@ class Sandbox:
         processes.kill_uid(self.uid)
         self._lease.release()
         shutil.rmtree(self._private_dir, ignore_errors=True)
+
+
+def _child_of(process: subprocess.Popen, wait_s: float = 1.0) -> int | None:
+    """Host pid of nsenter's child (the command's shell, its process group leader); None if nsenter
+    exited without one. nsenter forks within milliseconds of starting."""
+    path = f"/proc/{process.pid}/task/{process.pid}/children"
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            with open(path) as f:
+                children = f.read().split()
+        except FileNotFoundError:
+            return None
+        if children:
+            return int(children[0])
+        if process.poll() is not None:
+            return None
+        time.sleep(0.0005)
+    return None
 
 
 def _feed_stdin(pipe, data: bytes) -> None:

@@ -3,8 +3,8 @@
 Why a uid per sandbox: RLIMIT_NPROC counts the live processes of a uid, so a private uid makes
 max_processes bound exactly one episode (and binds at all: root ignores RLIMIT_NPROC); episodes can
 neither signal nor read each other's processes; and every process of an episode can be found by uid.
-Uniqueness across trainer processes comes from an flock on a per-uid lock file: the kernel drops the lock
-when its holder dies, so a crashed trainer never leaks uids.
+Uniqueness across trainer processes comes from an flock on a per-uid lock file: the kernel drops the
+lock when its holder dies, so a crashed trainer never leaks uids.
 """
 from __future__ import annotations
 

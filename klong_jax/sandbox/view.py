@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 
 # Top-level system paths shown read-only when present; symlinks (merged /usr) are recreated as symlinks.
 SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
 # Device nodes bound into the sandbox's /dev (the fallback; bubblewrap's --dev makes the same set).
 DEVICE_NODES = ("null", "zero", "full", "random", "urandom", "tty")
-# Executables the sandbox runs inside the view to drop privileges and set limits (util-linux, coreutils).
+# Executables run inside the view to drop privileges and set limits (util-linux, coreutils).
 SETPRIV = "/usr/bin/setpriv"
+SETSID = "/usr/bin/setsid"
 PRLIMIT = "/usr/bin/prlimit"
 ENV = "/usr/bin/env"
 BASH = "/bin/bash"
@@ -26,6 +28,7 @@ class ViewSpec:
     episode_dir: str                # absolute host path, mounted read-write at the same path
     uid: int                        # the unprivileged uid commands run as
     tmp_bytes: int                  # size of the private /tmp
+    shm_bytes: int                  # size of the private /dev/shm
     extra_ro_paths: tuple[str, ...]  # more host paths shown read-only at the same path (e.g. a venv)
     passwd_file: str                # host file shown as /etc/passwd (names the agent uid)
     group_file: str                 # host file shown as /etc/group
@@ -51,9 +54,11 @@ def write_identity_files(directory: str, uid: int, home: str) -> tuple[str, str]
     passwd_path = os.path.join(directory, "passwd")
     group_path = os.path.join(directory, "group")
     with open("/etc/passwd") as f:
-        passwd = [line for line in f.read().splitlines() if line and not line.startswith(f"{AGENT_USER}:")]
+        passwd = [line for line in f.read().splitlines()
+                  if line and not line.startswith(f"{AGENT_USER}:")]
     with open("/etc/group") as f:
-        group = [line for line in f.read().splitlines() if line and not line.startswith(f"{AGENT_USER}:")]
+        group = [line for line in f.read().splitlines()
+                 if line and not line.startswith(f"{AGENT_USER}:")]
     passwd.append(f"{AGENT_USER}:x:{uid}:{uid}:sandboxed agent:{home}:{BASH}")
     group.append(f"{AGENT_USER}:x:{uid}:")
     for path, lines in ((passwd_path, passwd), (group_path, group)):
@@ -90,7 +95,8 @@ def bwrap_view_args(spec: ViewSpec) -> list[str]:
     for kind, path, target in spec.system_entries():
         args += ["--symlink", target, path] if kind == "symlink" else ["--ro-bind", path, path]
     args += ["--ro-bind", spec.passwd_file, "/etc/passwd", "--ro-bind", spec.group_file, "/etc/group"]
-    args += ["--dev", "/dev", "--proc", "/proc"]
+    args += ["--dev", "/dev", "--perms", "1777", "--size", str(spec.shm_bytes), "--tmpfs", "/dev/shm",
+             "--proc", "/proc"]
     args += ["--perms", "1777", "--size", str(spec.tmp_bytes), "--tmpfs", "/tmp"]
     # After /tmp, so paths under /tmp are mounted on top of the private tmpfs.
     for path in spec.extra_ro_paths:
@@ -109,6 +115,8 @@ def command_env(spec: ViewSpec, extra: dict[str, str] | None) -> dict[str, str]:
         "LANG": "C.UTF-8",
         "TERM": "dumb",
         "TMPDIR": "/tmp",
+        # Tool caches (pip, matplotlib, ...) go to the private /tmp, not into the submission.
+        "XDG_CACHE_HOME": "/tmp/.cache",
         "PYTHONUNBUFFERED": "1",
     }
     env.update(extra or {})
@@ -116,3 +124,15 @@ def command_env(spec: ViewSpec, extra: dict[str, str] | None) -> dict[str, str]:
         if not key or "=" in key:
             raise ValueError(f"bad environment variable name {key!r}")
     return env
+
+
+def host_python() -> tuple[tuple[str, ...], str]:
+    """(extra_ro_paths, python) with which a sandbox runs this process's own interpreter, with its
+    virtual environment's packages, read-only: Sandbox(dir, extra_ro_paths=paths, python=python).
+    Only the installation directories become visible, not the project around them."""
+    paths = []
+    for prefix in (sys.prefix, sys.base_prefix):
+        real = os.path.realpath(prefix)
+        if real not in paths and not any(_under(real, system) for system in SYSTEM_PATHS):
+            paths.append(real)
+    return tuple(paths), sys.executable

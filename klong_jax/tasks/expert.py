@@ -69,6 +69,20 @@ class _Recorder:
         return dataclasses.replace(action.with_reasoning(mistake.repair_reasoning), content="")
 
 
+def _check_set_up(task: Task, sandbox) -> None:
+    """The episode must start fresh from task.setup(), run before the Sandbox was created (the Sandbox
+    hands the directory to its user; files written later as root could not be changed by commands)."""
+    root = pathlib.Path(sandbox.episode_dir)
+    for relative in task.initial_files():
+        path = root / relative
+        if not path.is_file():
+            raise ValueError(f"task {task.task_id}: {path} is missing: call task.setup(episode_dir) "
+                             "before running the expert")
+        if path.stat().st_uid != sandbox.uid:
+            raise ValueError(f"task {task.task_id}: {path} does not belong to the sandbox user: call "
+                             "task.setup(episode_dir) before creating the Sandbox")
+
+
 def run_expert(task: Task, sandbox, *, mistake_prob: float = 0.1, seed: int = 0,
                max_actions: int | None = None, grade: bool = True) -> dict:
     """Run the expert on `task` in `sandbox`, whose episode directory the caller has set up with
@@ -80,6 +94,7 @@ def run_expert(task: Task, sandbox, *, mistake_prob: float = 0.1, seed: int = 0,
     """
     if not 0.0 <= mistake_prob <= 1.0:
         raise ValueError(f"mistake_prob must be in [0, 1], got {mistake_prob}")
+    _check_set_up(task, sandbox)
     rng = random.Random(f"klong-expert/{task.task_id}/{seed}")
     recorder = _Recorder(sandbox, task)
     n_mistakes = 0

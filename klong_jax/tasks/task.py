@@ -15,7 +15,7 @@ from klong_jax.tasks.kinds import KINDS_BY_DIFFICULTY, base, kind_of
 FORMAT_VERSION = 1
 SPLITS = ("train", "heldout")
 DIFFICULTIES = (1, 2, 3)
-MIN_LENGTH, MAX_LENGTH = 4, 96
+MIN_LENGTH, MAX_LENGTH = 4, 72
 STEPS_PER_SECTION = 6
 # A function item is two steps of work (write it, make its test pass); other items are one.
 _STEPS_PER_ITEM = {"function": 2}
@@ -47,7 +47,8 @@ class Task:
         return files
 
     def setup(self, episode_dir: str | pathlib.Path) -> None:
-        """Materialise the task's initial files in `episode_dir` (created if missing)."""
+        """Materialise the task's initial files in `episode_dir` (created if missing). Call it before
+        creating the episode's Sandbox, which hands the directory over to its unprivileged user."""
         root = pathlib.Path(episode_dir).resolve()
         root.mkdir(parents=True, exist_ok=True)
         for relative, content in self.initial_files().items():

@@ -49,7 +49,7 @@ def rubric(section: dict, number: int, new_id) -> dict:
     original = [",".join(section["header"])] + section["initial_rows"]
     items = [
         base.node(new_id, f"The row `{row}` is appended to {path}", [
-            base.leaf(new_id, f"{path} has the line `{row}`", f"grep -qx {base.quote(row)} {path}",
+            base.leaf(new_id, f"{path} has the line `{row}`", f"grep -qxF {base.quote(row)} {path}",
                       base.CODE_DEVELOPMENT, base.DATA_PREPARATION),
         ]) for row in rows
     ]

@@ -121,7 +121,7 @@ def rubric(section: dict, number: int, new_id) -> dict:
                        f"from {module} import {name}; {hidden}")
         items.append(base.node(new_id, f"{name} is implemented in {path} as specified", [
             base.leaf(new_id, f"{path} defines {name}({f['arg']})",
-                      f"grep -q {shlex.quote(f'def {name}(')} {path}", base.CODE_DEVELOPMENT, base.METHOD),
+                      f"grep -qF {shlex.quote(f'def {name}(')} {path}", base.CODE_DEVELOPMENT, base.METHOD),
             base.leaf(new_id, f"python3 {_test_path(f)} prints OK",
                       f"python3 {_test_path(f)} | grep -qx OK", base.CODE_EXECUTION, base.EVALUATION,
                       weight=2),

@@ -7,7 +7,7 @@ from klong_jax.tasks.kinds.mistakes import bash_mistakes
 
 KIND = "rename"
 MAX_ITEMS = 8
-_SOURCE_DIRS = ("raw", "inbox", "drafts", "old")
+_SOURCE_DIRS = ("raw", "inbox", "drafts", "old", "stash", "incoming")
 
 
 def make(rng: random.Random, names: base.Names, n_items: int, difficulty: int) -> dict:

@@ -81,7 +81,7 @@ def rubric(section: dict, number: int, new_id) -> dict:
     items = [
         base.node(new_id, f"`{s['key']}` is computed correctly", [
             base.leaf(new_id, f"{out} has the line `{s['key']}={s['value']}`",
-                      f"grep -qx {base.quote(s['key'] + '=' + s['value'])} {out}",
+                      f"grep -qxF {base.quote(s['key'] + '=' + s['value'])} {out}",
                       base.RESULT_ANALYSIS, base.EVALUATION),
         ]) for s in section["stats"]
     ]

@@ -1,0 +1,1 @@
+"""SFT training: optimizer, loss, jit'd sharded step, checkpoints, metrics, the loop."""

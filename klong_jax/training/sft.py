@@ -1,0 +1,206 @@
+"""The trajectory-splitting SFT loop. Reads top to bottom: set up, restore or init, train, evaluate, save.
+
+Restart semantics: the same command on the same workdir resumes from the latest complete checkpoint
+(params, optimizer, step, data iterator), so a run killed at any point ends bitwise identical to an
+uninterrupted one. SIGTERM (TPU VM preemption) checkpoints the current step and exits cleanly.
+"""
+import json
+import logging
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+
+from klong_jax.data.pipeline import DataConfig, make_dataset
+from klong_jax.data.tokenizer import load_tokenizer
+from klong_jax.models.from_config import model_config_from
+from klong_jax.sharding import make_mesh
+from klong_jax.training.checkpoint import Checkpointer, abstract_with_shardings
+from klong_jax.training.metrics import MetricsWriter
+from klong_jax.training.mfu import compiled_flops, device_peak_flops
+from klong_jax.training.optimizer import learning_rate_schedule, make_optimizer
+from klong_jax.training.state import abstract_layout, abstract_state, initial_model, new_state, split_model
+from klong_jax.training.step import batch_shardings, eval_step, jit_train_step, state_shardings
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop checkpoints at the end of the current step and exits."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def data_config(cfg, *, split: str, paths, tokenizer_path: str, batch_size: int) -> DataConfig:
+    section = dict(cfg.data.pipeline.to_dict())
+    section.update(tokenizer=tokenizer_path, paths=tuple(paths), seq_len=cfg.train.seq_len, batch_size=batch_size,
+                   seed=cfg.seed, split=split)
+    if split != "train":
+        section.update(shuffle=False, num_epochs=1, drop_remainder=False)
+    return DataConfig.from_mapping(section)
+
+
+def global_batch(local: dict, shardings: dict) -> dict:
+    """Per-process numpy rows -> global jax arrays laid out on the mesh."""
+    return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(local[k]).astype(np.int32))
+            for k in shardings}
+
+
+def evaluate(eval_fn, params, rest, cfg, paths, tok_path, local_bs, batch_sh_fn, max_batches):
+    ds = make_dataset(data_config(cfg, split="eval", paths=paths, tokenizer_path=tok_path, batch_size=local_bs))
+    sums = {"loss_sum": 0.0, "correct_sum": 0.0, "tokens": 0.0}
+    for i, local in enumerate(ds):
+        if i >= max_batches:
+            break
+        rows = local["input_ids"].shape[0]
+        if rows < local_bs:  # pad the last partial batch with empty rows (no loss tokens)
+            local = {k: np.concatenate([v, np.zeros((local_bs - rows,) + v.shape[1:], v.dtype)]) for k, v in local.items()}
+        out = eval_fn(params, rest, global_batch(local, batch_sh_fn(local)))
+        sums = {k: sums[k] + float(out[k]) for k in sums}
+    tokens = max(sums["tokens"], 1.0)
+    return {"loss": sums["loss_sum"] / tokens, "accuracy": sums["correct_sum"] / tokens, "tokens": sums["tokens"]}
+
+
+def unigram_baseline(train_ds_iter_factory, eval_batches, vocab_size: int, n_batches: int = 20) -> float:
+    """Cross-entropy of held-out loss tokens under the add-one unigram of training loss tokens."""
+    counts = np.ones(vocab_size)
+    for i, b in enumerate(train_ds_iter_factory()):
+        if i >= n_batches:
+            break
+        np.add.at(counts, b["targets"][b["loss_mask"] > 0], 1)
+    logp = np.log(counts / counts.sum())
+    total = n = 0.0
+    for b in eval_batches:
+        t = b["targets"][b["loss_mask"] > 0]
+        total -= logp[t].sum()
+        n += t.size
+    return float(total / max(n, 1))
+
+
+def run_sft(cfg, workdir: str, data_paths: dict) -> dict:
+    """Train; returns the final summary. data_paths: {"train": [...], "eval": [...], "tokenizer": path}."""
+    os.makedirs(workdir, exist_ok=True)
+    model_cfg = model_config_from(cfg.model)
+    mesh = make_mesh(dict(cfg.mesh.shape))
+    tcfg = cfg.train
+    if tcfg.global_batch % (jax.process_count() * tcfg.micro_batches):
+        raise ValueError(f"train.global_batch={tcfg.global_batch} must divide by processes x micro_batches")
+    local_bs = tcfg.global_batch // jax.process_count()
+    tokenizer = load_tokenizer(data_paths["tokenizer"])
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens > model.vocab_size={model_cfg.vocab_size}")
+
+    # --- model, optimizer and their shardings ---
+    tx = make_optimizer(cfg.optimizer, tcfg.steps)
+    lr_schedule = learning_rate_schedule(cfg.optimizer, tcfg.steps)
+    graphdef, abs_params, abs_rest, param_sh, rest_sh = abstract_layout(model_cfg, mesh)
+    state_sh = state_shardings(tx, param_sh, abs_params, mesh)
+    batch_sh = batch_shardings(mesh, (tcfg.global_batch, tcfg.seq_len))
+    step_fn = jit_train_step(graphdef, tx, lr_schedule, state_sh, rest_sh, batch_sh,
+                             micro_batches=tcfg.micro_batches, z_loss_weight=tcfg.z_loss)
+    eval_fn = jax.jit(lambda p, r, b: eval_step(p, r, b, graphdef=graphdef))
+
+    # --- data ---
+    train_ds = make_dataset(data_config(cfg, split="train", paths=data_paths["train"],
+                                        tokenizer_path=data_paths["tokenizer"], batch_size=local_bs))
+    data_iter = iter(train_ds)
+
+    # --- restore the latest checkpoint, or start fresh ---
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep_last=cfg.checkpoint.keep_last,
+                        keep_every=cfg.checkpoint.keep_every, async_save=cfg.checkpoint.async_save)
+    start = ckpt.latest_step()
+    with jax.set_mesh(mesh):
+        if start is not None:
+            # The router bias (`rest`) is saved beside the train state: it is part of the model.
+            target = {"train": abstract_state(abs_params, tx, state_sh),
+                      "rest": abstract_with_shardings(abs_rest, rest_sh)}
+            restored, _ = ckpt.restore(start, target, data_iter=data_iter)
+            state, rest = restored["train"], restored["rest"]
+            print(f"resumed from step {start} in {workdir}", flush=True)
+        else:
+            model = initial_model(model_cfg, mesh, init_from=cfg.init_from, seed=cfg.seed)
+            _, params, rest = split_model(model)
+            del model
+            state = new_state(params, tx, state_sh)
+            rest = jax.device_put(rest, rest_sh)
+            start = 0
+
+        metrics_out = MetricsWriter(workdir, tcfg.steps)
+        preempt = _Preemption()
+        summary, step = {}, start
+        try:
+            step, summary = _train_loop(cfg, workdir, data_paths, step_fn, eval_fn, state, rest, data_iter, batch_sh,
+                                        ckpt, metrics_out, preempt, start, local_bs)
+        finally:
+            preempt.restore()
+            ckpt.close()
+            metrics_out.close()
+    summary.update(final_step=step, preempted=preempt.requested)
+    return {"graphdef": graphdef, "summary": summary}
+
+
+def _train_loop(cfg, workdir, data_paths, step_fn, eval_fn, state, rest, data_iter, batch_sh, ckpt, metrics_out,
+                preempt, start, local_bs):
+    tcfg = cfg.train
+    summary, step = {}, start
+    if start >= tcfg.steps:
+        return step, summary
+    batch = global_batch(next(data_iter), batch_sh)
+    compiled = step_fn.lower(state, rest, batch).compile()
+    flops, peak = compiled_flops(compiled), device_peak_flops()
+    pending = None  # metrics of the previous step, fetched one step late
+    nonfinite_streak = 0
+    while step < tcfg.steps:
+        t0 = time.perf_counter()
+        real_tokens = int(np.sum(np.asarray(batch["doc_ids"]) != 0))
+        state, metrics = compiled(state, rest, batch)
+        if pending is not None:
+            nonfinite_streak = _log(metrics_out, pending, nonfinite_streak, tcfg)
+        step += 1
+        batch = global_batch(next(data_iter), batch_sh) if step < tcfg.steps else None
+        jax.block_until_ready(metrics)
+        dt = time.perf_counter() - t0
+        pending = (step, metrics, {"tokens_per_s": real_tokens / dt, "step_time_s": dt,
+                                   **({"mfu": flops / dt / peak} if flops else {})})
+        if step % tcfg.eval_every == 0 or step == tcfg.steps:
+            ev = evaluate(eval_fn, state["params"], rest, cfg, data_paths["eval"], data_paths["tokenizer"],
+                          local_bs, lambda _: batch_sh, tcfg.eval_batches)
+            metrics_out.write(step, ev, prefix="eval")
+            summary["eval"] = ev
+        if (step % cfg.checkpoint.every == 0 or step == tcfg.steps or preempt.requested) \
+                and not int(metrics["nonfinite"]):
+            ckpt.save(step, {"train": state, "rest": rest}, data_iter=data_iter,
+                      meta={"step": step, "config": cfg.variant}, force=True)
+        if preempt.requested:
+            print(f"SIGTERM: checkpointed step {step}, exiting", flush=True)
+            break
+    if pending is not None:
+        _log(metrics_out, pending, nonfinite_streak, tcfg)
+    return step, summary
+
+
+def _log(metrics_out, pending, nonfinite_streak, tcfg):
+    step, metrics, host = pending
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    nonfinite_streak = nonfinite_streak + 1 if values["nonfinite"] else 0
+    if step % tcfg.log_every == 0 or step == tcfg.steps or values["nonfinite"]:
+        metrics_out.write(step, {**values, **host})
+    if nonfinite_streak >= tcfg.max_nonfinite_steps:
+        raise NonFiniteLossError(
+            f"{nonfinite_streak} non-finite steps in a row (last at step {step}); stopping. The last good "
+            f"checkpoint is intact; lower the learning rate or inspect the data, then rerun to resume.")
+    return nonfinite_streak

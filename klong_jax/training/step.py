@@ -1,0 +1,96 @@
+"""The jit'd, sharded SFT train step with gradient accumulation and a non-finite guard.
+
+State is a dict {"params": nnx.State of nnx.Param, "opt_state": optax state, "step": int32}; the model's
+non-trainable variables (router bias) travel separately as `rest` and are never updated here.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from klong_jax.sharding import constrain, logical_to_spec
+from klong_jax.training.loss import masked_sums
+
+BATCH_KEYS = ("input_ids", "targets", "loss_mask", "positions", "doc_ids", "window_ids")
+
+
+def forward_sums(graphdef, params, rest, batch, z_loss_weight=0.0):
+    model = nnx.merge(graphdef, params, rest)
+    logits_BTV = model(batch["input_ids"], positions_BT=batch["positions"], doc_ids_BT=batch["doc_ids"],
+                       window_ids_BT=batch["window_ids"])
+    return masked_sums(logits_BTV, batch["targets"], batch["loss_mask"], z_loss_weight)
+
+
+def train_step(state, rest, batch, *, graphdef, tx, micro_batches: int, z_loss_weight: float,
+               lr_schedule):
+    """One optimizer update over the global batch, split into `micro_batches` sequential micro-batches.
+
+    Loss = sum of token losses / loss tokens of the whole global batch, so accumulation is exact.
+    A non-finite loss or gradient leaves the state untouched (metrics report it).
+    """
+    params = state["params"]
+    total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+    micro = jax.tree.map(lambda x: x.reshape((micro_batches, x.shape[0] // micro_batches) + x.shape[1:]), batch)
+
+    def loss_fn(p, mb):
+        sums = forward_sums(graphdef, p, rest, mb, z_loss_weight)
+        return sums["loss_sum"] / total_tokens, sums
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def accumulate(carry, mb):
+        grads_acc, sums_acc = carry
+        mb = {k: constrain(v, ("batch", "seq")) for k, v in mb.items()}
+        (_, sums), grads = grad_fn(params, mb)
+        grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
+        return (grads_acc, jax.tree.map(jnp.add, sums_acc, sums)), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    zero_sums = {"loss_sum": 0.0, "correct_sum": 0.0, "tokens": 0.0}
+    (grads, sums), _ = jax.lax.scan(accumulate, (zeros, jax.tree.map(jnp.float32, zero_sums)), micro)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+
+    grad_norm = optax.tree.norm(grads)
+    loss = sums["loss_sum"] / total_tokens
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    new_state = {"params": keep(new_params, params), "opt_state": keep(new_opt, state["opt_state"]),
+                 "step": state["step"] + finite.astype(jnp.int32)}
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_schedule(state["step"]),
+               "accuracy": sums["correct_sum"] / total_tokens, "loss_tokens": sums["tokens"],
+               "nonfinite": 1 - finite.astype(jnp.int32)}
+    return new_state, metrics
+
+
+def eval_step(params, rest, batch, *, graphdef):
+    return forward_sums(graphdef, params, rest, batch)
+
+
+def batch_shardings(mesh, batch_shape):
+    spec = logical_to_spec(("batch", "seq"), batch_shape, mesh)
+    return {k: NamedSharding(mesh, spec) for k in BATCH_KEYS}
+
+
+def state_shardings(tx, param_shardings, abstract_params, mesh):
+    """Optimizer-state shardings: let the compiler propagate them through tx.init (no execution),
+    then pin scalars (step counts) as replicated on the mesh."""
+    replicated = NamedSharding(mesh, P())
+    sharded_abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                    abstract_params, param_shardings)
+    compiled = jax.jit(tx.init).lower(sharded_abstract).compile()
+    opt_sh = jax.tree.map(lambda s: s if isinstance(s, NamedSharding) and s.mesh.shape == mesh.shape else replicated,
+                          compiled.output_shardings)
+    return {"params": param_shardings, "opt_state": opt_sh, "step": replicated}
+
+
+def jit_train_step(graphdef, tx, lr_schedule, state_sh, rest_sh, batch_sh, *, micro_batches, z_loss_weight):
+    fn = functools.partial(train_step, graphdef=graphdef, tx=tx, micro_batches=micro_batches,
+                           z_loss_weight=z_loss_weight, lr_schedule=lr_schedule)
+    replicated = NamedSharding(next(iter(jax.tree.leaves(batch_sh))).mesh, P())
+    return jax.jit(fn, in_shardings=(state_sh, rest_sh, batch_sh), out_shardings=(state_sh, replicated),
+                   donate_argnums=(0,))
