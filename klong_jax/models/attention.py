@@ -1,4 +1,9 @@
-"""GQA self-attention with q/k/v bias, optional per-head qk RMSNorm and partial NeoX RoPE."""
+"""GQA self-attention with q/k/v bias, optional per-head qk RMSNorm and partial NeoX RoPE.
+
+Besides the training call, two inference paths for a KV cache: `attend_prefill` (the training call that
+also hands back k/v for the cache) and `attend_cached` (new tokens against a cache under an explicit mask).
+"""
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
@@ -53,3 +58,26 @@ class Attention(nnx.Module):
         o_BTHD = kernels.attention(q_BTHD, k_BTKD, v_BTKD, impl=self.impl, doc_ids=doc_ids_BT,
                                    window_ids=window_ids_BT, causal=True, sm_scale=self.scale)
         return self.output(o_BTHD)
+
+    def attend_prefill(self, x_BTD, cos_BTR, sin_BTR, *, doc_ids_BT=None):
+        """`__call__` (the configured kernel) that also returns this layer's k/v [B, T, K, hd] for a cache."""
+        q_BTHD, k_BTKD, v_BTKD = self.project_qkv(x_BTD, cos_BTR, sin_BTR)
+        o_BTHD = kernels.attention(q_BTHD, k_BTKD, v_BTKD, impl=self.impl, doc_ids=doc_ids_BT,
+                                   causal=True, sm_scale=self.scale)
+        return self.output(o_BTHD), k_BTKD, v_BTKD
+
+    def attend_cached(self, x_BTD, cos_BTR, sin_BTR, cache_k_BSKD, cache_v_BSKD, write_index, mask_BTS):
+        """T new tokens against a KV cache of S slots.
+
+        Their k/v are written at slots [write_index, write_index + T) of a copy of this layer's cache and
+        the queries attend over all S slots under mask_BTS (which must hide unwritten and padding slots).
+        Returns (output [B, T, D], k_new [B, T, K, hd], v_new): the caller writes k_new/v_new into the
+        stacked cache, so the per-layer copy here never has to be carried out of the layer loop.
+        """
+        q_BTHD, k_BTKD, v_BTKD = self.project_qkv(x_BTD, cos_BTR, sin_BTR)
+        k_BTKD, v_BTKD = k_BTKD.astype(cache_k_BSKD.dtype), v_BTKD.astype(cache_v_BSKD.dtype)
+        k_all_BSKD = jax.lax.dynamic_update_slice_in_dim(cache_k_BSKD, k_BTKD, write_index, axis=1)
+        v_all_BSKD = jax.lax.dynamic_update_slice_in_dim(cache_v_BSKD, v_BTKD, write_index, axis=1)
+        o_BTHD = kernels.reference_attention(q_BTHD, k_all_BSKD, v_all_BSKD, sm_scale=self.scale,
+                                             mask_BTS=mask_BTS)
+        return self.output(o_BTHD), k_BTKD, v_BTKD

@@ -3,17 +3,26 @@
 Data flow: embed -> [dense decoder layers] -> [MoE decoder layers] -> final RMSNorm -> lm_head.
 Each group of identical layers is one stacked module (leading `layers` axis), run by `lax.scan`
 (or an unrolled loop), with the configured rematerialisation policy around each layer.
+
+Inference with a KV cache (`init_cache`, `prefill`, `decode_step`): the cache is a pytree
+{"dense": {"k", "v"} | None, "moe": {"k", "v"} | None}, each array [L, B, S, K, hd] in the compute dtype
+with logical axes CACHE_AXES; the layer loop carries each layer's slice as scan xs and returns only
+the new tokens' k/v as ys, written into the stacked cache once per step (in place under donation).
 """
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import kernels
 from klong_jax.models.attention import Attention
 from klong_jax.models.config import ModelConfig
 from klong_jax.models.layers import MLP, RMSNorm, dtype_of, param, rope_cos_sin
 from klong_jax.models.moe import MoE
 from klong_jax.sharding import constrain
+
+# Logical axes of a cache array [L, B, S, K, hd]: batch and kv heads shard like the activations.
+CACHE_AXES = ("layers", "batch", "seq", "act_kv_heads", None)
 
 
 class DecoderLayer(nnx.Module):
@@ -35,6 +44,9 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x_BTD, cos, sin, doc_ids_BT, window_ids_BT, forced_experts_BTK=None):
         h_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos, sin, doc_ids_BT=doc_ids_BT,
                                        window_ids_BT=window_ids_BT).astype(x_BTD.dtype)
+        return self._ffn(h_BTD, forced_experts_BTK)
+
+    def _ffn(self, h_BTD, forced_experts_BTK=None):
         ffn_in = self.post_attention_layernorm(h_BTD)
         if self.is_moe:
             y_BTD, experts_BTK = self.mlp(ffn_in, forced_experts_BTK)
@@ -42,6 +54,20 @@ class DecoderLayer(nnx.Module):
             y_BTD, experts_BTK = self.mlp(ffn_in), None
         out_BTD = constrain(h_BTD + y_BTD.astype(h_BTD.dtype), ("batch", "seq", "act_embed"))
         return out_BTD, experts_BTK
+
+    def prefill(self, x_BTD, cos, sin, doc_ids_BT):
+        """`__call__` (no windows, no replay) that also returns the layer's k/v [B, T, K, hd]."""
+        attn_BTD, k_BTKD, v_BTKD = self.self_attn.attend_prefill(self.input_layernorm(x_BTD), cos, sin,
+                                                                 doc_ids_BT=doc_ids_BT)
+        out_BTD, experts_BTK = self._ffn(x_BTD + attn_BTD.astype(x_BTD.dtype))
+        return out_BTD, experts_BTK, k_BTKD, v_BTKD
+
+    def decode(self, x_BTD, cos, sin, cache_k_BSKD, cache_v_BSKD, write_index, mask_BTS):
+        """New tokens against this layer's cache; returns (out, experts, k_new, v_new)."""
+        attn_BTD, k_BTKD, v_BTKD = self.self_attn.attend_cached(
+            self.input_layernorm(x_BTD), cos, sin, cache_k_BSKD, cache_v_BSKD, write_index, mask_BTS)
+        out_BTD, experts_BTK = self._ffn(x_BTD + attn_BTD.astype(x_BTD.dtype))
+        return out_BTD, experts_BTK, k_BTKD, v_BTKD
 
 
 def _remat(fn, policy: str):
@@ -133,3 +159,112 @@ class Glm4MoeForCausalLM(nnx.Module):
             forced_experts_LBTK=forced_experts_LBTK)
         logits_BTV = self.logits(h_BTD)
         return (logits_BTV, routed_LBTK) if return_routing else logits_BTV
+
+    # ------------------------------------------------------------------------------------------
+    # Inference with a KV cache
+
+    def _stacks(self):
+        return (("dense", self.dense_layers), ("moe", self.moe_layers))
+
+    def _loop_layers(self, stack, x_BTD, xs, step):
+        """x through every layer of `stack`: step(layer, x, xs_l) -> (x, ys_l); ys stacked over layers."""
+        graphdef, state = nnx.split(stack)
+
+        def body(x, layer_xs):
+            layer_state, xs_l = layer_xs
+            return step(nnx.merge(graphdef, layer_state), x, xs_l)
+
+        if self.cfg.scan_layers:
+            return jax.lax.scan(body, x_BTD, (state, xs))
+        ys = []
+        for i in range(jax.tree.leaves(state)[0].shape[0]):
+            x_BTD, y = body(x_BTD, jax.tree.map(lambda a: a[i], (state, xs)))
+            ys.append(y)
+        return x_BTD, jax.tree.map(lambda *a: jnp.stack(a), *ys)
+
+    def _embed(self, input_ids_BT, positions_BT):
+        cfg = self.cfg
+        x_BTD = jnp.take(self.embed_tokens[...], input_ids_BT, axis=0).astype(dtype_of(cfg.dtype))
+        cos, sin = rope_cos_sin(positions_BT, cfg.rotary_dim, cfg.rope_theta)
+        return constrain(x_BTD, ("batch", "seq", "act_embed")), cos, sin
+
+    def init_cache(self, batch: int, cache_len: int, dtype=None) -> dict:
+        """A zeroed KV cache of `cache_len` slots per row (dtype: the compute dtype by default)."""
+        cfg = self.cfg
+        dtype = dtype_of(cfg.dtype) if dtype is None else jnp.dtype(dtype)
+        cache = {}
+        for name, stack in self._stacks():
+            if stack is None:
+                cache[name] = None
+                continue
+            n = jax.tree.leaves(nnx.state(stack))[0].shape[0]
+            shape = (n, batch, cache_len, cfg.num_key_value_heads, cfg.head_dim)
+            cache[name] = {kv: constrain(jnp.zeros(shape, dtype), CACHE_AXES) for kv in ("k", "v")}
+        return cache
+
+    def prefill(self, input_ids_BT, *, cache_len: int, positions_BT=None, doc_ids_BT=None, cache_dtype=None):
+        """T prompt tokens through the configured attention kernel; starts a cache of `cache_len` slots
+        holding their k/v in slots [0, T).
+
+        Padding tokens carry doc id 0 (they attend to nothing and nothing attends to them). Returns
+        (final-normed hidden states h_BTD, cache, routed experts [L_moe, B, T, k] or None): the caller
+        takes logits of the positions it needs (`self.logits`), never [B, T, V] for a long prompt.
+        """
+        cfg = self.cfg
+        B, T = input_ids_BT.shape
+        if cache_len < T:
+            raise ValueError(f"cache_len={cache_len} is shorter than the prompt ({T} tokens)")
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        x_BTD, cos, sin = self._embed(input_ids_BT, positions_BT)
+        dtype = dtype_of(cfg.dtype) if cache_dtype is None else jnp.dtype(cache_dtype)
+        cache, routed_LBTK = {}, None
+
+        def step(layer, x, _):
+            out, experts, k, v = layer.prefill(x, cos, sin, doc_ids_BT)
+            return out, (experts, k, v)
+
+        for name, stack in self._stacks():
+            if stack is None:
+                cache[name] = None
+                continue
+            x_BTD, (routed, k_LBTKD, v_LBTKD) = self._loop_layers(stack, x_BTD, None, step)
+            pad = ((0, 0), (0, 0), (0, cache_len - T), (0, 0), (0, 0))
+            cache[name] = {kv: constrain(jnp.pad(a.astype(dtype), pad), CACHE_AXES)
+                           for kv, a in (("k", k_LBTKD), ("v", v_LBTKD))}
+            if name == "moe":
+                routed_LBTK = routed
+        return self.norm(x_BTD), cache, routed_LBTK
+
+    def decode_step(self, input_ids_BT, cache, *, positions_BT, write_index, kv_valid_BS):
+        """T new tokens per row (T = 1 when decoding) at cache slots [write_index, write_index + T).
+
+        positions_BT: their RoPE positions (per row: left-padded rows start later in the cache than
+        their position 0). kv_valid_BS: False at padding slots. A query at slot s attends to the valid
+        slots <= s. Returns (logits_BTV float32, updated cache, routed experts [L_moe, B, T, k] or None).
+        """
+        B, T = input_ids_BT.shape
+        S = next(c["k"].shape[2] for c in cache.values() if c is not None)
+        x_BTD, cos, sin = self._embed(input_ids_BT, positions_BT)
+        mask_BTS = kernels.attention_mask(
+            jnp.ones((B, T), jnp.int32), None, T, S, causal=True,
+            q_positions_BT=(write_index + jnp.arange(T, dtype=jnp.int32))[None, :],
+            k_positions_BS=jnp.arange(S, dtype=jnp.int32)[None, :], kv_doc_ids_BS=kv_valid_BS.astype(jnp.int32))
+
+        def step(layer, x, kv):
+            out, experts, k, v = layer.decode(x, cos, sin, kv["k"], kv["v"], write_index, mask_BTS)
+            return out, (experts, k, v)
+
+        new_cache, routed_LBTK = {}, None
+        for name, stack in self._stacks():
+            if stack is None:
+                new_cache[name] = None
+                continue
+            x_BTD, (routed, k_LBTKD, v_LBTKD) = self._loop_layers(stack, x_BTD, cache[name], step)
+            new_cache[name] = {
+                kv: constrain(jax.lax.dynamic_update_slice_in_dim(cache[name][kv], new, write_index, axis=2),
+                              CACHE_AXES)
+                for kv, new in (("k", k_LBTKD), ("v", v_LBTKD))}
+            if name == "moe":
+                routed_LBTK = routed
+        return self.logits(self.norm(x_BTD)), new_cache, routed_LBTK

@@ -18,6 +18,7 @@ from klong_jax.data.tokenizer import load_tokenizer
 from klong_jax.models.from_config import model_config_from
 from klong_jax.sharding import make_mesh
 from klong_jax.training.checkpoint import Checkpointer, abstract_with_shardings
+from klong_jax.training.data_iter import LookaheadIterator
 from klong_jax.training.metrics import MetricsWriter
 from klong_jax.training.mfu import compiled_flops, device_peak_flops
 from klong_jax.training.optimizer import learning_rate_schedule, make_optimizer
@@ -117,7 +118,7 @@ def run_sft(cfg, workdir: str, data_paths: dict) -> dict:
     # --- data ---
     train_ds = make_dataset(data_config(cfg, split="train", paths=data_paths["train"],
                                         tokenizer_path=data_paths["tokenizer"], batch_size=local_bs))
-    data_iter = iter(train_ds)
+    data_iter = LookaheadIterator(iter(train_ds))
 
     # --- restore the latest checkpoint, or start fresh ---
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep_last=cfg.checkpoint.keep_last,
@@ -159,22 +160,29 @@ def _train_loop(cfg, workdir, data_paths, step_fn, eval_fn, state, rest, data_it
     summary, step = {}, start
     if start >= tcfg.steps:
         return step, summary
-    batch = global_batch(next(data_iter), batch_sh)
+    def fetch():
+        local = next(data_iter)
+        # Real (non-padding) tokens of the global batch, for tokens/s; hosts hold equal shares.
+        return global_batch(local, batch_sh), int(np.sum(local["doc_ids"] != 0)) * jax.process_count()
+
+    batch, real_tokens = fetch()
     compiled = step_fn.lower(state, rest, batch).compile()
     flops, peak = compiled_flops(compiled), device_peak_flops()
     pending = None  # metrics of the previous step, fetched one step late
     nonfinite_streak = 0
     while step < tcfg.steps:
         t0 = time.perf_counter()
-        real_tokens = int(np.sum(np.asarray(batch["doc_ids"]) != 0))
         state, metrics = compiled(state, rest, batch)
+        data_iter.consumed()
         if pending is not None:
             nonfinite_streak = _log(metrics_out, pending, nonfinite_streak, tcfg)
         step += 1
-        batch = global_batch(next(data_iter), batch_sh) if step < tcfg.steps else None
+        step_tokens = real_tokens
+        if step < tcfg.steps:
+            batch, real_tokens = fetch()
         jax.block_until_ready(metrics)
         dt = time.perf_counter() - t0
-        pending = (step, metrics, {"tokens_per_s": real_tokens / dt, "step_time_s": dt,
+        pending = (step, metrics, {"tokens_per_s": step_tokens / dt, "step_time_s": dt,
                                    **({"mfu": flops / dt / peak} if flops else {})})
         if step % tcfg.eval_every == 0 or step == tcfg.steps:
             ev = evaluate(eval_fn, state["params"], rest, cfg, data_paths["eval"], data_paths["tokenizer"],

@@ -1,0 +1,71 @@
+"""The agent's knobs: budgets that end an episode, sampling, and the messages it adds to the context.
+
+Every number here is this project's design (klong_method.md): a config value, never a constant. RL
+stages raise `timeout_s`, `max_turns` and `max_total_tokens` from stage to stage.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from klong_jax.data.context import ContextConfig
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    context: ContextConfig                  # the ContextPolicy's budget (the same one SFT splits with)
+    timeout_s: float = 3600.0               # wall-clock seconds of one episode (model time included)
+    max_turns: int = 200                    # assistant turns of one episode
+    max_total_tokens: int = 200_000         # tokens the model may generate in one episode
+    max_new_tokens_per_turn: int | None = None   # cap on one assistant message (None: the context's)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0                          # 0: no top-k filtering
+    reminder_every: int = 10                # tell the elapsed time every N turns (0: never)
+    grade_timeout_s: float = 30.0           # per rubric check
+    command_timeout_s: float | None = None  # per tool command (None: the sandbox pool's limit)
+    nudge_message: str = ("You did not call a tool. Each turn, call exactly one tool; call submit "
+                          "when the project is done.")
+
+    def __post_init__(self):
+        if not isinstance(self.context, ContextConfig):
+            raise TypeError(f"agent.context must be a ContextConfig, got {type(self.context).__name__}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"agent.timeout_s={self.timeout_s} must be > 0")
+        for name in ("max_turns", "max_total_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"agent.{name}={getattr(self, name)} must be >= 1")
+        if self.max_new_tokens_per_turn is not None and self.max_new_tokens_per_turn < 1:
+            raise ValueError("agent.max_new_tokens_per_turn must be >= 1 or None")
+        if self.temperature < 0:
+            raise ValueError(f"agent.temperature={self.temperature} must be >= 0 (0: greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"agent.top_p={self.top_p} must be in (0, 1]")
+        if self.top_k < 0 or self.reminder_every < 0:
+            raise ValueError("agent.top_k and agent.reminder_every must be >= 0")
+        if not self.grade_timeout_s > 0:
+            raise ValueError(f"agent.grade_timeout_s={self.grade_timeout_s} must be > 0")
+        if self.command_timeout_s is not None and not self.command_timeout_s > 0:
+            raise ValueError("agent.command_timeout_s must be > 0 or None")
+
+    @classmethod
+    def from_mapping(cls, section: Mapping, context: Mapping | ContextConfig | None = None
+                     ) -> AgentConfig:
+        """From a dict or ConfigDict (`context` inside it or given apart); unknown keys are an error."""
+        items = dict(section.items())
+        ctx = items.pop("context", None) if context is None else context
+        if ctx is None:
+            raise ValueError("agent config: no context section (budget_tokens, reserve_tokens, ...)")
+        if not isinstance(ctx, ContextConfig):
+            ctx = ContextConfig.from_mapping(ctx)
+        names = {f.name for f in dataclasses.fields(cls)} - {"context"}
+        unknown = sorted(set(items) - names)
+        if unknown:
+            raise ValueError(f"unknown agent config key(s) {unknown}; known: {sorted(names)}")
+        return cls(context=ctx, **items)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["context"] = dataclasses.asdict(self.context)
+        return out

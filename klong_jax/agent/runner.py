@@ -1,0 +1,156 @@
+"""Many episodes at once: G episodes per task, stepped together, one batched generate per step.
+
+    results = run_episodes(tasks, policy, n_per_task=G, template=template, config=agent_config,
+                           pool=SandboxPool(max_concurrent=16), workdir=DIR)
+
+Each step asks every live episode for its next turn and sends all the prompts to the policy in one
+`generate` call; tool calls then run in parallel threads (they wait on sandboxed processes, not on
+Python). Episodes end at different steps; a finished episode's sandbox is closed (its processes
+killed, as at the end of a PaperBench run) and the episode is graded in a fresh sandbox on the same
+directory, while a waiting episode takes its place. At most `pool.max_concurrent` episodes (plus
+gradings) hold a sandbox at once.
+"""
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+
+from klong_jax.agent.config import AgentConfig
+from klong_jax.agent.episode import AgentEpisode
+from klong_jax.agent.policy import GenerationParams, Policy
+from klong_jax.agent.records import EpisodeResult
+from klong_jax.data.chat_template import ChatTemplate
+from klong_jax.data.context import ContextPolicy
+from klong_jax.sandbox import SandboxLimits, SandboxPool
+from klong_jax.tasks.grading import grade_episode_result
+from klong_jax.tasks.task import Task
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class _Live:
+    episode: AgentEpisode
+    task: Task
+    directory: str
+    sandbox_cm: contextlib.AbstractContextManager
+
+
+def generation_params(config: AgentConfig, template: ChatTemplate, max_new_tokens: int,
+                      return_routing: bool) -> GenerationParams:
+    return GenerationParams(max_new_tokens=max_new_tokens, stop_token_ids=tuple(template.stop_ids),
+                            temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
+                            return_routing=return_routing)
+
+
+def episode_limits(pool: SandboxPool, config: AgentConfig) -> SandboxLimits:
+    """The pool's limits with the episode's wall-clock timeout, so that a long command is killed
+    when the episode's time is up."""
+    limits = pool.limits or SandboxLimits()
+    changes = {"episode_timeout_s": config.timeout_s}
+    if config.command_timeout_s is not None:
+        changes["command_timeout_s"] = config.command_timeout_s
+    return dataclasses.replace(limits, **changes)
+
+
+def run_episodes(tasks: Sequence[Task], policy: Policy, *, n_per_task: int, template: ChatTemplate,
+                 config: AgentConfig, pool: SandboxPool, workdir: str, tag: str = "",
+                 grade: bool = True, keep_dirs: bool = False, return_routing: bool = False,
+                 on_result: Callable[[EpisodeResult], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> list[EpisodeResult]:
+    """Runs n_per_task episodes of every task; results in (task, group index) order.
+
+    Episode ids are `{tag}{task_id}-g{g}`; each runs in `workdir/<episode id>` (which must not hold
+    files yet), removed after grading unless keep_dirs. reward is the rubric score of the episode
+    as it stands when it ends (partial credit); None when grade is False."""
+    if n_per_task < 1:
+        raise ValueError(f"n_per_task must be >= 1, got {n_per_task}")
+    ids = [t.task_id for t in tasks]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"duplicate task ids in the batch: {sorted(i for i in set(ids) if ids.count(i) > 1)}")
+    context_policy = ContextPolicy(template, config.context)
+    limits = episode_limits(pool, config)
+    pending = collections.deque((task, g) for task in tasks for g in range(n_per_task))
+    order = {f"{tag}{task.task_id}-g{g}": i for i, (task, g) in enumerate(pending)}
+    results: dict[str, EpisodeResult] = {}
+    live: list[_Live] = []
+
+    def start(task: Task, g: int) -> _Live:
+        episode_id = f"{tag}{task.task_id}-g{g}"
+        directory = os.path.join(workdir, episode_id)
+        if os.path.isdir(directory) and os.listdir(directory):
+            raise FileExistsError(f"episode directory {directory} is not empty (a previous run's? "
+                                  "use another workdir or tag)")
+        task.setup(directory)   # before the sandbox: it hands the directory to its own user
+        cm = pool.episode(directory, limits=limits)
+        sandbox = cm.__enter__()
+        episode = AgentEpisode(episode_id, task, g, sandbox, context_policy, config, clock=clock)
+        return _Live(episode, task, directory, cm)
+
+    def advance(item_completion) -> None:
+        item, completion = item_completion
+        try:
+            item.episode.advance(completion)
+        except Exception as e:   # a sandbox that cannot start, a failing host: end this episode only
+            log.exception("episode %s failed", item.episode.episode_id)
+            item.episode.fail(e)
+
+    def finalize(item: _Live) -> EpisodeResult:
+        item.sandbox_cm.__exit__(None, None, None)   # kills what the agent left running
+        result = item.episode.result()
+        if grade:
+            _grade(result, item.task, item.directory, pool, config.grade_timeout_s)
+        if not keep_dirs:
+            shutil.rmtree(item.directory, ignore_errors=True)
+        return result
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=pool.max_concurrent) as executor:
+        try:
+            while pending or live:
+                while pending and len(live) < pool.max_concurrent:
+                    live.append(start(*pending.popleft()))
+                asks = [(item, ask) for item in live if (ask := item.episode.next_request())]
+                if asks:
+                    requests = [request for _, (request, _) in asks]
+                    params = generation_params(config, template,
+                                               max(r.max_new_tokens for r in requests), return_routing)
+                    completions = policy.generate([prompt for _, (_, prompt) in asks], params,
+                                                  requests=requests)
+                    if len(completions) != len(asks):
+                        raise RuntimeError(f"policy returned {len(completions)} completions for "
+                                           f"{len(asks)} prompts")
+                    list(executor.map(advance, [(item, c) for (item, _), c in zip(asks, completions)]))
+                done = [item for item in live if item.episode.finished]
+                live = [item for item in live if not item.episode.finished]
+                for result in executor.map(finalize, done):
+                    results[result.episode_id] = result
+                    if on_result is not None:
+                        on_result(result)
+        finally:
+            for item in live:   # an exception (policy, interrupt): no sandbox is left running
+                item.sandbox_cm.__exit__(None, None, None)
+    return sorted(results.values(), key=lambda r: order[r.episode_id])
+
+
+def _grade(result: EpisodeResult, task: Task, directory: str, pool: SandboxPool,
+           timeout_s: float) -> None:
+    """Grades in a fresh sandbox on the episode's directory (the episode's own may have expired)."""
+    try:
+        with pool.episode(directory) as sandbox:
+            graded = grade_episode_result(task, sandbox, timeout_s)
+    except Exception as e:
+        log.exception("grading episode %s failed", result.episode_id)
+        result.reward, result.grade_valid = None, False
+        result.error = (result.error + "; " if result.error else "") + \
+            f"grading failed: {type(e).__name__}: {e}"
+        return
+    result.reward = float(graded.score)
+    result.grade_valid = bool(graded.valid)
+    result.grade = graded.summary()

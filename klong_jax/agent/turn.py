@@ -1,0 +1,93 @@
+"""One assistant turn: parse the sampled ids, run the tool calls, and write what the model sees next.
+
+Parsing never raises on model output (`ChatTemplate.parse_assistant`): the complete tool calls of a
+turn run; everything malformed in it (an unclosed call, a stray tag, an argument of the wrong type)
+is told to the model in a user message after the tool results, as is a turn without any tool call
+(the nudge) and, every few turns, the elapsed time.
+
+The turn's ids in the context are exactly the sampled ids. A turn cut off before its end-of-turn
+token (its token limit) gets that token appended (`n_forced` = 1), so the next message starts on a
+well-formed turn boundary; the appended token was not sampled and carries no log-prob.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from klong_jax.data.chat_template import ChatTemplate, ParsedAssistant, end_of_turn_token
+from klong_jax.data.trajectory import Message
+from klong_jax.tasks.tools import TOOL_SPECS, ToolResult
+
+# tool -> argument -> JSON type, from the tool specs ("integer (from 1)" -> "integer").
+ARG_TYPES = {spec["name"]: {key: kind.split()[0] for key, kind in spec["parameters"].items()}
+             for spec in TOOL_SPECS}
+FORMAT_HINT = ("A tool call is written <tool_call>NAME\\n<arg_key>KEY</arg_key>\\n<arg_value>VALUE"
+               "</arg_value>\\n</tool_call>, one <arg_key>/<arg_value> pair per argument.")
+
+
+@dataclass(frozen=True)
+class ParsedTurn:
+    parsed: ParsedAssistant
+    action_ids: list[int]     # what the context holds after <|assistant|>: sampled ids (+ forced)
+    n_forced: int             # appended end-of-turn tokens (0 or 1)
+    canonical: bool           # action_ids == the template's rendering of the parsed message
+
+
+def parse_turn(template: ChatTemplate, sampled_ids: Sequence[int], turn: int) -> ParsedTurn:
+    """Parses one sampled assistant message; call ids are unique within the episode."""
+    sampled = [int(i) for i in sampled_ids]
+    parsed = template.parse_assistant(sampled, arg_types=ARG_TYPES,
+                                      call_id=lambda k: f"call_{turn:04d}_{k}")
+    action = list(sampled)
+    n_forced = 0
+    if not parsed.finished:
+        action.append(template.ids[end_of_turn_token(parsed.message)])
+        n_forced = 1
+    rendered, _ = template.render_message(parsed.message, None)
+    return ParsedTurn(parsed, action, n_forced, rendered[1:] == action)
+
+
+def feedback_message(parsed: ParsedAssistant, *, reminder: str | None, nudge: str
+                     ) -> Message | None:
+    """The user message after the tool results: format errors, the nudge, the time reminder."""
+    parts = []
+    if not parsed.finished:
+        parts.append("Your last message was cut off at its token limit; keep messages shorter.")
+    if parsed.errors:
+        listed = "\n".join(f"- {e}" for e in parsed.errors)
+        parts.append(f"Your last message was malformed:\n{listed}\n{FORMAT_HINT}")
+    if not parsed.message.tool_calls:
+        parts.append(nudge)
+    if reminder:
+        parts.append(reminder)
+    return Message("user", "\n\n".join(parts)) if parts else None
+
+
+def run_calls(parsed: ParsedAssistant, run: Callable[[str, dict], ToolResult],
+              time_left: Callable[[], float]) -> tuple[list[Message], bool, bool]:
+    """Runs the turn's tool calls in order: (tool messages, submitted, out of time). Calls after a
+    submit or after the time limit are answered without running, so every call has its result."""
+    messages: list[Message] = []
+    submitted = out_of_time = False
+    for call in parsed.message.tool_calls:
+        if submitted:
+            text = "Error: not run: submit ended the episode."
+        elif time_left() <= 0:
+            out_of_time = True
+            text = "Error: not run: the episode's time limit was reached."
+        else:
+            result = run(call.name, call.arguments)
+            submitted = result.submitted
+            text = result.observation
+        messages.append(Message("tool", text, tool_call_id=call.id))
+    return messages, submitted, out_of_time or time_left() <= 0
+
+
+def reminder_text(turn: int, elapsed_s: float, timeout_s: float, max_turns: int) -> str:
+    return (f"[Time: {_clock(elapsed_s)} of {_clock(timeout_s)} used "
+            f"({_clock(max(timeout_s - elapsed_s, 0.0))} left); turn {turn + 1} of {max_turns}.]")
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
