@@ -133,7 +133,7 @@ class AgentEpisode:
         reminder = None
         if cfg.reminder_every and (j + 1) % cfg.reminder_every == 0:
             reminder = reminder_text(j, self.elapsed(), cfg.timeout_s, cfg.max_turns)
-        feedback = None if submitted else feedback_message(turn.parsed, reminder=reminder,
+        feedback = None if submitted else feedback_message(turn, reminder=reminder,
                                                             nudge=cfg.nudge_message)
         observations = tool_messages + ([feedback] if feedback is not None else [])
         self.context.add_turn(turn.parsed.message, observations, action_ids=turn.action_ids)

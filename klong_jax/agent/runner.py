@@ -43,11 +43,13 @@ class _Live:
     sandbox_cm: contextlib.AbstractContextManager
 
 
-def generation_params(config: AgentConfig, template: ChatTemplate, max_new_tokens: int,
-                      return_routing: bool) -> GenerationParams:
+def generation_params(config: AgentConfig, template: ChatTemplate, max_new_tokens: int, *,
+                      return_routing: bool = False, return_prompt_routing: bool = False
+                      ) -> GenerationParams:
     return GenerationParams(max_new_tokens=max_new_tokens, stop_token_ids=tuple(template.stop_ids),
                             temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
-                            return_routing=return_routing)
+                            return_routing=return_routing,
+                            return_prompt_routing=return_prompt_routing)
 
 
 def episode_limits(pool: SandboxPool, config: AgentConfig) -> SandboxLimits:
@@ -63,13 +65,16 @@ def episode_limits(pool: SandboxPool, config: AgentConfig) -> SandboxLimits:
 def run_episodes(tasks: Sequence[Task], policy: Policy, *, n_per_task: int, template: ChatTemplate,
                  config: AgentConfig, pool: SandboxPool, workdir: str, tag: str = "",
                  grade: bool = True, keep_dirs: bool = False, return_routing: bool = False,
+                 return_prompt_routing: bool = False,
                  on_result: Callable[[EpisodeResult], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> list[EpisodeResult]:
     """Runs n_per_task episodes of every task; results in (task, group index) order.
 
     Episode ids are `{tag}{task_id}-g{g}`; each runs in `workdir/<episode id>` (which must not hold
     files yet), removed after grading unless keep_dirs. reward is the rubric score of the episode
-    as it stands when it ends (partial credit); None when grade is False."""
+    as it stands when it ends (partial credit); None when grade is False. return_routing /
+    return_prompt_routing: record the routed experts of sampled / prompt tokens (MoE routing
+    replay; see rollout.py)."""
     if n_per_task < 1:
         raise ValueError(f"n_per_task must be >= 1, got {n_per_task}")
     ids = [t.task_id for t in tasks]
@@ -119,8 +124,9 @@ def run_episodes(tasks: Sequence[Task], policy: Policy, *, n_per_task: int, temp
                 asks = [(item, ask) for item in live if (ask := item.episode.next_request())]
                 if asks:
                     requests = [request for _, (request, _) in asks]
-                    params = generation_params(config, template,
-                                               max(r.max_new_tokens for r in requests), return_routing)
+                    params = generation_params(
+                        config, template, max(r.max_new_tokens for r in requests),
+                        return_routing=return_routing, return_prompt_routing=return_prompt_routing)
                     completions = policy.generate([prompt for _, (_, prompt) in asks], params,
                                                   requests=requests)
                     if len(completions) != len(asks):

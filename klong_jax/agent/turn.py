@@ -11,6 +11,7 @@ well-formed turn boundary; the appended token was not sampled and carries no log
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -32,26 +33,42 @@ class ParsedTurn:
     n_forced: int             # appended end-of-turn tokens (0 or 1)
     canonical: bool           # action_ids == the template's rendering of the parsed message
 
+    @property
+    def cut_off(self) -> bool:
+        """Sampling stopped before an end-of-turn token (the token limit)."""
+        return self.n_forced > 0
+
 
 def parse_turn(template: ChatTemplate, sampled_ids: Sequence[int], turn: int) -> ParsedTurn:
     """Parses one sampled assistant message; call ids are unique within the episode."""
     sampled = [int(i) for i in sampled_ids]
-    parsed = template.parse_assistant(sampled, arg_types=ARG_TYPES,
+    # A model's vocabulary may be padded past the tokenizer's: such ids have no text. They are
+    # left out of the parse (and reported), never out of the context.
+    vocab = template.tokenizer.vocab_size
+    known = [i for i in sampled if 0 <= i < vocab]
+    parsed = template.parse_assistant(known, arg_types=ARG_TYPES,
                                       call_id=lambda k: f"call_{turn:04d}_{k}")
+    if len(known) < len(sampled):
+        unknown = sorted(set(sampled) - set(known))
+        parsed = dataclasses.replace(parsed, errors=parsed.errors + (
+            f"{len(sampled) - len(known)} token(s) outside the tokenizer's vocabulary of {vocab} "
+            f"(ids {unknown[:5]})",))
     action = list(sampled)
     n_forced = 0
-    if not parsed.finished:
+    # Whether the turn ended is what was sampled, not what parsed: a stray tag before the end
+    # token stops the parser early, yet the turn is closed.
+    if not sampled or sampled[-1] not in template.stop_ids:
         action.append(template.ids[end_of_turn_token(parsed.message)])
         n_forced = 1
     rendered, _ = template.render_message(parsed.message, None)
     return ParsedTurn(parsed, action, n_forced, rendered[1:] == action)
 
 
-def feedback_message(parsed: ParsedAssistant, *, reminder: str | None, nudge: str
-                     ) -> Message | None:
+def feedback_message(turn: ParsedTurn, *, reminder: str | None, nudge: str) -> Message | None:
     """The user message after the tool results: format errors, the nudge, the time reminder."""
+    parsed = turn.parsed
     parts = []
-    if not parsed.finished:
+    if turn.cut_off:
         parts.append("Your last message was cut off at its token limit; keep messages shorter.")
     if parsed.errors:
         listed = "\n".join(f"- {e}" for e in parsed.errors)

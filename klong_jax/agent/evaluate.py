@@ -1,0 +1,115 @@
+"""Evaluation: run the agent on a task set, grade every episode, summarise.
+
+    report, results = evaluate(tasks, policy, template=template, config=agent_config, workdir=DIR)
+
+writes DIR/episodes.jsonl (one trajectory per episode, in the data format, with the agent's meta
+and the reward) as episodes finish, and DIR/eval_summary.json: `summary` (mean score, submit rate,
+timeouts, turns, tokens, ...), `per_task` and `episodes`; the table is printed too. Callable from
+the RL loop (held-out evaluation between stages) with the sampler policy of the current params.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import statistics
+from collections.abc import Callable, Sequence
+
+from klong_jax.agent.config import AgentConfig
+from klong_jax.agent.policy import Policy
+from klong_jax.agent.records import FINISH_REASONS, EpisodeResult
+from klong_jax.agent.runner import run_episodes
+from klong_jax.data.chat_template import ChatTemplate
+from klong_jax.sandbox import SandboxPool
+from klong_jax.tasks.task import Task
+
+SUMMARY_FILE = "eval_summary.json"
+EPISODES_FILE = "episodes.jsonl"
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(statistics.fmean(values)) if values else 0.0
+
+
+def aggregate(results: Sequence[EpisodeResult]) -> dict:
+    """Scores and budgets of a set of episodes. An episode whose grading failed scores 0 here and
+    is counted in `ungraded`; `invalid_gradings` counts those with a rubric leaf not graded."""
+    reasons = collections.Counter(r.finish_reason for r in results)
+    n = len(results)
+    return {
+        "episodes": n,
+        "mean_score": _mean([r.reward or 0.0 for r in results]),
+        "submit_rate": reasons["submit"] / n if n else 0.0,
+        "timeouts": reasons["timeout"],
+        "finish_reasons": {k: reasons[k] for k in FINISH_REASONS if reasons[k]},
+        "mean_turns": _mean([len(r.turns) for r in results]),
+        "mean_sampled_tokens": _mean([r.sampled_tokens for r in results]),
+        "mean_elapsed_s": _mean([r.elapsed_s for r in results]),
+        "ungraded": sum(1 for r in results if r.reward is None),
+        "invalid_gradings": sum(1 for r in results if r.grade_valid is False),
+        "errors": reasons["error"],
+    }
+
+
+def summarize(results: Sequence[EpisodeResult], tasks: Sequence[Task]) -> dict:
+    by_task = collections.defaultdict(list)
+    for r in results:
+        by_task[r.task_id].append(r)
+    per_task = [{"task_id": t.task_id, "scores": [r.reward for r in by_task[t.task_id]],
+                 **aggregate(by_task[t.task_id])} for t in tasks]
+    return {"summary": {"tasks": len(tasks), **aggregate(results)}, "per_task": per_task,
+            "episodes": [r.summary() for r in results]}
+
+
+def format_table(report: dict) -> str:
+    """Per-task rows and the overall row, fixed-width."""
+    header = f"{'task':<28} {'eps':>4} {'score':>6} {'submit':>6} {'tmout':>5} {'turns':>7} " \
+             f"{'tokens':>9} {'secs':>7}"
+    lines = [header, "-" * len(header)]
+
+    def row(name: str, a: dict) -> str:
+        return (f"{name[:28]:<28} {a['episodes']:>4} {a['mean_score']:>6.3f} {a['submit_rate']:>6.2f} "
+                f"{a['timeouts']:>5} {a['mean_turns']:>7.1f} {a['mean_sampled_tokens']:>9.1f} "
+                f"{a['mean_elapsed_s']:>7.1f}")
+    lines += [row(t["task_id"], t) for t in report["per_task"]]
+    lines += ["-" * len(header), row("ALL", report["summary"])]
+    s = report["summary"]
+    lines.append(f"finish reasons: {s['finish_reasons']}; ungraded {s['ungraded']}, invalid "
+                 f"gradings {s['invalid_gradings']}, errors {s['errors']}")
+    return "\n".join(lines)
+
+
+def evaluate(tasks: Sequence[Task], policy: Policy, *, template: ChatTemplate, config: AgentConfig,
+             workdir: str, n_per_task: int = 1, pool: SandboxPool | None = None,
+             max_concurrent: int = 8, keep_dirs: bool = False, tag: str = "",
+             extra: dict | None = None, print_fn: Callable[[str], None] | None = print
+             ) -> tuple[dict, list[EpisodeResult]]:
+    """Runs and grades n_per_task episodes per task; returns (the report written to
+    workdir/eval_summary.json, the episodes). `extra` is stored in the report (e.g. the checkpoint
+    evaluated)."""
+    if not tasks:
+        raise ValueError("evaluate: no tasks")
+    os.makedirs(workdir, exist_ok=True)
+    pool = pool or SandboxPool(max_concurrent=max_concurrent)
+    episodes_path = os.path.join(workdir, EPISODES_FILE)
+    with open(episodes_path, "w", encoding="utf-8") as lines:
+        def write(result: EpisodeResult) -> None:
+            lines.write(result.to_json() + "\n")
+            lines.flush()
+            if print_fn is not None:
+                print_fn(f"{result.episode_id}: score {result.reward} ({result.finish_reason}, "
+                         f"{len(result.turns)} turns, {result.sampled_tokens} tokens)")
+
+        results = run_episodes(tasks, policy, n_per_task=n_per_task, template=template,
+                               config=config, pool=pool, workdir=os.path.join(workdir, "episodes"),
+                               tag=tag, keep_dirs=keep_dirs, on_result=write)
+    report = summarize(results, tasks)
+    report["config"] = config.to_dict()
+    report["n_per_task"] = n_per_task
+    if extra:
+        report.update(extra)
+    with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:
+        json.dump(report, f, indent=1)
+    if print_fn is not None:
+        print_fn(format_table(report))
+    return report, results

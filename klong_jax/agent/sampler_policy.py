@@ -1,0 +1,52 @@
+"""SamplerPolicy: the agent's Policy on the KV-cache sampler (`klong_jax.sampling.Sampler`).
+
+Each request gets its own SamplingParams: its episode's token limit, the template's end-of-turn
+tokens as the only stop tokens (the model config's eos ids are not turn ends), and a seed derived
+from (seed, episode id, turn), so a rollout is reproducible whatever batch its turns share.
+`update_params` swaps the RL trainer's current weights in.
+"""
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+
+from klong_jax.agent.policy import GenerationParams, TurnRequest
+from klong_jax.sampling import Sampler, SamplingParams
+
+
+class SamplerPolicy:
+    def __init__(self, sampler: Sampler, *, seed: int | None = 0):
+        """seed: None draws every request's stream from the sampler's own generator."""
+        self.sampler = sampler
+        self.seed = seed
+
+    @classmethod
+    def from_model(cls, model, mesh=None, *, seed: int | None = 0, **sampler_kwargs
+                   ) -> SamplerPolicy:
+        """The sampler gets no tokenizer: the agent parses ids itself, and a model vocabulary
+        padded past the tokenizer's would make the sampler's text decoding fail."""
+        return cls(Sampler(model, None, mesh, **sampler_kwargs), seed=seed)
+
+    def update_params(self, params, **kwargs) -> None:
+        self.sampler.update_params(params, **kwargs)
+
+    def request_seed(self, request: TurnRequest) -> int | None:
+        if self.seed is None:
+            return None
+        return zlib.crc32(f"{self.seed}/{request.episode_id}/{request.turn}".encode()) & 0x7FFFFFFF
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: GenerationParams, *,
+                 requests: Sequence[TurnRequest] | None = None) -> list:
+        if requests is not None and len(requests) != len(prompts):
+            raise ValueError(f"{len(requests)} requests for {len(prompts)} prompts")
+        per_row = []
+        for i in range(len(prompts)):
+            request = requests[i] if requests is not None else None
+            per_row.append(SamplingParams(
+                max_new_tokens=int(request.max_new_tokens if request else params.max_new_tokens),
+                temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                stop_token_ids=tuple(params.stop_token_ids), use_default_stop_tokens=False,
+                seed=self.request_seed(request) if request else None,
+                return_routing=params.return_routing,
+                return_prompt_routing=params.return_prompt_routing))
+        return self.sampler.generate(prompts, per_row)

@@ -1,0 +1,16 @@
+"""Batched generation with a KV cache (Sampler) and its compiled building blocks.
+
+High level: `Sampler(model, tokenizer, mesh=None).generate(prompt_token_lists, SamplingParams(...))`
+-> list[Completion(tokens, logprobs, routed_experts, finish_reason, ...)]; `Sampler.update_params`.
+Low level (pure functions of graphdef, params state and a decode-state dict; jit them yourself or use
+the Sampler's `prefill_fn` / `decode_fn` / `feed_fn`): `prefill`, `decode_chunk`, `feed_pending`,
+`sample_tokens`, `filter_top_k_top_p`.
+"""
+from klong_jax.sampling.buckets import batch_bucket, length_bucket
+from klong_jax.sampling.decode import TRACE_COUNTS, decode_chunk, feed_pending, prefill
+from klong_jax.sampling.logits import filter_top_k_top_p, sample_tokens
+from klong_jax.sampling.sampler import Sampler
+from klong_jax.sampling.types import Completion, SamplingParams
+
+__all__ = ["Completion", "Sampler", "SamplingParams", "TRACE_COUNTS", "batch_bucket", "decode_chunk",
+           "feed_pending", "filter_top_k_top_p", "length_bucket", "prefill", "sample_tokens"]

@@ -1,0 +1,257 @@
+"""Sampler: batched generation with a KV cache, sharded on a mesh, with per-request settings.
+
+    sampler = Sampler(model, tokenizer, mesh=None)
+    completions = sampler.generate(prompt_token_lists, SamplingParams(max_new_tokens=64, temperature=0))
+
+Shapes are bucketed (prompt length P, new-token budget N, batch B; see buckets.py), so requests of
+other lengths within a bucket reuse the compiled prefill / decode functions. The decode loop runs on
+device in chunks of `decode_chunk` steps; between chunks the host checks stop strings and stops early
+when every row is done.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from klong_jax.sampling import decode
+from klong_jax.sampling.buckets import batch_bucket, length_bucket
+from klong_jax.sampling.stops import find_stop_string
+from klong_jax.sampling.types import Completion, SamplingParams
+from klong_jax.sharding import DEFAULT_RULES, logical_to_spec, state_shardings
+
+
+def _as_tuple(ids) -> tuple[int, ...]:
+    if ids is None:
+        return ()
+    return (int(ids),) if isinstance(ids, (int, np.integer)) else tuple(int(i) for i in ids)
+
+
+class Sampler:
+    """Generation from a Glm4MoeForCausalLM (see Completion for what comes back).
+
+    model: the NNX model; its weights are taken over (device_put onto `mesh` by the sharding rules).
+    tokenizer: anything with `decode(ids) -> str` (klong_jax.data Tokenizer); needed for stop strings
+      and Completion.text, optional otherwise.
+    default_stop_token_ids: stop tokens of every request (default: the model config's eos_token_id).
+    decode_chunk: decode steps between host checks (stop strings, all rows done).
+    max_batch: larger request lists are generated in consecutive batches of at most this many.
+    """
+
+    def __init__(self, model, tokenizer=None, mesh=None, *, rules=DEFAULT_RULES,
+                 default_stop_token_ids=None, decode_chunk: int = 32, min_prompt_bucket: int = 16,
+                 min_new_bucket: int = 16, max_batch: int = 64, seed: int = 0):
+        self.cfg = model.cfg
+        self.tokenizer = tokenizer
+        self.mesh, self.rules = mesh, rules
+        self.default_stop_token_ids = _as_tuple(self.cfg.eos_token_id if default_stop_token_ids is None
+                                                else default_stop_token_ids)
+        if decode_chunk < 1 or max_batch < 1:
+            raise ValueError(f"decode_chunk={decode_chunk} and max_batch={max_batch} must be >= 1")
+        self.decode_chunk, self.max_batch = decode_chunk, max_batch
+        self.min_prompt_bucket, self.min_new_bucket = min_prompt_bucket, min_new_bucket
+        self._rng = np.random.default_rng(seed)
+        graphdef, state = nnx.split(model)
+        self.graphdef = graphdef
+        self.shardings = state_shardings(state, mesh, rules) if mesh is not None else None
+        self.state = jax.device_put(state, self.shardings) if mesh is not None else state
+        self.min_batch = self._batch_devices()
+        g = graphdef
+        self.prefill_fn = jax.jit(
+            lambda params, batch, cache_len, max_new, routing, prompt_routing: decode.prefill(
+                g, params, batch, cache_len=cache_len, max_new=max_new, routing=routing,
+                prompt_routing=prompt_routing),
+            static_argnums=(2, 3, 4, 5))
+        self.decode_fn = jax.jit(lambda params, st, stop_at: decode.decode_chunk(g, params, st, stop_at),
+                                 donate_argnums=(1,))
+        self.feed_fn = jax.jit(lambda params, st: decode.feed_pending(g, params, st), donate_argnums=(1,))
+
+    # ------------------------------------------------------------------------------------------
+    # Weights
+
+    def update_params(self, params, *, copy: bool = True) -> None:
+        """Swaps in new weights (RL weight sync) without a host round trip.
+
+        params: a model, or an nnx.State of all or some of its variables (e.g. only nnx.Param).
+        Each array is device_put onto this sampler's sharding (a reshard when the trainer's differs)
+        and cast to the sampler's dtype. copy=False lets unchanged arrays alias the caller's buffers:
+        only safe when the caller will not donate or delete them (a training step that donates its
+        params would leave the sampler with deleted arrays).
+        """
+        if isinstance(params, nnx.Module):
+            params = nnx.state(params)
+        current = nnx.to_pure_dict(self.state)
+        incoming = nnx.to_pure_dict(params)
+        cur_flat = dict(jax.tree_util.tree_flatten_with_path(current)[0])
+        sh_flat = (dict(jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(self.shardings))[0])
+                   if self.shardings is not None else {})
+        new_flat, targets = {}, {}
+        for path, value in jax.tree_util.tree_flatten_with_path(incoming)[0]:
+            name = jax.tree_util.keystr(path)
+            if path not in cur_flat:
+                raise KeyError(f"update_params: {name} is not a variable of the sampler's model")
+            old = cur_flat[path]
+            if tuple(value.shape) != tuple(old.shape):
+                raise ValueError(f"update_params: {name} has shape {tuple(value.shape)}, the sampler's "
+                                 f"model has {tuple(old.shape)}")
+            new_flat[path] = value
+            targets[path] = sh_flat.get(path, old.sharding if isinstance(old, jax.Array) else None)
+        paths = list(new_flat)
+        moved = jax.device_put([new_flat[p] for p in paths], [targets[p] for p in paths],
+                               may_alias=None if not copy else False)
+        for p, arr in zip(paths, moved):
+            cur_flat[p] = arr.astype(cur_flat[p].dtype) if arr.dtype != cur_flat[p].dtype else arr
+        treedef = jax.tree_util.tree_structure(current)
+        leaves = [cur_flat[p] for p, _ in jax.tree_util.tree_flatten_with_path(current)[0]]
+        nnx.replace_by_pure_dict(self.state, jax.tree_util.tree_unflatten(treedef, leaves))
+
+    # ------------------------------------------------------------------------------------------
+    # Generation
+
+    def generate(self, prompts: Sequence[Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] = SamplingParams()) -> list[Completion]:
+        """One Completion per prompt (token ids), in order. params: one for all, or one per prompt."""
+        prompts = [[int(t) for t in p] for p in prompts]
+        per_row = list(params) if not isinstance(params, SamplingParams) else [params] * len(prompts)
+        if len(per_row) != len(prompts):
+            raise ValueError(f"{len(per_row)} SamplingParams for {len(prompts)} prompts")
+        for i, (p, sp) in enumerate(zip(prompts, per_row)):
+            self.check_request(p, sp, index=i)
+        out: list[Completion] = []
+        for start in range(0, len(prompts), self.max_batch):
+            out += self._generate_batch(prompts[start:start + self.max_batch],
+                                        per_row[start:start + self.max_batch])
+        return out
+
+    def check_request(self, prompt: Sequence[int], sp: SamplingParams, *, index: int = 0) -> None:
+        """ValueError (naming prompt `index`) when generate would reject this request."""
+        i, V = index, self.cfg.vocab_size
+        if not prompt:
+            raise ValueError(f"prompt {i} is empty")
+        bad = [t for t in prompt if not 0 <= t < V]
+        if bad:
+            raise ValueError(f"prompt {i} has token ids outside [0, {V}): {bad[:5]}")
+        if len(prompt) + sp.max_new_tokens > self.cfg.max_position_embeddings:
+            raise ValueError(f"prompt {i}: {len(prompt)} tokens + max_new_tokens={sp.max_new_tokens} exceed "
+                             f"max_position_embeddings={self.cfg.max_position_embeddings}")
+        if sp.stop_strings and self.tokenizer is None:
+            raise ValueError(f"prompt {i}: stop_strings need a Sampler built with a tokenizer")
+
+    def _stop_ids(self, sp: SamplingParams) -> tuple[int, ...]:
+        return tuple(dict.fromkeys((self.default_stop_token_ids if sp.use_default_stop_tokens else ())
+                                   + sp.stop_token_ids))
+
+    def _batch_devices(self) -> int:
+        """Devices the `batch` logical axis spreads over: the batch bucket is a multiple of it."""
+        if self.mesh is None:
+            return 1
+        big = math.prod(self.mesh.devices.shape) * 1024
+        spec = logical_to_spec(("batch",), (big,), self.mesh, self.rules)[0]
+        axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+        return math.prod(self.mesh.shape[a] for a in axes)
+
+    def _mesh_context(self):
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+    def _put(self, batch: dict) -> dict:
+        if self.mesh is None:
+            return {k: jnp.asarray(v) for k, v in batch.items()}
+        return {k: jax.device_put(v, NamedSharding(self.mesh, logical_to_spec(
+            ("batch",) + (None,) * (v.ndim - 1), v.shape, self.mesh, self.rules))) for k, v in batch.items()}
+
+    def _host_batch(self, prompts, per_row, stop_ids, B: int, P: int) -> dict:
+        Z = max(4, 1 << (max(len(s) for s in stop_ids) - 1).bit_length()) if any(stop_ids) else 4
+        b = dict(input_ids_BP=np.full((B, P), self.cfg.pad_token_id or 0, np.int32),
+                 valid_BP=np.zeros((B, P), bool), positions_BP=np.zeros((B, P), np.int32),
+                 lengths_B=np.zeros(B, np.int32), active_B=np.zeros(B, bool),
+                 temperature_B=np.zeros(B, np.float32), top_k_B=np.zeros(B, np.int32),
+                 top_p_B=np.ones(B, np.float32), seeds_B=np.zeros(B, np.int32),
+                 stop_ids_BZ=np.full((B, Z), -1, np.int32), max_new_B=np.ones(B, np.int32))
+        for i, (p, sp) in enumerate(zip(prompts, per_row)):
+            pad = P - len(p)
+            b["input_ids_BP"][i, pad:] = p
+            b["valid_BP"][i, pad:] = True
+            b["positions_BP"][i, pad:] = np.arange(len(p))
+            b["lengths_B"][i], b["active_B"][i] = len(p), True
+            b["temperature_B"][i], b["top_k_B"][i], b["top_p_B"][i] = sp.temperature, sp.top_k, sp.top_p
+            b["seeds_B"][i] = sp.seed if sp.seed is not None else self._rng.integers(0, 2**31 - 1)
+            b["stop_ids_BZ"][i, :len(stop_ids[i])] = stop_ids[i]
+            b["max_new_B"][i] = sp.max_new_tokens
+        return b
+
+    def _generate_batch(self, prompts, per_row) -> list[Completion]:
+        n = len(prompts)
+        stop_ids = [self._stop_ids(sp) for sp in per_row]
+        P = length_bucket(max(len(p) for p in prompts), self.min_prompt_bucket)
+        N = length_bucket(max(sp.max_new_tokens for sp in per_row), self.min_new_bucket)
+        B = batch_bucket(n, self.min_batch)
+        routing = any(sp.return_routing for sp in per_row)
+        prompt_routing = any(sp.return_prompt_routing for sp in per_row)
+        batch = self._put(self._host_batch(prompts, per_row, stop_ids, B, P))
+        cut: dict[int, tuple[int, str, str]] = {}
+        scanned = [0] * n
+        with self._mesh_context():
+            st, prompt_routed = self.prefill_fn(self.state, batch, P + N, N, routing, prompt_routing)
+            while True:
+                step, done, n_gen = jax.device_get((st["step"], st["done_B"], st["n_gen_B"]))
+                newly = self._scan_stop_strings(st, per_row, n_gen, scanned, cut)
+                if newly:
+                    mark = np.zeros(B, bool)
+                    mark[newly] = True
+                    st["done_B"] = st["done_B"] | jnp.asarray(mark)
+                    done = done | mark
+                if done[:n].all():
+                    break
+                st = self.decode_fn(self.state, st, np.int32(min(int(step) + self.decode_chunk, N)))
+            if routing and st["routed_LBNK"] is not None:
+                st = self.feed_fn(self.state, st)
+            out = jax.device_get({k: st[k] for k in ("tokens_BN", "logprobs_BN", "sampling_logprobs_BN",
+                                                     "n_gen_B", "routed_LBNK")})
+            prompt_routed = None if prompt_routed is None else np.asarray(jax.device_get(prompt_routed))
+        return [self._completion(i, prompts[i], per_row[i], stop_ids[i], out, prompt_routed, cut.get(i), P)
+                for i in range(n)]
+
+    def _scan_stop_strings(self, st, per_row, n_gen, scanned, cut) -> list[int]:
+        """Rows whose new tokens complete a stop string (recorded in `cut`)."""
+        rows = [i for i, sp in enumerate(per_row) if sp.stop_strings and i not in cut and n_gen[i] > scanned[i]]
+        if not rows:
+            return []
+        tokens = np.asarray(jax.device_get(st["tokens_BN"]))
+        newly = []
+        for i in rows:
+            hit = find_stop_string(self.tokenizer, tokens[i, :n_gen[i]].tolist(), per_row[i].stop_strings,
+                                   scanned[i])
+            scanned[i] = int(n_gen[i])
+            if hit is not None:
+                cut[i] = hit
+                newly.append(i)
+        return newly
+
+    def _completion(self, i, prompt, sp, stop_ids, out, prompt_routed, cut, P) -> Completion:
+        n = int(out["n_gen_B"][i]) if cut is None else cut[0]
+        tokens = out["tokens_BN"][i, :n].tolist()
+        stop = None
+        if cut is not None:
+            finish, stop, text = "stop", cut[1], cut[2]
+        elif tokens and tokens[-1] in stop_ids:
+            finish, stop = "stop", tokens[-1]
+            text = self.tokenizer.decode(tokens[:-1]) if self.tokenizer is not None else None
+        else:
+            finish = "length"
+            text = self.tokenizer.decode(tokens) if self.tokenizer is not None else None
+        routed = None
+        if sp.return_routing and out["routed_LBNK"] is not None:
+            routed = out["routed_LBNK"][:, i, :n].astype(np.int32)
+        p_routed = None
+        if sp.return_prompt_routing and prompt_routed is not None:
+            p_routed = prompt_routed[:, i, P - len(prompt):].astype(np.int32)
+        return Completion(tokens=tokens, logprobs=out["logprobs_BN"][i, :n].astype(np.float32),
+                          sampling_logprobs=out["sampling_logprobs_BN"][i, :n].astype(np.float32),
+                          finish_reason=finish, routed_experts=routed, prompt_routed_experts=p_routed,
+                          stop=stop, text=text, prompt_len=len(prompt))

@@ -1,0 +1,154 @@
+"""Evaluate a checkpoint as an agent on a task set: run, grade with the tasks' rubrics, summarise.
+
+  python launch/eval.py --config=configs/sft.py:tiny --checkpoint=CKPT --tasks=DIR --workdir=OUT \
+      [--tokenizer=PATH --n_per_task=1 --timeout_s=1800 --max_turns=100 --temperature=1.0 ...]
+
+--checkpoint: a training workdir (its latest checkpoints/<step>: params and router bias of the
+trainer's {"train": {"params", ...}, "rest"}; the model section of the workdir's config.json), an
+Orbax model directory (klong_jax.model_checkpoint), or a Hugging Face directory (config.json +
+safetensors). --config gives the model's runtime fields (dtypes, kernels), the mesh, the context
+policy (data.pipeline.context) and an `agent` section when it has one; flags override.
+--tasks: a task directory, a directory of them, or a generated set (DIR/tasks/<task_id>).
+Writes OUT/eval_summary.json and OUT/episodes.jsonl (klong_jax.agent.evaluate) and prints the table.
+"""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/sft.py:tiny")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "training workdir, Orbax model dir or HF dir")
+_TASKS = flags.DEFINE_string("tasks", None, "task directory, or a directory of task directories")
+_WORKDIR = flags.DEFINE_string("workdir", None, "output directory")
+_TOKENIZER = flags.DEFINE_string("tokenizer", "", "tokenizer (default: the config's / checkpoint's)")
+_N_PER_TASK = flags.DEFINE_integer("n_per_task", 1, "episodes per task")
+_MAX_TASKS = flags.DEFINE_integer("max_tasks", 0, "evaluate the first N tasks only (0: all)")
+_MAX_CONCURRENT = flags.DEFINE_integer("max_concurrent", 8, "episodes (sandboxes) at once")
+_SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
+_KEEP = flags.DEFINE_bool("keep_episodes", False, "keep the episode directories")
+# Agent budgets and sampling: None keeps the config's agent section (or AgentConfig's default).
+_AGENT_FLAGS = {
+    "timeout_s": flags.DEFINE_float("timeout_s", None, "wall-clock seconds per episode"),
+    "max_turns": flags.DEFINE_integer("max_turns", None, "assistant turns per episode"),
+    "max_total_tokens": flags.DEFINE_integer("max_total_tokens", None, "generated tokens per episode"),
+    "max_new_tokens_per_turn": flags.DEFINE_integer("max_new_tokens_per_turn", None,
+                                                    "generated tokens per turn"),
+    "temperature": flags.DEFINE_float("temperature", None, "sampling temperature (0: greedy)"),
+    "top_p": flags.DEFINE_float("top_p", None, "nucleus sampling"),
+    "top_k": flags.DEFINE_integer("top_k", None, "top-k sampling (0: off)"),
+    "reminder_every": flags.DEFINE_integer("reminder_every", None, "time reminder every N turns"),
+}
+
+RUNTIME_FIELDS = ("dtype", "param_dtype", "attention_impl", "moe_impl", "remat_policy", "scan_layers")
+
+
+def load_task_dirs(path: str) -> list[str]:
+    if os.path.isfile(os.path.join(path, "task.json")):
+        return [path]
+    root = os.path.join(path, "tasks") if os.path.isdir(os.path.join(path, "tasks")) else path
+    found = sorted(os.path.join(root, d) for d in os.listdir(root)
+                   if os.path.isfile(os.path.join(root, d, "task.json")))
+    if not found:
+        raise app.UsageError(f"--tasks={path}: no task directory (with task.json) found")
+    return found
+
+
+def agent_config(cfg):
+    from klong_jax.agent import AgentConfig
+    section = dict(cfg.agent.to_dict()) if "agent" in cfg else {}
+    section.update({k: f.value for k, f in _AGENT_FLAGS.items() if f.value is not None})
+    context = section.pop("context", None) or cfg.data.pipeline.context.to_dict()
+    return AgentConfig.from_mapping(section, context=context)
+
+
+def load_model(checkpoint: str, cfg, mesh):
+    """(model, the tokenizer path the checkpoint knows of or "")."""
+    from klong_jax.models.from_config import model_config_from
+    runtime = {k: cfg.model[k] for k in RUNTIME_FIELDS if k in cfg.model}
+    if os.path.isdir(os.path.join(checkpoint, "checkpoints")):
+        return _load_training_workdir(checkpoint, cfg, mesh, runtime, model_config_from)
+    has_weights = any(name.endswith(".safetensors") for name in os.listdir(checkpoint))
+    if os.path.isfile(os.path.join(checkpoint, "config.json")) and has_weights:
+        from klong_jax.hf import load_pretrained
+        tokenizer = os.path.join(checkpoint, "tokenizer.json")
+        return load_pretrained(checkpoint, mesh=mesh, **runtime), \
+            tokenizer if os.path.isfile(tokenizer) else ""
+    from klong_jax.model_checkpoint import load_model as load_orbax_model
+    return load_orbax_model(checkpoint, mesh, **runtime), ""
+
+
+def _load_training_workdir(workdir, cfg, mesh, runtime, model_config_from):
+    """Params and router bias of the latest complete checkpoint; the optimizer state stays on disk."""
+    import jax
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    from klong_jax.training.checkpoint import abstract_with_shardings
+    from klong_jax.training.state import abstract_layout
+    saved_path = os.path.join(workdir, "config.json")
+    saved = json.load(open(saved_path)) if os.path.isfile(saved_path) else {}
+    model_section = dict(saved.get("model") or cfg.model.to_dict())
+    model_section.update(runtime)
+    model_cfg = model_config_from(model_section)
+    graphdef, abs_params, abs_rest, param_sh, rest_sh = abstract_layout(model_cfg, mesh)
+    target = {"train": {"params": abstract_with_shardings(abs_params, param_sh)},
+              "rest": abstract_with_shardings(abs_rest, rest_sh)}
+    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as mgr:
+        step = mgr.latest_step()
+        if step is None:
+            raise app.UsageError(f"--checkpoint={workdir}: no complete checkpoint in checkpoints/")
+        with jax.set_mesh(mesh):
+            restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                partial_restore=True)))["state"]
+    print(f"restored step {step} of {workdir}", flush=True)
+    model = nnx.merge(graphdef, restored["train"]["params"], restored["rest"])
+    tokenizer = (saved.get("data") or {}).get("tokenizer") or ""
+    return model, tokenizer
+
+
+def main(_):
+    cfg = _CONFIG.value
+    from klong_jax.runtime import setup_devices
+    setup_devices(cfg.cpu_devices)
+    import jax
+
+    from klong_jax.agent import evaluate
+    from klong_jax.agent.sampler_policy import SamplerPolicy
+    from klong_jax.data.chat_template import ChatTemplate
+    from klong_jax.data.tokenizer import load_tokenizer
+    from klong_jax.sandbox import SandboxPool
+    from klong_jax.sharding import make_mesh
+    from klong_jax.tasks import load_task
+
+    tasks = [load_task(d) for d in load_task_dirs(_TASKS.value)]
+    if _MAX_TASKS.value:
+        tasks = tasks[:_MAX_TASKS.value]
+    config = agent_config(cfg)
+    mesh = make_mesh(dict(cfg.mesh.shape))
+    model, ckpt_tokenizer = load_model(_CHECKPOINT.value, cfg, mesh)
+    tokenizer_path = _TOKENIZER.value or cfg.data.tokenizer or ckpt_tokenizer
+    if not tokenizer_path:
+        from klong_jax.training.embedded_data import prepare_embedded
+        tokenizer_path = prepare_embedded(cfg.data.embedded)["tokenizer"]
+    tokenizer = load_tokenizer(tokenizer_path)
+    if tokenizer.vocab_size > model.cfg.vocab_size:
+        raise app.UsageError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens > the "
+                             f"model's vocab_size={model.cfg.vocab_size}")
+    print(f"eval: {len(tasks)} task(s) x {_N_PER_TASK.value}, {jax.device_count()} "
+          f"{jax.default_backend()} device(s), checkpoint {_CHECKPOINT.value}", flush=True)
+    policy = SamplerPolicy.from_model(model, mesh, seed=_SEED.value)
+    evaluate(tasks, policy, template=ChatTemplate(tokenizer), config=config,
+             workdir=_WORKDIR.value, n_per_task=_N_PER_TASK.value,
+             pool=SandboxPool(max_concurrent=_MAX_CONCURRENT.value), keep_dirs=_KEEP.value,
+             extra={"checkpoint": os.path.abspath(_CHECKPOINT.value),
+                    "tokenizer": os.path.abspath(tokenizer_path)})
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config", "checkpoint", "tasks", "workdir"])
+    app.run(main)
