@@ -139,6 +139,9 @@ def main(_):
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise app.UsageError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens > the "
                              f"model's vocab_size={model.cfg.vocab_size}")
+    if config.context.budget_tokens > model.cfg.max_position_embeddings:
+        raise app.UsageError(f"context budget_tokens={config.context.budget_tokens} exceeds the "
+                             f"model's max_position_embeddings={model.cfg.max_position_embeddings}")
     print(f"eval: {len(tasks)} task(s) x {_N_PER_TASK.value}, {jax.device_count()} "
           f"{jax.default_backend()} device(s), checkpoint {_CHECKPOINT.value}", flush=True)
     policy = SamplerPolicy.from_model(model, mesh, seed=_SEED.value)

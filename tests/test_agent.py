@@ -124,9 +124,18 @@ def test_malformed_output_becomes_error_observations(suite, tmp_path):
     assert "expected a JSON integer" in feedback[2][1].content
     assert [m.content for m in feedback[3]] == [agent_config().nudge_message]
     assert "malformed" in feedback[4][0].content and "unexpected token" in feedback[4][0].content
-    # Every scripted turn ended with its end-of-turn token: nothing was appended, nothing cut off.
-    assert all(t.n_forced == 0 and t.finish == "stop" for t in r.turns)
+    # Every scripted turn ended with an end-of-turn token: nothing was cut off.
+    assert all(t.finish == "stop" for t in r.turns)
     assert not any("cut off" in m.content for m in r.messages if m.role == "user")
+    # Turn 0 ended with <|observation|> but called no tool: <|user|> is appended (not sampled), so
+    # the feedback that follows is a well-formed user message.
+    ids = suite.template.ids
+    assert [t.n_forced for t in r.turns] == [1, 0, 0, 0, 0, 0]
+    first = r.context.turns[0]
+    assert first.ids[first.action_len - 2:first.action_len].tolist() == \
+        [ids["<|observation|>"], ids["<|user|>"]]
+    assert first.ids[first.action_len - 1] != r.turns[0].sampled_ids[-1]
+    assert len(r.turns[0].sampled_ids) == first.action_len - 2
     assert r.turns[0].parse_errors and not r.turns[0].canonical
     assert validate_trajectory(r.trajectory().to_dict()) == []
 

@@ -120,3 +120,32 @@ def test_sharded_init_forward_and_grad_match_single_device(mesh_shape):
         got_loss, got_grad = jax.jit(jax.value_and_grad(loss))(state, ids)
     np.testing.assert_allclose(got_loss, ref_loss, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), got_grad, ref_grad)
+
+
+def test_partial_routing_replay_lets_unknown_tokens_choose():
+    model = init_model(CFG)
+    ids = _ids()
+    logits, routed = model(ids, return_routing=True)
+    forced = jnp.zeros_like(routed).at[..., 1].set(1).at[:, :, :8].set(-1)  # first 8 tokens: unknown
+    _, routed_f = model(ids, forced_experts_LBTK=forced, return_routing=True)
+    assert (routed_f[:, :, 8:] == forced[:, :, 8:]).all()
+    # Causal: the first 8 tokens see only themselves, so they route exactly as without replay.
+    assert (routed_f[:, :, :8] == routed[:, :, :8]).all()
+
+
+@pytest.mark.parametrize("mesh_shape", [None, {"fsdp": 2, "expert": 4}])
+def test_moe_token_chunking_gives_the_same_logits_and_grads(mesh_shape):
+    ids = _ids(B=8)
+    base = init_model(CFG, seed=5)
+    graphdef, params, rest = nnx.split(base, nnx.Param, ...)
+    chunked_gd, _, _ = nnx.split(init_model(CFG.replace(moe_token_chunk=4)), nnx.Param, ...)
+
+    def grads(gd):
+        return jax.jit(jax.value_and_grad(lambda p: jnp.mean(nnx.merge(gd, p, rest)(ids) ** 2)))(params)
+    if mesh_shape is None:
+        ref, got = grads(graphdef), grads(chunked_gd)
+    else:
+        with jax.set_mesh(make_mesh(mesh_shape)):
+            ref, got = grads(graphdef), grads(chunked_gd)
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got[1], ref[1])

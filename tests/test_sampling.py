@@ -1,10 +1,12 @@
 """Sampler: KV-cache generation equals the full forward pass; sampling filters; stops; compilations."""
+import functools
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from klong_jax.data.synthetic import synthetic_corpus, texts_of
 from klong_jax.data.tokenizer import SentencePieceTokenizer
@@ -16,15 +18,21 @@ CFG = preset("tiny", dtype="float32", vocab_size=512, num_hidden_layers=2, max_p
 PROMPT_LENS = (3, 17, 9, 30)          # ragged, one prompt bucket (32)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_forward(graphdef, state, ids_BT):
+    return nnx.merge(graphdef, state)(ids_BT, return_routing=True)
+
+
 def forward_check(model, prompts, completions, *, routing=True, atol=1e-4):
     """Every generated token is the argmax (for greedy) / has the log-prob of one full forward pass
     over prompt + generated tokens, and its routing is the forward's routing."""
     seqs = [list(p) + c.tokens for p, c in zip(prompts, completions)]
-    T = max(map(len, seqs))
+    T = max(64, max(map(len, seqs)))  # one shape for every call: compiled once
     ids = np.zeros((len(seqs), T), np.int32)
     for i, s in enumerate(seqs):
         ids[i, :len(s)] = s           # right padding: causal, so real positions are unaffected
-    logits, routed = model(jnp.asarray(ids), return_routing=True)
+    graphdef, state = nnx.split(model)
+    logits, routed = _jit_forward(graphdef, state, jnp.asarray(ids))
     logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
     routed = np.asarray(routed)
     argmaxes = []
@@ -54,7 +62,8 @@ def model():
 @pytest.fixture(scope="module")
 def sampler(model, tokenizer):
     # decode_chunk=4: the host loop (stop strings, early exit) runs several chunks per request.
-    return Sampler(model, tokenizer, default_stop_token_ids=(), decode_chunk=4)
+    # min_batch=4: every call below shares one batch bucket (and one compilation).
+    return Sampler(model, tokenizer, default_stop_token_ids=(), decode_chunk=4, min_batch=4)
 
 
 def _prompts(lens=PROMPT_LENS, seed=0):
@@ -75,17 +84,18 @@ def test_greedy_ragged_batch_equals_full_forward(model, sampler):
         assert c.routed_experts.shape == (CFG.num_moe_layers, 12, CFG.num_experts_per_tok)
         np.testing.assert_array_equal(c.sampling_logprobs, 0.0)
     # each row alone generates the same tokens as inside the ragged batch
-    alone = sampler.generate(prompts[1:2], GREEDY)[0]
-    assert alone.tokens == out[1].tokens
+    alone = sampler.generate(prompts[3:], GREEDY)[0]
+    assert alone.tokens == out[3].tokens
 
 
 def test_per_row_max_new_tokens(sampler):
     prompts = _prompts()
-    params = [GREEDY.replace(max_new_tokens=n, return_routing=False, return_prompt_routing=False)
-              for n in (1, 5, 12, 7)]
+    params = [GREEDY.replace(max_new_tokens=n, return_prompt_routing=False) for n in (1, 5, 12, 7)]
+    params[3] = params[3].replace(return_routing=False)
     out = sampler.generate(prompts, params)
     assert [len(c.tokens) for c in out] == [1, 5, 12, 7]
-    assert all(c.finish_reason == "length" and c.routed_experts is None for c in out)
+    assert all(c.finish_reason == "length" and c.prompt_routed_experts is None for c in out)
+    assert [c.routed_experts.shape[1] for c in out[:3]] == [1, 5, 12] and out[3].routed_experts is None
 
 
 def test_top_k_1_equals_greedy_and_logprobs_are_unmodified(sampler):
@@ -158,10 +168,10 @@ def test_stop_tokens(sampler):
         np.testing.assert_allclose(c.logprobs, f.logprobs[:n], atol=1e-6)
         np.testing.assert_array_equal(c.routed_experts, f.routed_experts[:, :n])
     # the sampler's default stop tokens apply unless a request opts out
-    sampler.default_stop_token_ids = (stops[0],)
+    sampler.default_stop_token_ids = (stops[3],)
     try:
-        assert sampler.generate(prompts[:1], GREEDY)[0].tokens == out[0].tokens
-        assert sampler.generate(prompts[:1], GREEDY.replace(use_default_stop_tokens=False))[0].tokens == free[0].tokens
+        assert sampler.generate(prompts[3:], GREEDY)[0].tokens == out[3].tokens
+        assert sampler.generate(prompts[3:], GREEDY.replace(use_default_stop_tokens=False))[0].tokens == free[3].tokens
     finally:
         sampler.default_stop_token_ids = ()
 
@@ -184,9 +194,8 @@ def test_stop_strings(sampler, tokenizer):
     assert out[1].text == tokenizer.decode(free[1].tokens)
 
 
-def test_no_recompilation_within_a_bucket(model, tokenizer):
-    sampler = Sampler(model, tokenizer, default_stop_token_ids=())
-    params = SamplingParams(max_new_tokens=10, temperature=0.0)
+def test_no_recompilation_within_a_bucket(sampler):
+    params = GREEDY.replace(max_new_tokens=10)
     sampler.generate(_prompts((5, 30, 9)), params)
     before = dict(TRACE_COUNTS)
     # other prompt lengths, batch size, max_new_tokens, temperature, top-k/p and stops: same buckets

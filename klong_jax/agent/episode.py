@@ -80,7 +80,8 @@ class AgentEpisode:
             self.elapsed_at_end = self.elapsed()
 
     def fail(self, error: BaseException) -> None:
-        """Ends the episode on an infrastructure failure (sandbox, tools); it is not graded."""
+        """Ends the episode on an infrastructure failure (sandbox, host); the runner still grades
+        what it did, and the error stays on the result."""
         self._finish("error", f"{type(error).__name__}: {error}")
 
     def next_request(self) -> tuple[TurnRequest, list[int]] | None:

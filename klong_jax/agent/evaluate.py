@@ -4,7 +4,9 @@
 
 writes DIR/episodes.jsonl (one trajectory per episode, in the data format, with the agent's meta
 and the reward) as episodes finish, and DIR/eval_summary.json: `summary` (mean score, submit rate,
-timeouts, turns, tokens, ...), `per_task` and `episodes`; the table is printed too. Callable from
+timeouts, turns, tokens, ...), `per_task` and `episodes` (every episode; one that ended before its
+first turn has no assistant message, is not a valid trajectory, and is left out of episodes.jsonl);
+the table is printed too. Callable from
 the RL loop (held-out evaluation between stages) with the sampler policy of the current params.
 """
 from __future__ import annotations
@@ -94,8 +96,9 @@ def evaluate(tasks: Sequence[Task], policy: Policy, *, template: ChatTemplate, c
     episodes_path = os.path.join(workdir, EPISODES_FILE)
     with open(episodes_path, "w", encoding="utf-8") as lines:
         def write(result: EpisodeResult) -> None:
-            lines.write(result.to_json() + "\n")
-            lines.flush()
+            if result.turns:
+                lines.write(result.to_json() + "\n")
+                lines.flush()
             if print_fn is not None:
                 print_fn(f"{result.episode_id}: score {result.reward} ({result.finish_reason}, "
                          f"{len(result.turns)} turns, {result.sampled_tokens} tokens)")

@@ -36,7 +36,8 @@ class TurnRecord:
     # turn's prompt (that turn's message and its observations), so a window's turns cover it once.
     prompt_routed_experts: np.ndarray | None
     prompt_routing_from: int
-    n_forced: int                     # end-of-turn tokens appended after a cut-off (not sampled)
+    n_forced: int                     # end-of-turn token appended (cut off, or another stop
+                                      # token than the message's own): not sampled
     finish: str                       # "stop" | "length"
     canonical: bool                   # the sampled ids are the template's rendering of the message
     parse_errors: tuple[str, ...]

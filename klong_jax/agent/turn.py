@@ -5,9 +5,12 @@ turn run; everything malformed in it (an unclosed call, a stray tag, an argument
 is told to the model in a user message after the tool results, as is a turn without any tool call
 (the nudge) and, every few turns, the elapsed time.
 
-The turn's ids in the context are exactly the sampled ids. A turn cut off before its end-of-turn
-token (its token limit) gets that token appended (`n_forced` = 1), so the next message starts on a
-well-formed turn boundary; the appended token was not sampled and carries no log-prob.
+The turn's ids in the context are exactly the sampled ids, plus one appended token when they do
+not end with the message's own end-of-turn token (`n_forced` = 1): a turn cut off at its token
+limit, or one that ended with another stop token (`<|user|>` after a tool call, `<|observation|>`
+without one). The template renders the next message after that token (tool results after
+`<|observation|>`, a user message after `<|user|>`), so the context stays well formed. The appended
+token was not sampled: it carries no log-prob and no loss.
 """
 from __future__ import annotations
 
@@ -32,11 +35,7 @@ class ParsedTurn:
     action_ids: list[int]     # what the context holds after <|assistant|>: sampled ids (+ forced)
     n_forced: int             # appended end-of-turn tokens (0 or 1)
     canonical: bool           # action_ids == the template's rendering of the parsed message
-
-    @property
-    def cut_off(self) -> bool:
-        """Sampling stopped before an end-of-turn token (the token limit)."""
-        return self.n_forced > 0
+    cut_off: bool             # sampling stopped before any end-of-turn token (the token limit)
 
 
 def parse_turn(template: ChatTemplate, sampled_ids: Sequence[int], turn: int) -> ParsedTurn:
@@ -53,15 +52,17 @@ def parse_turn(template: ChatTemplate, sampled_ids: Sequence[int], turn: int) ->
         parsed = dataclasses.replace(parsed, errors=parsed.errors + (
             f"{len(sampled) - len(known)} token(s) outside the tokenizer's vocabulary of {vocab} "
             f"(ids {unknown[:5]})",))
-    action = list(sampled)
-    n_forced = 0
     # Whether the turn ended is what was sampled, not what parsed: a stray tag before the end
     # token stops the parser early, yet the turn is closed.
-    if not sampled or sampled[-1] not in template.stop_ids:
-        action.append(template.ids[end_of_turn_token(parsed.message)])
+    cut_off = not sampled or sampled[-1] not in template.stop_ids
+    expected = template.ids[end_of_turn_token(parsed.message)]
+    action = list(sampled)
+    n_forced = 0
+    if not sampled or sampled[-1] != expected:
+        action.append(expected)
         n_forced = 1
     rendered, _ = template.render_message(parsed.message, None)
-    return ParsedTurn(parsed, action, n_forced, rendered[1:] == action)
+    return ParsedTurn(parsed, action, n_forced, rendered[1:] == action, cut_off)
 
 
 def feedback_message(turn: ParsedTurn, *, reminder: str | None, nudge: str) -> Message | None:

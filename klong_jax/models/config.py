@@ -56,6 +56,7 @@ class ModelConfig:
     moe_impl: str = "ragged"         # ragged (lax.ragged_dot) | dense (all experts; test reference) | megablox
     remat_policy: str = "none"       # none | full | save_dots | save_attention_inputs
     scan_layers: bool = True         # lax.scan over stacked layers (fast compiles) vs an unrolled loop
+    moe_token_chunk: int = 0         # tokens per device dispatched at once in the MoE (0: all); bounds memory
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:

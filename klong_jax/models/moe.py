@@ -19,24 +19,26 @@ def route(x_ND, router_kernel_DE, bias_E, cfg, forced_experts_NK=None):
     """Top-k experts and their weights for each token, as the reference computes them (fp32).
 
     forced_experts_NK: routing replay; the given experts are used instead of the top-k choice, and their
-    weights come from the current router scores (so gradients still reach the router).
+    weights come from the current router scores (so gradients still reach the router). Rows holding -1
+    (tokens whose sampling-time routing is unknown) choose freely.
     """
     logits_NE = x_ND.astype(jnp.float32) @ router_kernel_DE.astype(jnp.float32)
     scores_NE = jax.nn.sigmoid(logits_NE)
-    if forced_experts_NK is None:
-        choice_NE = scores_NE + bias_E.astype(jnp.float32)
-        if cfg.n_group > 1:
-            N, E = choice_NE.shape
-            grouped = choice_NE.reshape(N, cfg.n_group, E // cfg.n_group)
-            group_scores_NG = jax.lax.top_k(grouped, 2)[0].sum(-1)
-            _, keep_NG = jax.lax.top_k(group_scores_NG, cfg.topk_group)
-            group_mask_NG = jnp.zeros_like(group_scores_NG, dtype=bool).at[
-                jnp.arange(N)[:, None], keep_NG].set(True)
-            expert_mask_NE = jnp.repeat(group_mask_NG, E // cfg.n_group, axis=1)
-            choice_NE = jnp.where(expert_mask_NE, choice_NE, -jnp.inf)
-        _, experts_NK = jax.lax.top_k(choice_NE, cfg.num_experts_per_tok)
-    else:
-        experts_NK = forced_experts_NK.astype(jnp.int32)
+    choice_NE = scores_NE + bias_E.astype(jnp.float32)
+    if cfg.n_group > 1:
+        N, E = choice_NE.shape
+        grouped = choice_NE.reshape(N, cfg.n_group, E // cfg.n_group)
+        group_scores_NG = jax.lax.top_k(grouped, 2)[0].sum(-1)
+        _, keep_NG = jax.lax.top_k(group_scores_NG, cfg.topk_group)
+        group_mask_NG = jnp.zeros_like(group_scores_NG, dtype=bool).at[
+            jnp.arange(N)[:, None], keep_NG].set(True)
+        expert_mask_NE = jnp.repeat(group_mask_NG, E // cfg.n_group, axis=1)
+        choice_NE = jnp.where(expert_mask_NE, choice_NE, -jnp.inf)
+    _, experts_NK = jax.lax.top_k(choice_NE, cfg.num_experts_per_tok)
+    if forced_experts_NK is not None:
+        forced_NK = forced_experts_NK.astype(jnp.int32)
+        free_N1 = jnp.any(forced_NK < 0, axis=-1, keepdims=True)
+        experts_NK = jnp.where(free_N1, experts_NK, forced_NK)
     weights_NK = jnp.take_along_axis(scores_NE, experts_NK, axis=1)
     if cfg.norm_topk_prob:
         weights_NK = weights_NK / (weights_NK.sum(-1, keepdims=True) + 1e-20)
@@ -83,7 +85,17 @@ def experts_dense(x_ND, experts_NK, weights_NK, w_gate, w_up, w_down):
     return jnp.einsum("ned,ne->nd", y_NED, combine_NE)
 
 
-def _expert_parallel(x_BTD, experts_BTK, weights_BTK, w_gate, w_up, w_down, impl):
+def _in_chunks(fn, chunk: int, *arrays_N):
+    """fn over token chunks (rematerialised, so only one chunk's dispatch buffers live at a time)."""
+    n = arrays_N[0].shape[0]
+    if chunk <= 0 or n <= chunk or n % chunk:
+        return fn(*arrays_N)
+    chunked = [a.reshape((n // chunk, chunk) + a.shape[1:]) for a in arrays_N]
+    out = jax.lax.map(lambda xs: jax.checkpoint(fn)(*xs), chunked)
+    return out.reshape((n,) + out.shape[2:])
+
+
+def _expert_parallel(x_BTD, experts_BTK, weights_BTK, w_gate, w_up, w_down, impl, chunk=0):
     """Experts split over the `expert` mesh axis; tokens exchanged with all_gather / psum_scatter."""
     mesh = jax.sharding.get_abstract_mesh()
     rules = active_rules()
@@ -97,7 +109,10 @@ def _expert_parallel(x_BTD, experts_BTK, weights_BTK, w_gate, w_up, w_down, impl
 
     def local(x_btd, e_btk, w_btk, wg, wu, wd):
         b, t, d = x_btd.shape
-        x_nd, e_nk, w_nk = x_btd.reshape(b * t, d), e_btk.reshape(b * t, -1), w_btk.reshape(b * t, -1)
+        flat = (x_btd.reshape(b * t, d), e_btk.reshape(b * t, -1), w_btk.reshape(b * t, -1))
+        return _in_chunks(lambda x, e, w: dispatch(x, e, w, wg, wu, wd), chunk, *flat).reshape(b, t, d)
+
+    def dispatch(x_nd, e_nk, w_nk, wg, wu, wd):
         if tokens_sharded_over_expert:
             x_nd = jax.lax.all_gather(x_nd, "expert", tiled=True)
             e_nk = jax.lax.all_gather(e_nk, "expert", tiled=True)
@@ -108,7 +123,7 @@ def _expert_parallel(x_BTD, experts_BTK, weights_BTK, w_gate, w_up, w_down, impl
             y_nd = jax.lax.psum_scatter(y_nd, "expert", scatter_dimension=0, tiled=True)
         else:
             y_nd = jax.lax.psum(y_nd, "expert")
-        return y_nd.reshape(b, t, d)
+        return y_nd
 
     return jax.shard_map(
         local, mesh=mesh,
@@ -144,10 +159,11 @@ class MoE(nnx.Module):
             y_BTD = experts_dense(xc.reshape(B * T, D), experts_NK, weights_NK, wg, wu, wd).reshape(B, T, D)
         elif mesh is not None and not mesh.empty and mesh.shape.get("expert", 1) > 1:
             y_BTD = _expert_parallel(xc, experts_NK.reshape(B, T, -1), weights_NK.reshape(B, T, -1),
-                                     wg, wu, wd, impl)
+                                     wg, wu, wd, impl, self.cfg.moe_token_chunk)
         else:
-            y_BTD = experts_ragged(xc.reshape(B * T, D), experts_NK, weights_NK, wg, wu, wd,
-                                   impl=impl).reshape(B, T, D)
+            y_BTD = _in_chunks(lambda x, e, w: experts_ragged(x, e, w, wg, wu, wd, impl=impl),
+                               self.cfg.moe_token_chunk, xc.reshape(B * T, D), experts_NK,
+                               weights_NK).reshape(B, T, D)
         y_BTD = constrain(y_BTD.astype(self.dtype), ("batch", "seq", "act_embed"))
         if self.shared is not None:
             y_BTD = y_BTD + self.shared(x_BTD)

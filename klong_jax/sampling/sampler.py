@@ -41,12 +41,14 @@ class Sampler:
       and Completion.text, optional otherwise.
     default_stop_token_ids: stop tokens of every request (default: the model config's eos_token_id).
     decode_chunk: decode steps between host checks (stop strings, all rows done).
+    min_batch: the smallest batch bucket (rounded to a multiple of the devices the batch spreads over):
+      raise it to make small and large calls share one compilation.
     max_batch: larger request lists are generated in consecutive batches of at most this many.
     """
 
     def __init__(self, model, tokenizer=None, mesh=None, *, rules=DEFAULT_RULES,
                  default_stop_token_ids=None, decode_chunk: int = 32, min_prompt_bucket: int = 16,
-                 min_new_bucket: int = 16, max_batch: int = 64, seed: int = 0):
+                 min_new_bucket: int = 16, min_batch: int = 1, max_batch: int = 64, seed: int = 0):
         self.cfg = model.cfg
         self.tokenizer = tokenizer
         self.mesh, self.rules = mesh, rules
@@ -61,7 +63,8 @@ class Sampler:
         self.graphdef = graphdef
         self.shardings = state_shardings(state, mesh, rules) if mesh is not None else None
         self.state = jax.device_put(state, self.shardings) if mesh is not None else state
-        self.min_batch = self._batch_devices()
+        devices = self._batch_devices()
+        self.min_batch = math.lcm(devices, min_batch)
         g = graphdef
         self.prefill_fn = jax.jit(
             lambda params, batch, cache_len, max_new, routing, prompt_routing: decode.prefill(
@@ -78,7 +81,8 @@ class Sampler:
     def update_params(self, params, *, copy: bool = True) -> None:
         """Swaps in new weights (RL weight sync) without a host round trip.
 
-        params: a model, or an nnx.State of all or some of its variables (e.g. only nnx.Param).
+        params: a model, or an nnx.State (or its pure dict) of all or some of its variables (e.g. only
+          nnx.Param).
         Each array is device_put onto this sampler's sharding (a reshard when the trainer's differs)
         and cast to the sampler's dtype. copy=False lets unchanged arrays alias the caller's buffers:
         only safe when the caller will not donate or delete them (a training step that donates its
@@ -87,7 +91,7 @@ class Sampler:
         if isinstance(params, nnx.Module):
             params = nnx.state(params)
         current = nnx.to_pure_dict(self.state)
-        incoming = nnx.to_pure_dict(params)
+        incoming = nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
         cur_flat = dict(jax.tree_util.tree_flatten_with_path(current)[0])
         sh_flat = (dict(jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(self.shardings))[0])
                    if self.shardings is not None else {})
@@ -103,10 +107,16 @@ class Sampler:
             new_flat[path] = value
             targets[path] = sh_flat.get(path, old.sharding if isinstance(old, jax.Array) else None)
         paths = list(new_flat)
-        moved = jax.device_put([new_flat[p] for p in paths], [targets[p] for p in paths],
-                               may_alias=None if not copy else False)
+        target_list = [targets[p] for p in paths]
+        dtypes = [cur_flat[p].dtype for p in paths]
+        moved = jax.device_put([new_flat[p] for p in paths], target_list)
+        if copy or any(a.dtype != dt for a, dt in zip(moved, dtypes)):
+            # A jit output never aliases its (undonated) inputs: fresh buffers, cast in the same pass.
+            # (device_put alone may keep a shard of the caller's buffer even when asked not to alias.)
+            moved = jax.jit(lambda xs: [x.astype(dt) for x, dt in zip(xs, dtypes)],
+                            out_shardings=target_list)(moved)
         for p, arr in zip(paths, moved):
-            cur_flat[p] = arr.astype(cur_flat[p].dtype) if arr.dtype != cur_flat[p].dtype else arr
+            cur_flat[p] = arr
         treedef = jax.tree_util.tree_structure(current)
         leaves = [cur_flat[p] for p, _ in jax.tree_util.tree_flatten_with_path(current)[0]]
         nnx.replace_by_pure_dict(self.state, jax.tree_util.tree_unflatten(treedef, leaves))

@@ -4,6 +4,8 @@ Nothing is allocated: parameters, optimizer state and the batch are ShapeDtypeSt
 shardings the rules give them on a mesh built over the topology's devices. Reports the compiled step's
 per-device memory (arguments, outputs, temporaries) and FLOPs.
 """
+import re
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import mesh_utils, topologies
@@ -38,11 +40,22 @@ def compile_train_step(cfg, topology: str) -> dict:
         state_sh = state_shardings(tx, param_sh, abs_params, mesh)
         batch_sh = batch_shardings(mesh, (tcfg.global_batch, tcfg.seq_len))
         step_fn = jit_train_step(graphdef, tx, learning_rate_schedule(cfg.optimizer, tcfg.steps), state_sh, rest_sh,
-                                 batch_sh, micro_batches=tcfg.micro_batches, z_loss_weight=tcfg.z_loss)
+                                 batch_sh, micro_batches=tcfg.micro_batches, z_loss_weight=tcfg.z_loss,
+                             loss_chunk=tcfg.loss_chunk)
         batch = {k: jax.ShapeDtypeStruct((tcfg.global_batch, tcfg.seq_len), jnp.int32, sharding=s)
                  for k, s in batch_sh.items()}
-        compiled = step_fn.lower(abstract_state(abs_params, tx, state_sh), abstract_with_shardings(abs_rest, rest_sh),
-                                 batch).compile()
+        lowered = step_fn.lower(abstract_state(abs_params, tx, state_sh), abstract_with_shardings(abs_rest, rest_sh),
+                                batch)
+        try:
+            compiled = lowered.compile()
+        except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses programs that exceed HBM
+            match = re.search(r"required for HLO temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", str(e))
+            if not match:
+                raise
+            return {"topology": topology, "devices": mesh.devices.size, "mesh": dict(zip(MESH_AXES, mesh.devices.shape)),
+                    "seq_len": tcfg.seq_len, "global_batch": tcfg.global_batch, "remat_policy": model_cfg.remat_policy,
+                    "attention_impl": model_cfg.attention_impl, "fits": False,
+                    "temporaries_gib_required": float(match.group(1)), "hbm_gib": float(match.group(2))}
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -56,6 +69,6 @@ def compile_train_step(cfg, topology: str) -> dict:
         "topology": topology, "devices": mesh.devices.size, "mesh": dict(zip(MESH_AXES, mesh.devices.shape)),
         "seq_len": tcfg.seq_len, "global_batch": tcfg.global_batch, "micro_batches": tcfg.micro_batches,
         "remat_policy": model_cfg.remat_policy, "attention_impl": model_cfg.attention_impl,
-        "per_device": {**per_device, "peak_bytes": peak, "peak_gib": round(peak / GIB, 2)},
+        "fits": True, "per_device": {**per_device, "peak_bytes": peak, "peak_gib": round(peak / GIB, 2)},
         "flops_per_device": float(cost.get("flops", 0.0)) if cost else None,
     }

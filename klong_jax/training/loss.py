@@ -26,3 +26,29 @@ def masked_sums(logits_BTV, targets_BT, loss_mask_BT, z_loss_weight: float = 0.0
     correct_BT = (jnp.argmax(logits, axis=-1) == targets_BT).astype(jnp.float32)
     return {"loss_sum": jnp.sum(loss_BT * mask), "correct_sum": jnp.sum(correct_BT * mask),
             "tokens": jnp.sum(mask)}
+
+
+def chunked_masked_sums(logits_fn, h_BTD, targets_BT, loss_mask_BT, chunk: int, z_loss_weight: float = 0.0) -> dict:
+    """masked_sums without materialising [B, T, V] logits: the sequence is cut into chunks of `chunk`
+    tokens, each chunk's logits are made, reduced and dropped, and rematerialised in the backward pass.
+    At GLM's 151552-token vocabulary a 32K-token row would otherwise hold ~20 GB of fp32 logits."""
+    B, T, D = h_BTD.shape
+    if chunk <= 0 or chunk >= T:
+        return masked_sums(logits_fn(h_BTD), targets_BT, loss_mask_BT, z_loss_weight)
+    pad = (-T) % chunk
+    if pad:  # padded tokens carry no loss
+        h_BTD = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0)))
+        targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
+        loss_mask_BT = jnp.pad(loss_mask_BT, ((0, 0), (0, pad)))
+    n = (T + pad) // chunk
+    split = lambda x: jnp.moveaxis(x.reshape((B, n, chunk) + x.shape[2:]), 1, 0)  # noqa: E731
+
+    @jax.checkpoint
+    def one(carry, xs):
+        h, t, m = xs
+        sums = masked_sums(logits_fn(h), t, m, z_loss_weight)
+        return jax.tree.map(jnp.add, carry, sums), None
+
+    zero = {"loss_sum": jnp.float32(0), "correct_sum": jnp.float32(0), "tokens": jnp.float32(0)}
+    sums, _ = jax.lax.scan(one, zero, (split(h_BTD), split(targets_BT), split(loss_mask_BT)))
+    return sums

@@ -112,7 +112,8 @@ def run_sft(cfg, workdir: str, data_paths: dict) -> dict:
     state_sh = state_shardings(tx, param_sh, abs_params, mesh)
     batch_sh = batch_shardings(mesh, (tcfg.global_batch, tcfg.seq_len))
     step_fn = jit_train_step(graphdef, tx, lr_schedule, state_sh, rest_sh, batch_sh,
-                             micro_batches=tcfg.micro_batches, z_loss_weight=tcfg.z_loss)
+                             micro_batches=tcfg.micro_batches, z_loss_weight=tcfg.z_loss,
+                             loss_chunk=tcfg.loss_chunk)
     eval_fn = jax.jit(lambda p, r, b: eval_step(p, r, b, graphdef=graphdef))
 
     # --- data ---

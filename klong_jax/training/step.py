@@ -12,20 +12,21 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from klong_jax.sharding import constrain, logical_to_spec
-from klong_jax.training.loss import masked_sums
+from klong_jax.training.loss import chunked_masked_sums
 
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "positions", "doc_ids", "window_ids")
 
 
-def forward_sums(graphdef, params, rest, batch, z_loss_weight=0.0):
+def forward_sums(graphdef, params, rest, batch, z_loss_weight=0.0, loss_chunk=0):
     model = nnx.merge(graphdef, params, rest)
-    logits_BTV = model(batch["input_ids"], positions_BT=batch["positions"], doc_ids_BT=batch["doc_ids"],
-                       window_ids_BT=batch["window_ids"])
-    return masked_sums(logits_BTV, batch["targets"], batch["loss_mask"], z_loss_weight)
+    h_BTD, _ = model.hidden_states(batch["input_ids"], positions_BT=batch["positions"],
+                                   doc_ids_BT=batch["doc_ids"], window_ids_BT=batch["window_ids"])
+    return chunked_masked_sums(model.logits, h_BTD, batch["targets"], batch["loss_mask"], loss_chunk,
+                               z_loss_weight)
 
 
 def train_step(state, rest, batch, *, graphdef, tx, micro_batches: int, z_loss_weight: float,
-               lr_schedule):
+               lr_schedule, loss_chunk: int = 0):
     """One optimizer update over the global batch, split into `micro_batches` sequential micro-batches.
 
     Loss = sum of token losses / loss tokens of the whole global batch, so accumulation is exact.
@@ -36,7 +37,7 @@ def train_step(state, rest, batch, *, graphdef, tx, micro_batches: int, z_loss_w
     micro = jax.tree.map(lambda x: x.reshape((micro_batches, x.shape[0] // micro_batches) + x.shape[1:]), batch)
 
     def loss_fn(p, mb):
-        sums = forward_sums(graphdef, p, rest, mb, z_loss_weight)
+        sums = forward_sums(graphdef, p, rest, mb, z_loss_weight, loss_chunk)
         return sums["loss_sum"] / total_tokens, sums
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -76,21 +77,37 @@ def batch_shardings(mesh, batch_shape):
     return {k: NamedSharding(mesh, spec) for k in BATCH_KEYS}
 
 
+def _key_names(path) -> tuple:
+    return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+
+
 def state_shardings(tx, param_shardings, abstract_params, mesh):
-    """Optimizer-state shardings: let the compiler propagate them through tx.init (no execution),
-    then pin scalars (step counts) as replicated on the mesh."""
+    """Optimizer-state shardings: a leaf whose key path ends with a parameter's path (and has its shape),
+    e.g. Adam's mu/nu, takes that parameter's sharding; everything else (step counts) is replicated."""
     replicated = NamedSharding(mesh, P())
-    sharded_abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                    abstract_params, param_shardings)
-    compiled = jax.jit(tx.init).lower(sharded_abstract).compile()
-    opt_sh = jax.tree.map(lambda s: s if isinstance(s, NamedSharding) and s.mesh.shape == mesh.shape else replicated,
-                          compiled.output_shardings)
+    by_path = {}
+    for (path, a), (_, s) in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0],
+                                 jax.tree_util.tree_flatten_with_path(param_shardings)[0]):
+        by_path[_key_names(path)] = (a.shape, s)
+    depth = max(len(p) for p in by_path)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+
+    def choose(path, leaf):
+        names = _key_names(path)
+        for n in range(min(depth, len(names)), 0, -1):
+            hit = by_path.get(names[-n:])
+            if hit is not None and hit[0] == leaf.shape:
+                return hit[1]
+        return replicated
+
+    opt_sh = jax.tree_util.tree_map_with_path(choose, abstract_opt)
     return {"params": param_shardings, "opt_state": opt_sh, "step": replicated}
 
 
-def jit_train_step(graphdef, tx, lr_schedule, state_sh, rest_sh, batch_sh, *, micro_batches, z_loss_weight):
+def jit_train_step(graphdef, tx, lr_schedule, state_sh, rest_sh, batch_sh, *, micro_batches, z_loss_weight,
+                   loss_chunk=0):
     fn = functools.partial(train_step, graphdef=graphdef, tx=tx, micro_batches=micro_batches,
-                           z_loss_weight=z_loss_weight, lr_schedule=lr_schedule)
+                           z_loss_weight=z_loss_weight, lr_schedule=lr_schedule, loss_chunk=loss_chunk)
     replicated = NamedSharding(next(iter(jax.tree.leaves(batch_sh))).mesh, P())
     return jax.jit(fn, in_shardings=(state_sh, rest_sh, batch_sh), out_shardings=(state_sh, replicated),
                    donate_argnums=(0,))
