@@ -68,6 +68,8 @@ def agent_config(cfg):
 def load_model(checkpoint: str, cfg, mesh):
     """(model, the tokenizer path the checkpoint knows of or "")."""
     from klong_jax.models.from_config import model_config_from
+    if not os.path.isdir(checkpoint):
+        raise app.UsageError(f"--checkpoint={checkpoint}: no such directory")
     runtime = {k: cfg.model[k] for k in RUNTIME_FIELDS if k in cfg.model}
     if os.path.isdir(os.path.join(checkpoint, "checkpoints")):
         return _load_training_workdir(checkpoint, cfg, mesh, runtime, model_config_from)

@@ -1,6 +1,8 @@
-"""Training entry point: SFT now; RL stages and the whole KLong pipeline dispatch on config.kind.
+"""Training entry point; dispatches on config.kind: SFT, one RL stage, or the whole KLong pipeline.
 
   python launch/train.py --config=configs/sft.py:tiny --workdir=DIR [--config.optimizer.lr=1e-3 ...]
+  python launch/train.py --config=configs/rl_stage3.py:tiny --workdir=runs/klong/rl_stage3
+  python launch/train.py --config=configs/klong.py:tiny --workdir=runs/klong
 
 The same command on the same workdir resumes from the latest checkpoint.
 """
@@ -46,8 +48,13 @@ def main(_):
           f"{jax.process_count()} process(es), workdir {workdir}", flush=True)
     if cfg.kind == "sft":
         from klong_jax.training.sft import run_sft
-        result = run_sft(cfg, workdir, resolve_data(cfg))
-        summary = result["summary"]
+        summary = run_sft(cfg, workdir, resolve_data(cfg))["summary"]
+    elif cfg.kind == "rl":
+        from klong_jax.rl.loop import run_rl
+        summary = run_rl(cfg, workdir, resolve_data(cfg))["summary"]
+    elif cfg.kind == "pipeline":
+        from klong_jax.rl.pipeline import run_pipeline
+        summary = run_pipeline(cfg, workdir, resolve_data(cfg))["summary"]
     else:
         raise app.UsageError(f"config.kind={cfg.kind!r} is not known")
     if jax.process_index() == 0:

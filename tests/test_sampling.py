@@ -128,7 +128,8 @@ def _frequencies(logits, n, **kw):
     keys = jax.random.split(jax.random.key(0), B)
     args = {k: jnp.full((B,), v, jnp.float32 if k != "top_k" else jnp.int32) for k, v in kw.items()}
     tokens, lp, slp = jax.jit(sample_tokens)(logits_BV, keys, args["temperature"], args["top_k"], args["top_p"])
-    return np.bincount(np.asarray(tokens), minlength=len(logits)) / B, np.asarray(tokens), np.asarray(lp), np.asarray(slp)
+    freq = np.bincount(np.asarray(tokens), minlength=len(logits)) / B
+    return freq, np.asarray(tokens), np.asarray(lp), np.asarray(slp)
 
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
@@ -219,3 +220,31 @@ def test_bad_requests_name_the_problem(sampler):
         sampler.generate([[3] * 500], GREEDY.replace(max_new_tokens=100))
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0.0)
+
+
+def test_model_decode_step_extends_an_empty_cache_like_the_forward(model):
+    """Glm4MoeForCausalLM.init_cache + decode_step (a 5-token chunk, then single tokens) give the
+    full forward's logits and routing: the cache path without prefill, on one row with left padding."""
+    graphdef, state = nnx.split(model)
+    ids = np.asarray(_prompts((9,))[0], np.int32)
+    pad, S = 2, 16                                   # row starts at slot 2; slots 0-1 are padding
+    kv_valid = jnp.asarray(np.arange(S) >= pad)[None]
+
+    @jax.jit
+    def step(state, cache, tok_BT, write_index, positions_start):
+        T = tok_BT.shape[1]
+        positions = (positions_start + jnp.arange(T))[None]
+        return nnx.merge(graphdef, state).decode_step(tok_BT, cache, positions_BT=positions,
+                                                      write_index=write_index, kv_valid_BS=kv_valid)
+
+    cache = model.init_cache(1, S)
+    assert cache["moe"]["k"].shape == (CFG.num_moe_layers, 1, S, CFG.num_key_value_heads, CFG.head_dim)
+    logits, cache, routed = step(state, cache, jnp.asarray(ids[None, :5]), pad, 0)
+    outs, routes = [logits[0]], [routed[:, 0]]
+    for t in range(5, 9):
+        logits, cache, routed = step(state, cache, jnp.asarray(ids[None, t:t + 1]), pad + t, t)
+        outs.append(logits[0])
+        routes.append(routed[:, 0])
+    ref_logits, ref_routed = _jit_forward(graphdef, state, jnp.asarray(ids[None]))
+    np.testing.assert_allclose(np.concatenate(outs), ref_logits[0], atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(np.concatenate(routes, axis=1), ref_routed[:, 0])

@@ -2,6 +2,7 @@
 import json
 import os
 import threading
+import urllib.request
 
 import jax
 import numpy as np
@@ -63,10 +64,10 @@ def _direct(server, messages, tools=(), **params):
 
 
 def test_plain_chat_equals_direct_generation(server):
-    msgs = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "the model trains"}]
-    r = server.client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, temperature=0)
-    ids, c = _direct(server, [Message("system", "You are terse."), Message("user", "the model trains")],
-                     max_new_tokens=6)
+    msgs = [{"role": "system", "content": "Be brief"}, {"role": "user", "content": "train"}]
+    r = server.client.chat.completions.create(model="tiny", messages=msgs, max_tokens=5, temperature=0)
+    ids, c = _direct(server, [Message("system", "Be brief"), Message("user", "train")],
+                     max_new_tokens=5)
     expected = openai_api.choice(server.engine.template, 0, c, [])
     assert r.model == "tiny" and r.object == "chat.completion"
     assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == len(c.tokens)
@@ -74,7 +75,7 @@ def test_plain_chat_equals_direct_generation(server):
     assert r.choices[0].message.content == expected["message"]["content"]
     assert r.choices[0].finish_reason == expected["finish_reason"]
     # the prompt is the chat template's rendering plus the generation prompt
-    rendered = server.engine.template.render([Message("system", "You are terse."), Message("user", "the model trains")])
+    rendered = server.engine.template.render([Message("system", "Be brief"), Message("user", "train")])
     assert ids == rendered.input_ids.tolist() + server.engine.template.generation_prompt_ids
 
 
@@ -137,7 +138,8 @@ def test_concurrent_requests_are_batched(server):
         t.start()
     for t in threads:
         t.join()
-    sizes = server.client.get("/../stats", cast_to=object)["batch_sizes"][before:]
+    with urllib.request.urlopen(f"http://{server.host}:{server.port}/stats") as resp:
+        sizes = json.loads(resp.read())["batch_sizes"][before:]
     assert sum(sizes) == 4 and max(sizes) >= 2, sizes      # some requests were decoded together
     for i, r in enumerate(results):                        # and each got its own answer
         _, c = _direct(server, [Message("user", contents[i])], max_new_tokens=5)

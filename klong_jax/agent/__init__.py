@@ -10,8 +10,9 @@
     report, results = evaluate(tasks, policy, template=template, config=config, workdir=DIR)
 
 A policy is anything with `generate(prompts, params, *, requests) -> completions`
-(`klong_jax.agent.policy`): `SamplerPolicy` (the KV-cache sampler; `klong_jax.agent.sampler_policy`)
-or `ScriptedPolicy` (replays recorded assistant turns through the real loop).
+(`klong_jax.agent.policy`): `SamplerPolicy` (the KV-cache sampler: `SamplerPolicy.from_model(model,
+mesh, seed=0)`, `.update_params(params)`; in `klong_jax.agent.sampler_policy`, which imports JAX) or
+`ScriptedPolicy` (replays recorded assistant turns through the real loop). This package imports no JAX.
 """
 from klong_jax.agent.config import AgentConfig
 from klong_jax.agent.episode import AgentEpisode, prefix_messages

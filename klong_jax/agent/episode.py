@@ -52,6 +52,7 @@ class AgentEpisode:
         self.sampled_tokens = 0
         self.finish_reason: str | None = None
         self.error: str | None = None
+        self.elapsed_at_end = 0.0
         self._view: ContextView | None = None
         self._limit = 0
         self._window = -1

@@ -57,7 +57,7 @@ def rollout_windows(result: EpisodeResult) -> list[RolloutWindow]:
                                      "not hold the sampled ids where the record puts them")
             loss_mask[pred] = 1
             if old_lp is not None:
-                old_lp[pred + 1] = t.logprobs
+                old_lp[pred] = t.logprobs
             if samp_lp is not None:
                 samp_lp[pred] = t.sampling_logprobs
         routed, known = _window_routing(turns, T)

@@ -79,7 +79,8 @@ def run_episodes(tasks: Sequence[Task], policy: Policy, *, n_per_task: int, temp
         raise ValueError(f"n_per_task must be >= 1, got {n_per_task}")
     ids = [t.task_id for t in tasks]
     if len(set(ids)) != len(ids):
-        raise ValueError(f"duplicate task ids in the batch: {sorted(i for i in set(ids) if ids.count(i) > 1)}")
+        repeated = sorted(i for i in set(ids) if ids.count(i) > 1)
+        raise ValueError(f"duplicate task ids in the batch: {repeated}")
     context_policy = ContextPolicy(template, config.context)
     limits = episode_limits(pool, config)
     pending = collections.deque((task, g) for task in tasks for g in range(n_per_task))

@@ -161,7 +161,8 @@ def assemble_row(docs: Sequence[PackDoc], seq_len: int, pad_id: int) -> dict[str
     for name in names:
         like = next((d.arrays[name] for d in docs if name in d.arrays), None)
         dtype = like.dtype if like is not None else np.int32
-        row[name] = np.full(seq_len, pad_id if name in ("input_ids", "targets") else 0, dtype)
+        trailing = like.shape[1:] if like is not None else ()   # extras may be [T, ...] (e.g. routing)
+        row[name] = np.full((seq_len,) + trailing, pad_id if name in ("input_ids", "targets") else 0, dtype)
     at = 0
     for d, doc in enumerate(docs, start=1):
         end = at + len(doc)

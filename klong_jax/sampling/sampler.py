@@ -11,7 +11,9 @@ when every row is done.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import threading
 from collections.abc import Sequence
 
 import jax
@@ -25,6 +27,10 @@ from klong_jax.sampling.buckets import batch_bucket, length_bucket
 from klong_jax.sampling.stops import find_stop_string
 from klong_jax.sampling.types import Completion, SamplingParams
 from klong_jax.sharding import DEFAULT_RULES, logical_to_spec, state_shardings
+
+
+def _cast_all(xs, dtypes):
+    return [x.astype(dt) for x, dt in zip(xs, dtypes)]
 
 
 def _as_tuple(ids) -> tuple[int, ...]:
@@ -59,6 +65,9 @@ class Sampler:
         self.decode_chunk, self.max_batch = decode_chunk, max_batch
         self.min_prompt_bucket, self.min_new_bucket = min_prompt_bucket, min_new_bucket
         self._rng = np.random.default_rng(seed)
+        # One generation or weight swap at a time (callers may share a sampler across threads).
+        self._lock = threading.RLock()
+        self._copy_fns: dict = {}
         graphdef, state = nnx.split(model)
         self.graphdef = graphdef
         self.shardings = state_shardings(state, mesh, rules) if mesh is not None else None
@@ -88,6 +97,10 @@ class Sampler:
         only safe when the caller will not donate or delete them (a training step that donates its
         params would leave the sampler with deleted arrays).
         """
+        with self._lock:
+            self._update_params(params, copy)
+
+    def _update_params(self, params, copy: bool) -> None:
         if isinstance(params, nnx.Module):
             params = nnx.state(params)
         current = nnx.to_pure_dict(self.state)
@@ -113,8 +126,11 @@ class Sampler:
         if copy or any(a.dtype != dt for a, dt in zip(moved, dtypes)):
             # A jit output never aliases its (undonated) inputs: fresh buffers, cast in the same pass.
             # (device_put alone may keep a shard of the caller's buffer even when asked not to alias.)
-            moved = jax.jit(lambda xs: [x.astype(dt) for x, dt in zip(xs, dtypes)],
-                            out_shardings=target_list)(moved)
+            key = tuple(paths)
+            if key not in self._copy_fns:     # one compilation per set of updated variables
+                self._copy_fns[key] = jax.jit(functools.partial(_cast_all, dtypes=tuple(dtypes)),
+                                              out_shardings=target_list)
+            moved = self._copy_fns[key](moved)
         for p, arr in zip(paths, moved):
             cur_flat[p] = arr
         treedef = jax.tree_util.tree_structure(current)
@@ -134,9 +150,10 @@ class Sampler:
         for i, (p, sp) in enumerate(zip(prompts, per_row)):
             self.check_request(p, sp, index=i)
         out: list[Completion] = []
-        for start in range(0, len(prompts), self.max_batch):
-            out += self._generate_batch(prompts[start:start + self.max_batch],
-                                        per_row[start:start + self.max_batch])
+        with self._lock:
+            for start in range(0, len(prompts), self.max_batch):
+                out += self._generate_batch(prompts[start:start + self.max_batch],
+                                            per_row[start:start + self.max_batch])
         return out
 
     def check_request(self, prompt: Sequence[int], sp: SamplingParams, *, index: int = 0) -> None:
@@ -218,6 +235,8 @@ class Sampler:
                     done = done | mark
                 if done[:n].all():
                     break
+                if int(step) >= N:    # cannot happen: every row stops by max_new_tokens <= N
+                    raise RuntimeError(f"decode reached its {N} columns with rows still running")
                 st = self.decode_fn(self.state, st, np.int32(min(int(step) + self.decode_chunk, N)))
             if routing and st["routed_LBNK"] is not None:
                 st = self.feed_fn(self.state, st)

@@ -83,8 +83,9 @@ def _stream_events(response: dict, include_usage: bool):
             delta["reasoning_content"] = msg["reasoning_content"]
         if msg.get("tool_calls"):
             delta["tool_calls"] = [{"index": k, **c} for k, c in enumerate(msg["tool_calls"])]
-        yield f"data: {json.dumps(base | {'choices': [{'index': ch['index'], 'delta': delta, 'finish_reason': None}]})}\n\n"
-        yield f"data: {json.dumps(base | {'choices': [{'index': ch['index'], 'delta': {}, 'finish_reason': ch['finish_reason']}]})}\n\n"
+        for d, finish in ((delta, None), ({}, ch["finish_reason"])):
+            chunk = base | {"choices": [{"index": ch["index"], "delta": d, "finish_reason": finish}]}
+            yield f"data: {json.dumps(chunk)}\n\n"
     if include_usage:
         yield f"data: {json.dumps(base | {'choices': [], 'usage': response['usage']})}\n\n"
     yield "data: [DONE]\n\n"

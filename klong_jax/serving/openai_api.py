@@ -135,7 +135,8 @@ def _number(body: Mapping, key: str, default, kind, low=None, high=None):
     value = body.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+    not_number = isinstance(value, bool) or not isinstance(value, (int, float))
+    if not_number or (kind is int and not float(value).is_integer()):
         raise RequestError(f"{key}: expected {'an integer' if kind is int else 'a number'}, got {value!r}", key)
     value = kind(value)
     if (low is not None and value < low) or (high is not None and value > high):
@@ -143,7 +144,8 @@ def _number(body: Mapping, key: str, default, kind, low=None, high=None):
     return value
 
 
-def sampling_params(body: Mapping, stop_token_ids: Sequence[int], default_max_tokens: int) -> tuple[SamplingParams, int]:
+def sampling_params(body: Mapping, stop_token_ids: Sequence[int],
+                    default_max_tokens: int) -> tuple[SamplingParams, int]:
     """(SamplingParams, n) from a request body."""
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", default_max_tokens, int, 1)

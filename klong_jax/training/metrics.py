@@ -41,7 +41,10 @@ class MetricsWriter:
         eta = elapsed / done * max(self.total_steps - step, 0)
         parts = [f"[{prefix}] step {step}/{self.total_steps}"]
         for key, fmt in (("loss", "{:.4f}"), ("accuracy", "{:.3f}"), ("grad_norm", "{:.3f}"), ("lr", "{:.2e}"),
-                         ("tokens_per_s", "{:.0f}"), ("step_time_s", "{:.3f}"), ("mfu", "{:.2%}")):
+                         ("tokens_per_s", "{:.0f}"), ("step_time_s", "{:.3f}"), ("mfu", "{:.2%}"),
+                         ("reward_mean", "{:.3f}"), ("rubric_leaf_pass_rate", "{:.3f}"), ("clip_frac", "{:.3f}"),
+                         ("approx_kl_mean", "{:.4f}"), ("entropy", "{:.3f}"), ("rollout_time_s", "{:.1f}"),
+                         ("update_time_s", "{:.1f}")):
             if key in m and isinstance(m[key], float):
                 parts.append(f"{key} {fmt.format(m[key])}")
         if prefix == self.prefix:

@@ -76,16 +76,23 @@ def evaluate(eval_fn, params, rest, cfg, paths, tok_path, local_bs, batch_sh_fn,
     return {"loss": sums["loss_sum"] / tokens, "accuracy": sums["correct_sum"] / tokens, "tokens": sums["tokens"]}
 
 
-def unigram_baseline(train_ds_iter_factory, eval_batches, vocab_size: int, n_batches: int = 20) -> float:
-    """Cross-entropy of held-out loss tokens under the add-one unigram of training loss tokens."""
+def unigram_baseline(cfg, data_paths, local_bs: int, vocab_size: int, n_train_batches: int = 20) -> float:
+    """Cross-entropy of held-out loss tokens under the add-one unigram distribution of training loss
+    tokens: the loss a model that ignores context would reach. SFT must end clearly below it."""
     counts = np.ones(vocab_size)
-    for i, b in enumerate(train_ds_iter_factory()):
-        if i >= n_batches:
+    train = make_dataset(data_config(cfg, split="train", paths=data_paths["train"],
+                                     tokenizer_path=data_paths["tokenizer"], batch_size=local_bs))
+    for i, b in enumerate(train):
+        if i >= n_train_batches:
             break
         np.add.at(counts, b["targets"][b["loss_mask"] > 0], 1)
     logp = np.log(counts / counts.sum())
     total = n = 0.0
-    for b in eval_batches:
+    held = make_dataset(data_config(cfg, split="eval", paths=data_paths["eval"],
+                                    tokenizer_path=data_paths["tokenizer"], batch_size=local_bs))
+    for i, b in enumerate(held):
+        if i >= cfg.train.eval_batches:
+            break
         t = b["targets"][b["loss_mask"] > 0]
         total -= logp[t].sum()
         n += t.size
@@ -151,7 +158,11 @@ def run_sft(cfg, workdir: str, data_paths: dict) -> dict:
             preempt.restore()
             ckpt.close()
             metrics_out.close()
-    summary.update(final_step=step, preempted=preempt.requested)
+    summary.update(final_step=step, preempted=preempt.requested,
+                   unigram_baseline_loss=unigram_baseline(cfg, data_paths, local_bs, model_cfg.vocab_size))
+    if "eval" in summary:
+        print(f"held-out assistant-token loss {summary['eval']['loss']:.4f} (accuracy {summary['eval']['accuracy']:.3f}) "
+              f"vs unigram baseline {summary['unigram_baseline_loss']:.4f}", flush=True)
     return {"graphdef": graphdef, "summary": summary}
 
 

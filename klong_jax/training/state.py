@@ -71,3 +71,27 @@ def abstract_state(abstract_params, tx, state_sh):
     abstract = {"params": abstract_params, "opt_state": jax.eval_shape(tx.init, abstract_params),
                 "step": jax.ShapeDtypeStruct((), jnp.int32)}
     return abstract_with_shardings(abstract, state_sh)
+
+
+def load_trained_model(workdir: str, model_cfg, mesh, step: int | None = None):
+    """The model (params + router bias) of a training workdir's checkpoint (SFT or RL), onto `mesh`.
+
+    Only params and `rest` are read (Orbax partial restore), so the optimizer that wrote the checkpoint
+    does not matter: each RL stage starts a fresh optimizer from the previous stage's weights.
+    """
+    import orbax.checkpoint as ocp
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if step is None:
+        steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) if os.path.isdir(ckpt_dir) else []
+        if not steps:
+            raise FileNotFoundError(f"{workdir}: no complete training checkpoint under {ckpt_dir}")
+        step = steps[-1]
+    graphdef, abs_params, abs_rest, param_sh, rest_sh = abstract_layout(model_cfg, mesh)
+    target = {"train": {"params": abstract_with_shardings(abs_params, param_sh)},
+              "rest": abstract_with_shardings(abs_rest, rest_sh)}
+    restored = ocp.PyTreeCheckpointer().restore(
+        os.path.join(ckpt_dir, str(step), "state"),
+        args=ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                    partial_restore=True))
+    log.info("loaded step %d of %s", step, workdir)
+    return nnx.merge(graphdef, restored["train"]["params"], restored["rest"]), step

@@ -1,0 +1,46 @@
+"""Shared shape of the progressive RL stage configs (rl_stage1..3): the model, mesh and data sections
+are SFT's; the stage number sets the episode timeout and the turn/token budgets, which grow stage by stage."""
+from ml_collections import ConfigDict
+
+from configs.sft import get_config as sft_config
+
+# Per stage: (episode timeout seconds, max assistant turns, max generated tokens per episode).
+STAGES = {
+    "tiny": {1: (60.0, 12, 1500), 2: (120.0, 24, 3000), 3: (240.0, 48, 6000)},
+    "small": {1: (600.0, 50, 20_000), 2: (1800.0, 150, 60_000), 3: (3600.0, 300, 120_000)},
+    # GLM-4.5-Air agent runs of hours, as in KLong: 2 h, 6 h, 12 h.
+    "glm45_air": {1: (7200.0, 400, 400_000), 2: (21600.0, 1000, 1_000_000), 3: (43200.0, 2000, 2_000_000)},
+}
+
+
+def rl_config(stage: int, variant: str) -> ConfigDict:
+    base = sft_config(variant)
+    tiny = variant == "tiny"
+    timeout_s, max_turns, max_tokens = STAGES[variant][stage]
+    c = ConfigDict()
+    c.kind = "rl"
+    c.stage = stage
+    c.variant = variant
+    c.seed = base.seed + stage
+    c.cpu_devices = base.cpu_devices
+    c.init_from = "../sft" if stage == 1 else f"../rl_stage{stage - 1}"
+    c.model = base.model
+    c.mesh = base.mesh
+    c.data = base.data
+    c.optimizer = ConfigDict(dict(lr=1e-4 if tiny else 1e-6, warmup_steps=0, final_lr_fraction=1.0, b1=0.9, b2=0.99,
+                                  eps=1e-8, weight_decay=0.0, clip_norm=1.0))
+    c.rl = ConfigDict(dict(
+        steps=4 if tiny else 200, tasks_per_step=2 if tiny else 64, group_size=4 if tiny else 16,
+        advantage="grpo",              # grpo | dr_grpo | rloo
+        eps_low=0.2, eps_high=0.28,    # asymmetric clipping
+        kl_coef=0.0,                   # k3 KL to the frozen stage-start policy (0: off)
+        tis_cap=2.0,                   # truncated importance weight cap (0: off)
+        routing_replay=True,           # force the sampler's experts in the training forward pass
+        ppo_epochs=2 if tiny else 1,
+        seq_len=base.train.seq_len * (2 if tiny else 1), batch_rows=base.train.global_batch,
+        packing="shared_prefix", max_concurrent_episodes=8 if tiny else 64))
+    c.agent = ConfigDict(dict(timeout_s=timeout_s, max_turns=max_turns, max_total_tokens=max_tokens,
+                              max_new_tokens_per_turn=160 if tiny else None, temperature=1.0, top_p=1.0, top_k=0,
+                              reminder_every=10))
+    c.eval = ConfigDict(dict(n_tasks=8 if tiny else 32, timeout_s=timeout_s, max_turns=max_turns))
+    return c

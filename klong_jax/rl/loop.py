@@ -1,0 +1,183 @@
+"""One progressive-RL stage. Reads top to bottom: load the previous stage's weights, then per step:
+roll out G episodes per task with the current policy, grade, compute group advantages, split episodes
+into the windows they were generated in, update, and hand the new weights to the sampler.
+
+Restart semantics: the same command resumes from the latest checkpoint of this stage; a finished stage
+(summary.json present) is not run again by the pipeline.
+"""
+import json
+import logging
+import os
+import time
+
+import jax
+import numpy as np
+
+from klong_jax.agent import AgentConfig, run_episodes
+from klong_jax.agent.sampler_policy import SamplerPolicy
+from klong_jax.data.chat_template import ChatTemplate
+from klong_jax.data.context import ContextConfig
+from klong_jax.data.tokenizer import load_tokenizer
+from klong_jax.models.from_config import model_config_from
+from klong_jax.rl.advantages import advantage_stats, group_advantages
+from klong_jax.rl.batch import build_rows, to_batches
+from klong_jax.rl.step import jit_rl_fns
+from klong_jax.sandbox import SandboxPool
+from klong_jax.sharding import logical_to_spec, make_mesh
+from klong_jax.tasks import load_task
+from klong_jax.training.checkpoint import Checkpointer, abstract_with_shardings
+from klong_jax.training.metrics import MetricsWriter
+from klong_jax.training.optimizer import learning_rate_schedule, make_optimizer
+from klong_jax.training.state import (abstract_layout, abstract_state, initial_model, load_trained_model, new_state,
+                                      split_model)
+from klong_jax.training.step import state_shardings
+
+log = logging.getLogger(__name__)
+
+
+def agent_config(cfg) -> AgentConfig:
+    return AgentConfig.from_mapping(cfg.agent, context=cfg.data.pipeline.context)
+
+
+def load_tasks(directory: str, limit: int | None = None):
+    names = sorted(os.listdir(directory))[:limit]
+    return [load_task(os.path.join(directory, n)) for n in names]
+
+
+def resolve_init(cfg, workdir: str) -> str:
+    """init_from relative to the pipeline directory (the workdir's parent), e.g. '../sft' -> sibling."""
+    if not cfg.init_from:
+        return ""
+    return os.path.normpath(os.path.join(workdir, cfg.init_from)) if not os.path.isabs(cfg.init_from) else cfg.init_from
+
+
+def initial_policy_model(cfg, workdir, model_cfg, mesh):
+    source = resolve_init(cfg, workdir)
+    if source and os.path.isdir(os.path.join(source, "checkpoints")):
+        model, step = load_trained_model(source, model_cfg, mesh)
+        print(f"stage {cfg.stage}: starting from {source} (step {step})", flush=True)
+        return model
+    if source and not os.path.exists(os.path.join(source, "config.json")):
+        raise FileNotFoundError(f"init_from={cfg.init_from!r} -> {source}: no training checkpoint or HF/Orbax model "
+                                f"there; run the previous stage first")
+    return initial_model(model_cfg, mesh, init_from=source, seed=cfg.seed)
+
+
+def run_rl(cfg, workdir: str, data_paths: dict) -> dict:
+    os.makedirs(workdir, exist_ok=True)
+    rl = cfg.rl
+    model_cfg = model_config_from(cfg.model)
+    mesh = make_mesh(dict(cfg.mesh.shape))
+    tokenizer = load_tokenizer(data_paths["tokenizer"])
+    template = ChatTemplate(tokenizer)
+    tasks = load_tasks(data_paths["train_tasks"])
+    agent_cfg = agent_config(cfg)
+
+    tx = make_optimizer(cfg.optimizer, rl.steps)
+    lr_schedule = learning_rate_schedule(cfg.optimizer, rl.steps)
+    graphdef, abs_params, abs_rest, param_sh, rest_sh = abstract_layout(model_cfg, mesh)
+    state_sh = state_shardings(tx, param_sh, abs_params, mesh)
+    update_fn, old_fn = jit_rl_fns(graphdef, tx, rl, lr_schedule, state_sh, rest_sh, mesh)
+    batch_spec = logical_to_spec(("batch", "seq"), (rl.batch_rows, rl.seq_len), mesh)
+
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep_last=2, async_save=False)
+    start = ckpt.latest_step()
+    with jax.set_mesh(mesh):
+        if start is not None:
+            target = {"train": abstract_state(abs_params, tx, state_sh),
+                      "rest": abstract_with_shardings(abs_rest, rest_sh)}
+            restored, _ = ckpt.restore(start, target)
+            state, rest = restored["train"], restored["rest"]
+            print(f"stage {cfg.stage}: resumed from step {start}", flush=True)
+        else:
+            _, params, rest = split_model(initial_policy_model(cfg, workdir, model_cfg, mesh))
+            state, rest, start = new_state(params, tx, state_sh), jax.device_put(rest, rest_sh), 0
+        ref_params = jax.tree.map(lambda x: x.copy(), state["params"]) if rl.kl_coef else state["params"]
+        policy = SamplerPolicy(_sampler_for(graphdef, state, rest, mesh), seed=cfg.seed)
+        metrics_out = MetricsWriter(workdir, rl.steps, prefix="rl")
+        pool = SandboxPool(max_concurrent=rl.max_concurrent_episodes)
+        try:
+            for step in range(start, rl.steps):
+                order = np.random.default_rng([cfg.seed, step]).permutation(len(tasks))[:rl.tasks_per_step]
+                t0 = time.perf_counter()
+                results = run_episodes([tasks[i] for i in order], policy, n_per_task=rl.group_size,
+                                       template=template, config=agent_cfg, pool=pool,
+                                       workdir=os.path.join(workdir, "episodes", f"step{step}"), tag=f"s{step}-",
+                                       return_routing=True, return_prompt_routing=True)
+                t_rollout = time.perf_counter() - t0
+                metrics = _rollout_metrics(results, rl)
+                rewards = np.array([r.reward or 0.0 for r in results], np.float64).reshape(len(order), rl.group_size)
+                adv, valid = group_advantages(rewards, rl.advantage)
+                metrics.update({f"groups_{k}": v for k, v in advantage_stats(rewards, valid).items()
+                                if k in ("total", "skipped")})
+                metrics["reward_mean"], metrics["reward_std"] = float(rewards.mean()), float(rewards.std())
+                by_episode = {r.episode_id: float(adv.reshape(-1)[i]) for i, r in enumerate(results)}
+                rows, stats = build_rows(results, by_episode, seq_len=rl.seq_len, pad_id=tokenizer.pad_id,
+                                         num_moe_layers=model_cfg.num_moe_layers, top_k=model_cfg.num_experts_per_tok,
+                                         packing=rl.packing)
+                t1 = time.perf_counter()
+                if rows:
+                    state, update_metrics = _update(update_fn, old_fn, state, rest, ref_params, rows, rl, mesh,
+                                                    batch_spec)
+                    metrics.update(update_metrics)
+                    metrics["windows"] = stats.windows
+                    policy.update_params(state["params"])
+                metrics.update(rollout_time_s=t_rollout, update_time_s=time.perf_counter() - t1)
+                metrics_out.write(step + 1, metrics)
+                ckpt.save(step + 1, {"train": state, "rest": rest}, meta={"stage": cfg.stage, "step": step + 1},
+                          force=True)
+        finally:
+            ckpt.close()
+            metrics_out.close()
+    summary = {"stage": cfg.stage, "steps": rl.steps, "timeout_s": agent_cfg.timeout_s}
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return {"summary": summary}
+
+
+def _sampler_for(graphdef, state, rest, mesh):
+    from flax import nnx
+
+    from klong_jax.sampling import Sampler
+    return Sampler(nnx.merge(graphdef, state["params"], rest), None, mesh)
+
+
+def _rollout_metrics(results, rl) -> dict:
+    reasons = [r.finish_reason for r in results]
+    turns = [len(r.turns) for r in results]
+    tokens = [sum(int(t.sampled_ids.shape[0]) for t in r.turns) for r in results]
+    windows = [len(r.windows()) for r in results]
+    out = {"episodes": len(results), "turns_mean": float(np.mean(turns)), "tokens_mean": float(np.mean(tokens)),
+           "windows_per_episode": float(np.mean(windows))}
+    for reason in sorted(set(reasons)):
+        out[f"finish_{reason}_rate"] = reasons.count(reason) / len(reasons)
+    graded = [r.grade for r in results if r.grade]
+    if graded:
+        out["rubric_leaf_pass_rate"] = sum(g["passed"] for g in graded) / max(sum(g["graded"] for g in graded), 1)
+    return out
+
+
+def _update(update_fn, old_fn, state, rest, ref_params, rows, rl, mesh, batch_spec):
+    from jax.sharding import NamedSharding
+    sharding = NamedSharding(mesh, batch_spec)
+    totals, count = {}, 0
+    batches = to_batches(rows, rl.batch_rows)
+    for epoch in range(rl.ppo_epochs):
+        for host_batch in batches:
+            batch = {k: jax.device_put(v, sharding if v.ndim == 2 else NamedSharding(mesh, jax.sharding.PartitionSpec(
+                *batch_spec, None, None))) for k, v in host_batch.items()}
+            if epoch == 0:
+                with_replay, without = old_fn(state["params"], rest, batch)
+                host_batch["old_logprobs"] = np.asarray(with_replay if rl.routing_replay else without)
+                mask = host_batch["rl_mask"] > 0
+                samp = host_batch["sampler_logprobs"]
+                totals.setdefault("mismatch_with_replay", []).append(
+                    float(np.abs(np.asarray(with_replay) - samp)[mask].mean()) if mask.any() else 0.0)
+                totals.setdefault("mismatch_without_replay", []).append(
+                    float(np.abs(np.asarray(without) - samp)[mask].mean()) if mask.any() else 0.0)
+            batch["old_logprobs"] = jax.device_put(host_batch["old_logprobs"], sharding)
+            state, m = update_fn(state, rest, ref_params, batch)
+            for k, v in jax.device_get(m).items():
+                totals.setdefault(k, []).append(float(v))
+            count += 1
+    return state, {k: float(np.mean(v)) for k, v in totals.items()}

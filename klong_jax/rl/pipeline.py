@@ -1,0 +1,74 @@
+"""The whole KLong recipe: trajectory-splitting SFT, then RL stages 1..3 with growing episode timeouts,
+then a held-out evaluation of every checkpoint. Each stage lives in its own sub-workdir; a finished stage
+(summary.json written) is skipped and an unfinished one resumes from its checkpoint, so rerunning the same
+command after an interruption continues where it stopped."""
+import json
+import os
+
+import jax
+import numpy as np
+
+from klong_jax.agent import AgentConfig, evaluate
+from klong_jax.agent.sampler_policy import SamplerPolicy
+from klong_jax.data.chat_template import ChatTemplate
+from klong_jax.data.tokenizer import load_tokenizer
+from klong_jax.models import init_model
+from klong_jax.models.from_config import model_config_from
+from klong_jax.rl.loop import load_tasks, run_rl
+from klong_jax.sharding import make_mesh
+from klong_jax.training.sft import run_sft
+from klong_jax.training.state import load_trained_model
+
+STAGES = ("sft", "rl_stage1", "rl_stage2", "rl_stage3")
+
+
+def run_stage(name, cfg, workdir, data_paths):
+    stage_dir = os.path.join(workdir, name)
+    done = os.path.join(stage_dir, "summary.json")
+    if os.path.exists(done):
+        print(f"[pipeline] {name}: already finished, skipping", flush=True)
+        return
+    print(f"[pipeline] {name}: running in {stage_dir}", flush=True)
+    result = (run_sft if name == "sft" else run_rl)(cfg, stage_dir, data_paths)
+    if jax.process_index() == 0:
+        with open(done, "w") as f:
+            json.dump(result["summary"], f, indent=2)
+
+
+def evaluate_checkpoints(cfg, workdir, data_paths) -> dict:
+    """Held-out mean rubric score of the untrained model and of every stage's final checkpoint."""
+    model_cfg = model_config_from(cfg.sft.model)
+    mesh = make_mesh(dict(cfg.sft.mesh.shape))
+    template = ChatTemplate(load_tokenizer(data_paths["tokenizer"]))
+    tasks = load_tasks(data_paths["heldout_tasks"], cfg.eval.n_tasks)
+    agent_cfg = AgentConfig.from_mapping(cfg.eval.agent, context=cfg.sft.data.pipeline.context)
+    table = {}
+    for name in ("untrained",) + STAGES:
+        with jax.set_mesh(mesh):
+            if name == "untrained":
+                model = init_model(model_cfg, mesh, seed=cfg.sft.seed)
+            else:
+                model, _ = load_trained_model(os.path.join(workdir, name), model_cfg, mesh)
+            policy = SamplerPolicy.from_model(model, mesh, seed=cfg.eval.seed)
+            report, _ = evaluate(tasks, policy, template=template, config=agent_cfg,
+                                 workdir=os.path.join(workdir, "eval", name), n_per_task=cfg.eval.n_per_task,
+                                 tag=f"{name}-", print_fn=None)
+        table[name] = {k: report["summary"][k] for k in report["summary"] if isinstance(report["summary"][k], (int, float))}
+        print(f"[pipeline] held-out {name}: mean score {table[name].get('mean_score', float('nan')):.4f}", flush=True)
+    return table
+
+
+def run_pipeline(cfg, workdir: str, data_paths: dict) -> dict:
+    for name in STAGES:
+        run_stage(name, cfg[name], workdir, data_paths)
+    table = evaluate_checkpoints(cfg, workdir, data_paths)
+    lines = ["| checkpoint | held-out mean score | submit rate | turns | tokens |", "|---|---|---|---|---|"]
+    for name, row in table.items():
+        lines.append(f"| {name} | {row.get('mean_score', np.nan):.4f} | {row.get('submit_rate', np.nan):.2f} | "
+                     f"{row.get('mean_turns', np.nan):.1f} | {row.get('mean_sampled_tokens', np.nan):.0f} |")
+    print("\n".join(lines), flush=True)
+    summary = {"heldout": table}
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return {"summary": summary}
