@@ -45,14 +45,14 @@ def get_config(variant: str = "tiny") -> ConfigDict:
 
     budget = {"tiny": 1024, "small": 8192, "glm45_air": 131072}[variant]
     c.train = ConfigDict(dict(
-        steps=120 if tiny else 2000, global_batch=8 if tiny else 64 if variant == "small" else 256,
-        micro_batches=1, seq_len=budget, log_every=10 if tiny else 50, eval_every=40 if tiny else 500,
+        steps=100 if tiny else 2000, global_batch=4 if tiny else 64 if variant == "small" else 256,
+        micro_batches=1, seq_len=budget, log_every=10 if tiny else 50, eval_every=25 if tiny else 500,
         eval_batches=8, z_loss=0.0, max_nonfinite_steps=5,
         loss_chunk=0 if tiny else 4096))  # tokens per logits chunk (0: whole row)
     c.optimizer = ConfigDict(dict(lr=3e-3 if tiny else 3e-4, warmup_steps=20 if tiny else 200,
                                   final_lr_fraction=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
                                   clip_norm=1.0))
-    c.checkpoint = ConfigDict(dict(every=40 if tiny else 500, keep_last=2, keep_every=0, async_save=True))
+    c.checkpoint = ConfigDict(dict(every=25 if tiny else 500, keep_last=2, keep_every=0, async_save=True))
 
     c.data = ConfigDict()
     # Trajectory JSONL files (comma-separated globs); empty: the embedded task suite below.

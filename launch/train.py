@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/sft.py:tiny")
@@ -35,6 +35,8 @@ def resolve_data(cfg) -> dict:
 
 def main(_):
     cfg = _CONFIG.value
+    if not flags.FLAGS["verbosity"].present:  # library INFO chatter (Orbax, Grain) off unless -v is given
+        logging.set_verbosity(logging.WARNING)
     from klong_jax.runtime import setup_devices
     setup_devices(cfg.cpu_devices)
     import jax

@@ -30,7 +30,8 @@ for case in json.loads(sys.argv[2]):
 
 def _compile(topology):
     assert importlib.util.find_spec("libtpu"), "libtpu is missing: install the [tpu] extra (pyproject.toml)"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+    # Compile-only libtpu users may overlap (another test, launch/plan.py): skip libtpu's process lock.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, ALLOW_MULTIPLE_LIBTPU_LOAD="1")
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run([sys.executable, "-c", SCRIPT, topology, json.dumps(CASES[topology])], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
