@@ -68,23 +68,19 @@ def test_routing_replay_reproduces_logits_and_forces_experts():
     assert not np.allclose(logits_f, logits, atol=1e-4)
 
 
-@pytest.mark.parametrize("policy", ["full", "save_dots", "save_attention_inputs"])
-def test_remat_and_unrolled_layers_give_same_grads(policy):
+def test_remat_policies_and_unrolled_layers_give_same_grads():
+    cfg = CFG.replace(num_hidden_layers=3)
     ids = _ids()
-    base = init_model(CFG)
-    graphdef, params, rest = nnx.split(base, nnx.Param, ...)
+    graphdef, params, rest = nnx.split(init_model(cfg), nnx.Param, ...)
 
-    def loss_for(cfg):
-        gd, _, _ = nnx.split(init_model(cfg), nnx.Param, ...)
+    def grads_for(c):
+        gd, _, _ = nnx.split(init_model(c), nnx.Param, ...)
+        return jax.jit(jax.grad(lambda p: jnp.mean(nnx.merge(gd, p, rest)(ids) ** 2)))(params)
 
-        def loss(p):
-            return jnp.mean(nnx.merge(gd, p, rest)(ids) ** 2)
-        return jax.jit(jax.grad(loss))(params)
-
-    ref = loss_for(CFG)
-    for cfg in (CFG.replace(remat_policy=policy), CFG.replace(scan_layers=False)):
-        got = loss_for(cfg)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), ref, got)
+    ref = grads_for(cfg)
+    variants = [cfg.replace(remat_policy=p) for p in ("full", "save_dots", "save_attention_inputs")]
+    for c in variants + [cfg.replace(scan_layers=False)]:
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), ref, grads_for(c))
 
 
 def test_router_bias_is_not_a_param():
@@ -136,9 +132,10 @@ def test_partial_routing_replay_lets_unknown_tokens_choose():
 @pytest.mark.parametrize("mesh_shape", [None, {"fsdp": 2, "expert": 4}])
 def test_moe_token_chunking_gives_the_same_logits_and_grads(mesh_shape):
     ids = _ids(B=8)
-    base = init_model(CFG, seed=5)
+    cfg = CFG.replace(num_hidden_layers=2)
+    base = init_model(cfg, seed=5)
     graphdef, params, rest = nnx.split(base, nnx.Param, ...)
-    chunked_gd, _, _ = nnx.split(init_model(CFG.replace(moe_token_chunk=4)), nnx.Param, ...)
+    chunked_gd, _, _ = nnx.split(init_model(cfg.replace(moe_token_chunk=4)), nnx.Param, ...)
 
     def grads(gd):
         return jax.jit(jax.value_and_grad(lambda p: jnp.mean(nnx.merge(gd, p, rest)(ids) ** 2)))(params)

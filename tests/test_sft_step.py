@@ -109,4 +109,4 @@ def test_chunked_loss_equals_whole_row_loss_and_grads():
         lambda p: forward_sums(graphdef, p, rest, batch, 0.0, chunk)["loss_sum"]))(state["params"])
     (l0, g0), (l7, g7) = f(0), f(7)   # 7 does not divide 24: the tail chunk is padded
     np.testing.assert_allclose(float(l7), float(l0), rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g7, g0)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g7, g0)  # grads are O(1)
