@@ -20,10 +20,11 @@ _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "emulated CPU devices (0: 
 
 
 def parse_mesh(text: str) -> dict:
+    from klong_jax.sharding.mesh import parse_mesh_spec
     try:
-        return {k: int(v) for k, v in (item.split(":") for item in text.split(",") if item)}
-    except ValueError:
-        raise app.UsageError(f"--mesh={text!r}: expected axis:size[,axis:size...]") from None
+        return parse_mesh_spec(text)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
 
 
 def main(_):

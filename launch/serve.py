@@ -33,10 +33,11 @@ _SEED = flags.DEFINE_integer("seed", 0, "random init seed (--preset) and the sam
 
 
 def parse_mesh(text: str) -> dict:
+    from klong_jax.sharding.mesh import parse_mesh_spec
     try:
-        return {k: int(v) for k, v in (item.split(":") for item in text.split(",") if item)}
-    except ValueError:
-        raise app.UsageError(f"--mesh={text!r}: expected axis:size[,axis:size...]") from None
+        return parse_mesh_spec(text)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
 
 
 def main(_):

@@ -41,3 +41,11 @@ def make_mesh(shape: dict, devices=None) -> Mesh:
         except Exception:  # noqa: BLE001 - fall back to plain ordering on unusual topologies
             pass
     return Mesh(np.asarray(devices).reshape(dims), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def parse_mesh_spec(text: str) -> dict[str, int]:
+    """'fsdp:2,tensor:4' -> {'fsdp': 2, 'tensor': 4}: the --mesh flag of the launchers."""
+    try:
+        return {k: int(v) for k, v in (item.split(":") for item in text.split(",") if item)}
+    except ValueError:
+        raise ValueError(f"--mesh={text!r}: expected axis:size[,axis:size...]") from None
