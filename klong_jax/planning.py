@@ -2,7 +2,6 @@
 allocating anything (shapes from `jax.eval_shape`, shardings from the logical-axis rules)."""
 import math
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AbstractMesh, AxisType

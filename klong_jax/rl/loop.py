@@ -16,7 +16,6 @@ import numpy as np
 from klong_jax.agent import AgentConfig, run_episodes
 from klong_jax.agent.sampler_policy import SamplerPolicy
 from klong_jax.data.chat_template import ChatTemplate
-from klong_jax.data.context import ContextConfig
 from klong_jax.data.tokenizer import load_tokenizer
 from klong_jax.models.from_config import model_config_from
 from klong_jax.rl.advantages import advantage_stats, group_advantages

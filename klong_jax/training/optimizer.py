@@ -1,7 +1,6 @@
 """AdamW with warmup + cosine decay, global-norm clipping, and a weight-decay mask."""
 import jax
 import optax
-from flax import nnx
 
 # Parameters whose path contains one of these get no weight decay: norms and biases (the router bias is
 # not an nnx.Param at all, so the optimizer never sees it).
@@ -32,6 +31,3 @@ def make_optimizer(opt_cfg, total_steps: int) -> optax.GradientTransformation:
                     weight_decay=opt_cfg.weight_decay, mask=decay_mask),
     )
 
-
-def param_filter():
-    return nnx.Param

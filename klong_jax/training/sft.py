@@ -4,7 +4,6 @@ Restart semantics: the same command on the same workdir resumes from the latest 
 (params, optimizer, step, data iterator), so a run killed at any point ends bitwise identical to an
 uninterrupted one. SIGTERM (TPU VM preemption) checkpoints the current step and exits cleanly.
 """
-import json
 import logging
 import os
 import signal
@@ -61,7 +60,7 @@ def global_batch(local: dict, shardings: dict) -> dict:
             for k in shardings}
 
 
-def evaluate(eval_fn, params, rest, cfg, paths, tok_path, local_bs, batch_sh_fn, max_batches):
+def evaluate(eval_fn, params, rest, cfg, paths, tok_path, local_bs, batch_sh, max_batches):
     ds = make_dataset(data_config(cfg, split="eval", paths=paths, tokenizer_path=tok_path, batch_size=local_bs))
     sums = {"loss_sum": 0.0, "correct_sum": 0.0, "tokens": 0.0}
     for i, local in enumerate(ds):
@@ -70,7 +69,7 @@ def evaluate(eval_fn, params, rest, cfg, paths, tok_path, local_bs, batch_sh_fn,
         rows = local["input_ids"].shape[0]
         if rows < local_bs:  # pad the last partial batch with empty rows (no loss tokens)
             local = {k: np.concatenate([v, np.zeros((local_bs - rows,) + v.shape[1:], v.dtype)]) for k, v in local.items()}
-        out = eval_fn(params, rest, global_batch(local, batch_sh_fn(local)))
+        out = eval_fn(params, rest, global_batch(local, batch_sh))
         sums = {k: sums[k] + float(out[k]) for k in sums}
     tokens = max(sums["tokens"], 1.0)
     return {"loss": sums["loss_sum"] / tokens, "accuracy": sums["correct_sum"] / tokens, "tokens": sums["tokens"]}
@@ -198,7 +197,7 @@ def _train_loop(cfg, workdir, data_paths, step_fn, eval_fn, state, rest, data_it
                                    **({"mfu": flops / dt / peak} if flops else {})})
         if step % tcfg.eval_every == 0 or step == tcfg.steps:
             ev = evaluate(eval_fn, state["params"], rest, cfg, data_paths["eval"], data_paths["tokenizer"],
-                          local_bs, lambda _: batch_sh, tcfg.eval_batches)
+                          local_bs, batch_sh, tcfg.eval_batches)
             metrics_out.write(step, ev, prefix="eval")
             summary["eval"] = ev
         if (step % cfg.checkpoint.every == 0 or step == tcfg.steps or preempt.requested) \
