@@ -146,7 +146,9 @@ def main(_):
                              f"model's max_position_embeddings={model.cfg.max_position_embeddings}")
     print(f"eval: {len(tasks)} task(s) x {_N_PER_TASK.value}, {jax.device_count()} "
           f"{jax.default_backend()} device(s), checkpoint {_CHECKPOINT.value}", flush=True)
-    policy = SamplerPolicy.from_model(model, mesh, seed=_SEED.value)
+    concurrent = min(_MAX_CONCURRENT.value, len(tasks) * _N_PER_TASK.value)
+    policy = SamplerPolicy.from_model(model, mesh, seed=_SEED.value,
+                                      **SamplerPolicy.rollout_buckets(config, concurrent))
     evaluate(tasks, policy, template=ChatTemplate(tokenizer), config=config,
              workdir=_WORKDIR.value, n_per_task=_N_PER_TASK.value,
              pool=SandboxPool(max_concurrent=_MAX_CONCURRENT.value), keep_dirs=_KEEP.value,

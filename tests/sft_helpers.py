@@ -25,6 +25,7 @@ def make_data(directory: str) -> dict:
 def overrides(data: dict, **extra) -> list[str]:
     """Command-line overrides that shrink configs/sft.py:tiny to test size."""
     values = {
+        "cpu_devices": 8,  # the tests train on the 8-device mesh (the demo default is 2)
         "model.num_hidden_layers": 2, "model.vocab_size": 512, "model.hidden_size": 64,
         "model.n_routed_experts": 4, "train.seq_len": SEQ, "train.global_batch": 4, "train.steps": 6,
         "train.log_every": 1, "train.eval_every": 3, "train.eval_batches": 2, "checkpoint.every": 2,

@@ -196,3 +196,78 @@ def test_serving_model_from_an_orbax_checkpoint(tmp_path, model):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(ValueError, match="exactly one"):
         load_serving_model(checkpoint=str(tmp_path / "ckpt"), preset_name="tiny")
+
+
+def _judge_rubric():
+    from klong_jax.rubric import parse_rubric
+    return parse_rubric({"id": "root", "requirements": "The method is implemented", "weight": 1,
+                         "task_category": None, "sub_tasks": [
+                             {"id": "loss", "requirements": "train.py implements the loss", "weight": 1,
+                              "sub_tasks": [], "task_category": "Code Development"}]})
+
+
+def _teach_answer(model, prompt, answer, steps=300, lr=3e-3):
+    """Fine-tunes a copy of `model` until greedy decoding of `prompt` gives exactly `answer` (ids)."""
+    import optax
+    model = nnx.clone(model)
+    ids = np.asarray(prompt + answer[:-1], np.int32)[None]
+    targets = np.asarray(prompt[1:] + answer, np.int32)[None]
+    mask = np.zeros(targets.shape, np.float32)
+    mask[0, len(prompt) - 1:] = 1.0
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = optax.adam(lr)
+
+    def loss_and_hits(params):
+        logits = nnx.merge(graphdef, params, rest)(ids).astype(np.float32)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        hits = jax.numpy.sum((logits.argmax(-1) == targets) * mask)
+        return jax.numpy.sum(ce * mask) / mask.sum(), hits
+
+    @jax.jit
+    def step(params, opt_state):
+        (loss, hits), grads = jax.value_and_grad(loss_and_hits, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, hits
+
+    opt_state = tx.init(params)
+    learnt_at = None
+    for i in range(steps):
+        params, opt_state, hits = step(params, opt_state)
+        if learnt_at is None and int(hits) == len(answer):
+            learnt_at = i
+        if learnt_at is not None and i >= learnt_at + 30:  # a margin over the sampler's rounding
+            break
+    assert learnt_at is not None and int(hits) == len(answer), "the answer was not learnt"
+    return params
+
+
+def test_llm_judge_grades_through_the_server(server, tmp_path):
+    """LLMJudge against the real server and sampler: the random model's answers are no verdict (the
+    leaf is invalid, never a silent 0); once the model has learnt to answer `VERDICT: PASS` to this
+    judge prompt, the leaf passes."""
+    from klong_jax.rubric import GradingContext, LLMJudge, grade
+    (tmp_path / "train.py").write_text("def loss(x):\n    return x ** 2\n")
+    context = GradingContext(str(tmp_path), task="Reproduce the paper's loss.")
+    rubric = _judge_rubric()
+    judge = LLMJudge(server.url, "tiny", api_key="unused", max_tokens=32, max_attempts=2, backoff_s=0.01,
+                     timeout_s=120, max_evidence_chars=400).with_ancestors(rubric)
+
+    result = grade(rubric, judge, context)
+    leaf = next(result.leaves())
+    assert result.score == 0.0 and not result.valid and not leaf.valid
+    assert leaf.metadata["attempts"] == 2 and "no strict final verdict" in leaf.explanation
+
+    template = server.engine.template
+    messages, _ = judge.build_messages(rubric.sub_tasks[0], context)
+    prompt = openai_api.prompt_ids(template, [Message(m["role"], m["content"]) for m in messages], [])
+    answer = template.tokenizer.encode("VERDICT: PASS") + [template.stop_ids[0]]
+    original = nnx.state(server.engine.sampler.state, nnx.Param)
+    server.engine.sampler.update_params(_teach_answer(nnx.merge(server.engine.sampler.graphdef,
+                                                                server.engine.sampler.state), prompt, answer))
+    try:
+        result = grade(rubric, judge, context)
+    finally:
+        server.engine.sampler.update_params(original)
+    leaf = next(result.leaves())
+    assert result.score == 1.0 and result.valid and leaf.valid, leaf.explanation
+    assert leaf.metadata["attempts"] == 1 and leaf.metadata["files"] == ["train.py"]

@@ -67,14 +67,20 @@ def run_episodes(tasks: Sequence[Task], policy: Policy, *, n_per_task: int, temp
                  grade: bool = True, keep_dirs: bool = False, return_routing: bool = False,
                  return_prompt_routing: bool = False,
                  on_result: Callable[[EpisodeResult], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> list[EpisodeResult]:
+                 clock: Callable[[], float] = time.monotonic,
+                 timings: dict[str, float] | None = None) -> list[EpisodeResult]:
     """Runs n_per_task episodes of every task; results in (task, group index) order.
 
     Episode ids are `{tag}{task_id}-g{g}`; each runs in `workdir/<episode id>` (which must not hold
     files yet), removed after grading unless keep_dirs. reward is the rubric score of the episode
     as it stands when it ends (partial credit); None when grade is False. return_routing /
     return_prompt_routing: record the routed experts of sampled / prompt tokens (MoE routing
-    replay; see rollout.py)."""
+    replay; see rollout.py). timings: if given, wall seconds of the rollout's phases are added to it:
+    `sampling_s` (the policy), `tools_s` (tool calls), `grading_s` (closing each episode's sandbox and
+    grading it); the phases run one after another, so they add up to the rollout's wall time."""
+    timings = {} if timings is None else timings
+    for phase in ("sampling_s", "tools_s", "grading_s"):
+        timings.setdefault(phase, 0.0)
     if n_per_task < 1:
         raise ValueError(f"n_per_task must be >= 1, got {n_per_task}")
     ids = [t.task_id for t in tasks]
@@ -128,18 +134,24 @@ def run_episodes(tasks: Sequence[Task], policy: Policy, *, n_per_task: int, temp
                     params = generation_params(
                         config, template, max(r.max_new_tokens for r in requests),
                         return_routing=return_routing, return_prompt_routing=return_prompt_routing)
+                    t0 = time.perf_counter()
                     completions = policy.generate([prompt for _, (_, prompt) in asks], params,
                                                   requests=requests)
+                    t1 = time.perf_counter()
+                    timings["sampling_s"] += t1 - t0
                     if len(completions) != len(asks):
                         raise RuntimeError(f"policy returned {len(completions)} completions for "
                                            f"{len(asks)} prompts")
                     list(executor.map(advance, [(item, c) for (item, _), c in zip(asks, completions)]))
+                    timings["tools_s"] += time.perf_counter() - t1
                 done = [item for item in live if item.episode.finished]
                 live = [item for item in live if not item.episode.finished]
+                t0 = time.perf_counter()
                 for result in executor.map(finalize, done):
                     results[result.episode_id] = result
                     if on_result is not None:
                         on_result(result)
+                timings["grading_s"] += time.perf_counter() - t0
         finally:
             for item in live:   # an exception (policy, interrupt): no sandbox is left running
                 item.sandbox_cm.__exit__(None, None, None)

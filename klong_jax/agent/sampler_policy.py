@@ -10,6 +10,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Sequence
 
+from klong_jax.agent.config import AgentConfig
 from klong_jax.agent.policy import GenerationParams, TurnRequest
 from klong_jax.sampling import Sampler, SamplingParams
 
@@ -26,6 +27,19 @@ class SamplerPolicy:
         """The sampler gets no tokenizer: the agent parses ids itself, and a model vocabulary
         padded past the tokenizer's would make the sampler's text decoding fail."""
         return cls(Sampler(model, None, mesh, **sampler_kwargs), seed=seed)
+
+    @staticmethod
+    def rollout_buckets(config: AgentConfig, max_concurrent: int) -> dict:
+        """Sampler shape floors that give a whole rollout one compilation per sampler function.
+
+        Left to itself the sampler buckets each call by its batch, prompt and new-token lengths; in a
+        rollout those change every turn (episodes finish, contexts grow), and each new bucket is a new
+        compilation (seconds to minutes each, more than the tiny model's whole rollout on a CPU). The
+        ContextPolicy bounds every prompt by the budget and every turn by the per-turn cap, so padding
+        to those and to the pool's concurrency costs a fixed amount of compute and compiles once."""
+        per_turn = config.max_new_tokens_per_turn or config.context.budget_tokens
+        return {"min_batch": max_concurrent, "min_prompt_bucket": config.context.budget_tokens,
+                "min_new_bucket": min(per_turn, config.context.budget_tokens)}
 
     def update_params(self, params, **kwargs) -> None:
         self.sampler.update_params(params, **kwargs)

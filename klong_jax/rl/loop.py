@@ -8,6 +8,7 @@ Restart semantics: the same command resumes from the latest checkpoint of this s
 import json
 import logging
 import os
+import shutil
 import time
 
 import jax
@@ -92,17 +93,21 @@ def run_rl(cfg, workdir: str, data_paths: dict) -> dict:
             _, params, rest = split_model(initial_policy_model(cfg, workdir, model_cfg, mesh))
             state, rest, start = new_state(params, tx, state_sh), jax.device_put(rest, rest_sh), 0
         ref_params = jax.tree.map(lambda x: x.copy(), state["params"]) if rl.kl_coef else state["params"]
-        policy = SamplerPolicy(_sampler_for(graphdef, state, rest, mesh), seed=cfg.seed)
+        policy = SamplerPolicy(_sampler_for(graphdef, state, rest, mesh, **SamplerPolicy.rollout_buckets(
+            agent_cfg, min(rl.max_concurrent_episodes, rl.tasks_per_step * rl.group_size))), seed=cfg.seed)
         metrics_out = MetricsWriter(workdir, rl.steps, prefix="rl")
         pool = SandboxPool(max_concurrent=rl.max_concurrent_episodes)
         try:
             for step in range(start, rl.steps):
                 order = np.random.default_rng([cfg.seed, step]).permutation(len(tasks))[:rl.tasks_per_step]
-                t0 = time.perf_counter()
+                t0, phases = time.perf_counter(), {}
+                episodes_dir = os.path.join(workdir, "episodes", f"step{step}")
+                # A step killed before its checkpoint is rolled out again from scratch.
+                shutil.rmtree(episodes_dir, ignore_errors=True)
                 results = run_episodes([tasks[i] for i in order], policy, n_per_task=rl.group_size,
                                        template=template, config=agent_cfg, pool=pool,
-                                       workdir=os.path.join(workdir, "episodes", f"step{step}"), tag=f"s{step}-",
-                                       return_routing=True, return_prompt_routing=True)
+                                       workdir=episodes_dir, tag=f"s{step}-",
+                                       return_routing=True, return_prompt_routing=True, timings=phases)
                 t_rollout = time.perf_counter() - t0
                 metrics = _rollout_metrics(results, rl)
                 rewards = np.array([r.reward or 0.0 for r in results], np.float64).reshape(len(order), rl.group_size)
@@ -121,7 +126,8 @@ def run_rl(cfg, workdir: str, data_paths: dict) -> dict:
                     metrics.update(update_metrics)
                     metrics["windows"] = stats.windows
                     policy.update_params(state["params"])
-                metrics.update(rollout_time_s=t_rollout, update_time_s=time.perf_counter() - t1)
+                metrics.update(rollout_time_s=t_rollout, update_time_s=time.perf_counter() - t1,
+                               **{f"rollout_{k}": v for k, v in phases.items()})
                 metrics_out.write(step + 1, metrics)
                 ckpt.save(step + 1, {"train": state, "rest": rest}, meta={"stage": cfg.stage, "step": step + 1},
                           force=True)
@@ -134,11 +140,11 @@ def run_rl(cfg, workdir: str, data_paths: dict) -> dict:
     return {"summary": summary}
 
 
-def _sampler_for(graphdef, state, rest, mesh):
+def _sampler_for(graphdef, state, rest, mesh, **buckets):
     from flax import nnx
 
     from klong_jax.sampling import Sampler
-    return Sampler(nnx.merge(graphdef, state["params"], rest), None, mesh)
+    return Sampler(nnx.merge(graphdef, state["params"], rest), None, mesh, **buckets)
 
 
 def _rollout_metrics(results, rl) -> dict:

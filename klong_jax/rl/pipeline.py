@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 from klong_jax.agent import AgentConfig, evaluate
+from klong_jax.agent.evaluate import SUMMARY_FILE
 from klong_jax.agent.sampler_policy import SamplerPolicy
 from klong_jax.data.chat_template import ChatTemplate
 from klong_jax.data.tokenizer import load_tokenizer
@@ -20,6 +21,7 @@ from klong_jax.training.sft import run_sft
 from klong_jax.training.state import load_trained_model
 
 STAGES = ("sft", "rl_stage1", "rl_stage2", "rl_stage3")
+EVAL_CONCURRENCY = 8   # held-out episodes run (and sampled) together
 
 
 def run_stage(name, cfg, workdir, data_paths):
@@ -44,18 +46,35 @@ def evaluate_checkpoints(cfg, workdir, data_paths) -> dict:
     agent_cfg = AgentConfig.from_mapping(cfg.eval.agent, context=cfg.sft.data.pipeline.context)
     table = {}
     for name in ("untrained",) + STAGES:
+        eval_dir = os.path.join(workdir, "eval", name)
+        done = os.path.join(eval_dir, SUMMARY_FILE)
+        stage_done = os.path.join(workdir, name, "summary.json")
+        if os.path.exists(done) and not (os.path.exists(stage_done) and
+                                         os.path.getmtime(stage_done) > os.path.getmtime(done)):
+            # Evaluated before an interruption, and the stage has not been run again since.
+            with open(done) as f:
+                report = json.load(f)
+            table[name] = _numbers(report["summary"])
+            print(f"[pipeline] held-out {name}: mean score {table[name].get('mean_score', float('nan')):.4f} "
+                  f"(evaluated before, {done})", flush=True)
+            continue
         with jax.set_mesh(mesh):
             if name == "untrained":
                 model = init_model(model_cfg, mesh, seed=cfg.sft.seed)
             else:
                 model, _ = load_trained_model(os.path.join(workdir, name), model_cfg, mesh)
-            policy = SamplerPolicy.from_model(model, mesh, seed=cfg.eval.seed)
+            policy = SamplerPolicy.from_model(model, mesh, seed=cfg.eval.seed, **SamplerPolicy.rollout_buckets(
+                agent_cfg, min(EVAL_CONCURRENCY, len(tasks) * cfg.eval.n_per_task)))
             report, _ = evaluate(tasks, policy, template=template, config=agent_cfg,
-                                 workdir=os.path.join(workdir, "eval", name), n_per_task=cfg.eval.n_per_task,
-                                 tag=f"{name}-", print_fn=None)
-        table[name] = {k: report["summary"][k] for k in report["summary"] if isinstance(report["summary"][k], (int, float))}
+                                 workdir=eval_dir, n_per_task=cfg.eval.n_per_task, tag=f"{name}-", print_fn=None,
+                                 max_concurrent=EVAL_CONCURRENCY)
+        table[name] = _numbers(report["summary"])
         print(f"[pipeline] held-out {name}: mean score {table[name].get('mean_score', float('nan')):.4f}", flush=True)
     return table
+
+
+def _numbers(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if isinstance(v, (int, float))}
 
 
 def run_pipeline(cfg, workdir: str, data_paths: dict) -> dict:

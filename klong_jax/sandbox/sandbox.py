@@ -294,9 +294,11 @@ class Sandbox:
             tasks >= self.limits.max_processes - 1 else 0
         if self._saturated_samples >= _SATURATED_SAMPLES:
             self._saturated_samples = 0
-            self.kill_all()
+            # The note goes in before the kill: a command that the kill ends collects its notes as soon
+            # as its output closes, which can be before kill_all() returns.
             with self._lock:
                 self._pending_notes.append(_process_limit_note(self.limits.max_processes))
+            self.kill_all()
 
     def _take_pending_notes(self) -> list[str]:
         with self._lock:

@@ -19,6 +19,12 @@ from klong_jax.training.step import batch_shardings, jit_train_step, state_shard
 from klong_jax.training.checkpoint import abstract_with_shardings
 
 GIB = 2 ** 30
+# HBM per chip in GiB (what the TPU compiler reports as available, rounded down).
+HBM_GIB = {"v4": 31.0, "v5e": 15.0, "v5litepod": 15.0, "v5p": 95.0, "v6e": 31.0}
+
+
+def hbm_gib(topology: str) -> float | None:
+    return HBM_GIB.get(topology.split(":")[0])
 
 
 def topology_mesh(topology: str, mesh_shape: dict) -> Mesh:
@@ -54,7 +60,7 @@ def compile_train_step(cfg, topology: str) -> dict:
                 raise
             return {"topology": topology, "devices": mesh.devices.size, "mesh": dict(zip(MESH_AXES, mesh.devices.shape)),
                     "seq_len": tcfg.seq_len, "global_batch": tcfg.global_batch, "remat_policy": model_cfg.remat_policy,
-                    "attention_impl": model_cfg.attention_impl, "fits": False,
+                    "attention_impl": model_cfg.attention_impl, "compiled": False, "fits": False,
                     "temporaries_gib_required": float(match.group(1)), "hbm_gib": float(match.group(2))}
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -69,6 +75,10 @@ def compile_train_step(cfg, topology: str) -> dict:
         "topology": topology, "devices": mesh.devices.size, "mesh": dict(zip(MESH_AXES, mesh.devices.shape)),
         "seq_len": tcfg.seq_len, "global_batch": tcfg.global_batch, "micro_batches": tcfg.micro_batches,
         "remat_policy": model_cfg.remat_policy, "attention_impl": model_cfg.attention_impl,
-        "fits": True, "per_device": {**per_device, "peak_bytes": peak, "peak_gib": round(peak / GIB, 2)},
+        # The compiler accepted the program; whether its peak fits HBM is judged here too (a program whose
+        # arguments plus temporaries exceed HBM has been seen to compile).
+        "compiled": True, "hbm_gib": hbm_gib(topology),
+        "fits": hbm_gib(topology) is None or peak / GIB <= hbm_gib(topology),
+        "per_device": {**per_device, "peak_bytes": peak, "peak_gib": round(peak / GIB, 2)},
         "flops_per_device": float(cost.get("flops", 0.0)) if cost else None,
     }

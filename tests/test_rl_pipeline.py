@@ -1,0 +1,66 @@
+"""The KLong pipeline (SFT, RL stages 1-3, held-out evaluation) killed with SIGKILL in the middle of RL
+stage 1 and rerun with the same command: finished stages are skipped, the interrupted stage resumes from
+its last checkpoint, and the later stages start from the previous stage's final weights."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pipeline_cmd(workdir):
+    values = {
+        "sft.model.num_hidden_layers": 2, "sft.model.hidden_size": 64, "sft.model.n_routed_experts": 4,
+        "sft.model.vocab_size": 640, "sft.data.embedded.vocab_size": 600, "sft.data.embedded.n_train": 2,
+        "sft.data.embedded.n_heldout": 1, "sft.data.embedded.length": 4, "sft.train.steps": 2,
+        "sft.train.global_batch": 2, "sft.train.eval_every": 2, "sft.train.eval_batches": 1,
+        "sft.train.log_every": 1, "sft.checkpoint.every": 2, "sft.checkpoint.async_save": False,
+        "eval.n_tasks": 1, "eval.agent.max_turns": 2, "eval.agent.max_new_tokens_per_turn": 12,
+    }
+    for stage in (1, 2, 3):
+        values.update({f"rl_stage{stage}.rl.steps": 2 if stage == 1 else 1,
+                       f"rl_stage{stage}.rl.tasks_per_step": 1, f"rl_stage{stage}.rl.group_size": 2,
+                       f"rl_stage{stage}.rl.ppo_epochs": 1, f"rl_stage{stage}.rl.batch_rows": 2,
+                       f"rl_stage{stage}.agent.max_turns": 2,
+                       f"rl_stage{stage}.agent.max_new_tokens_per_turn": 12})
+    return [sys.executable, os.path.join(ROOT, "launch", "train.py"), "--config=configs/klong.py:tiny",
+            f"--workdir={workdir}", *[f"--config.{k}={v}" for k, v in values.items()]]
+
+
+def test_pipeline_resumes_after_sigkill(tmp_path):
+    workdir = tmp_path / "klong"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "KLONG_CACHE": str(tmp_path / "cache")}
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(pipeline_cmd(workdir), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    stage1_ckpt = workdir / "rl_stage1" / "checkpoints" / "1"
+    deadline = time.monotonic() + 600
+    while not stage1_ckpt.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    log.close()
+    first_out = (tmp_path / "first.log").read_text()
+    assert stage1_ckpt.exists(), first_out[-3000:]
+    assert (workdir / "sft" / "summary.json").exists() and not (workdir / "rl_stage1" / "summary.json").exists()
+
+    second = subprocess.run(pipeline_cmd(workdir), cwd=ROOT, env=env, capture_output=True, text=True)
+    out = second.stdout
+    assert second.returncode == 0, out[-3000:] + second.stderr[-5000:]
+    assert "[pipeline] sft: already finished, skipping" in out
+    assert "stage 1: resumed from step 1" in out
+    assert f"stage 2: starting from {workdir / 'rl_stage1'} (step 2)" in out
+    assert f"stage 3: starting from {workdir / 'rl_stage2'} (step 1)" in out
+    results = json.loads((workdir / "results.json").read_text())
+    assert list(results["heldout"]) == ["untrained", "sft", "rl_stage1", "rl_stage2", "rl_stage3"]
+    assert all(0.0 <= row["mean_score"] <= 1.0 for row in results["heldout"].values())
+
+    # A third run finds every stage and every evaluation done.
+    third = subprocess.run(pipeline_cmd(workdir), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert all(f"[pipeline] {s}: already finished, skipping" in third.stdout
+               for s in ("sft", "rl_stage1", "rl_stage2", "rl_stage3"))
+    assert third.stdout.count("(evaluated before,") == 5
+    assert json.loads((workdir / "results.json").read_text()) == results
