@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from ml_collections import ConfigDict
 
 from klong_jax.agent import AgentConfig, run_episodes
@@ -19,7 +18,7 @@ from klong_jax.sandbox import SandboxPool
 from klong_jax.sharding import make_mesh
 from klong_jax.tasks import load_task
 from klong_jax.training.embedded_data import prepare_embedded
-from klong_jax.training.optimizer import learning_rate_schedule, make_optimizer
+from klong_jax.training.optimizer import learning_rate_schedule
 from klong_jax.training.state import split_model
 
 SEQ = 1024
@@ -92,3 +91,29 @@ def test_rl_update_on_mesh_equals_single_device(rollout):
                  mesh_state["params"], single_state["params"])
     moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), single_state["params"], params)
     assert max(jax.tree.leaves(moved)) > 0
+
+
+def test_clipping_reference_is_the_rollout_policy_for_every_batch(rollout):
+    """update_policy over several batches: every batch's old log-probs (the clipping reference) are the
+    rollout policy's, so they match the sampler's even for batches that come after an update."""
+    from klong_jax.rl.loop import update_policy
+    from klong_jax.rl.step import jit_rl_fns
+    from klong_jax.sharding import logical_to_spec
+    from klong_jax.training.optimizer import make_optimizer
+    from klong_jax.training.state import abstract_layout, new_state
+    from klong_jax.training.step import state_shardings
+    model, cfg, rows, _ = rollout
+    assert len(rows) >= 2
+    rl = ConfigDict({**RL.to_dict(), "batch_rows": 1, "ppo_epochs": 1, "seq_len": SEQ})
+    mesh = make_mesh({"fsdp": 1}, devices=jax.devices()[:1])
+    tx = make_optimizer(OPT, 10)
+    graphdef, abs_params, _, param_sh, rest_sh = abstract_layout(cfg, mesh)
+    state_sh = state_shardings(tx, param_sh, abs_params, mesh)
+    update_fn, old_fn = jit_rl_fns(graphdef, tx, rl, learning_rate_schedule(OPT, 10), state_sh, rest_sh, mesh)
+    _, params, rest = split_model(model)
+    with jax.set_mesh(mesh):
+        state = new_state(jax.tree.map(jnp.copy, params), tx, state_sh)
+        state, metrics = update_policy(update_fn, old_fn, state, jax.device_put(rest, rest_sh), state["params"],
+                                       rows, rl, mesh, logical_to_spec(("batch", "seq"), (1, SEQ), mesh))
+    assert metrics["mismatch_with_replay"] < 1e-4, metrics
+    assert metrics["grad_norm"] > 0

@@ -5,6 +5,7 @@ into the windows they were generated in, update, and hand the new weights to the
 Restart semantics: the same command resumes from the latest checkpoint of this stage; a finished stage
 (summary.json present) is not run again by the pipeline.
 """
+import dataclasses
 import json
 import logging
 import os
@@ -63,38 +64,75 @@ def initial_policy_model(cfg, workdir, model_cfg, mesh):
     return initial_model(model_cfg, mesh, init_from=source, seed=cfg.seed)
 
 
-def run_rl(cfg, workdir: str, data_paths: dict) -> dict:
-    os.makedirs(workdir, exist_ok=True)
+@dataclasses.dataclass
+class StageSetup:
+    """What one RL stage is built from: the tokenizer and tasks, the agent config, the optimizer and the
+    jit'd update / old-log-prob functions with their shardings."""
+    model_cfg: object
+    mesh: object
+    tokenizer: object
+    template: ChatTemplate
+    tasks: list
+    agent_cfg: AgentConfig
+    tx: object
+    graphdef: object
+    abs_params: object
+    abs_rest: object
+    state_sh: object
+    rest_sh: object
+    update_fn: object
+    old_fn: object
+    batch_spec: object
+
+    def initial_state(self, cfg, workdir):
+        """(state, rest) at the start of the stage: init_from's weights and a fresh optimizer."""
+        _, params, rest = split_model(initial_policy_model(cfg, workdir, self.model_cfg, self.mesh))
+        return new_state(params, self.tx, self.state_sh), jax.device_put(rest, self.rest_sh)
+
+    def policy(self, cfg, state, rest) -> SamplerPolicy:
+        rl = cfg.rl
+        return SamplerPolicy(_sampler_for(self.graphdef, state, rest, self.mesh, **SamplerPolicy.rollout_buckets(
+            self.agent_cfg, min(rl.max_concurrent_episodes, rl.tasks_per_step * rl.group_size))), seed=cfg.seed)
+
+
+def setup_stage(cfg, data_paths: dict) -> StageSetup:
     rl = cfg.rl
     model_cfg = model_config_from(cfg.model)
     mesh = make_mesh(dict(cfg.mesh.shape))
     tokenizer = load_tokenizer(data_paths["tokenizer"])
-    template = ChatTemplate(tokenizer)
-    tasks = load_tasks(data_paths["train_tasks"])
-    agent_cfg = agent_config(cfg)
-
     tx = make_optimizer(cfg.optimizer, rl.steps)
     lr_schedule = learning_rate_schedule(cfg.optimizer, rl.steps)
     graphdef, abs_params, abs_rest, param_sh, rest_sh = abstract_layout(model_cfg, mesh)
     state_sh = state_shardings(tx, param_sh, abs_params, mesh)
     update_fn, old_fn = jit_rl_fns(graphdef, tx, rl, lr_schedule, state_sh, rest_sh, mesh)
-    batch_spec = logical_to_spec(("batch", "seq"), (rl.batch_rows, rl.seq_len), mesh)
+    return StageSetup(model_cfg=model_cfg, mesh=mesh, tokenizer=tokenizer, template=ChatTemplate(tokenizer),
+                      tasks=load_tasks(data_paths["train_tasks"]), agent_cfg=agent_config(cfg), tx=tx,
+                      graphdef=graphdef, abs_params=abs_params, abs_rest=abs_rest, state_sh=state_sh,
+                      rest_sh=rest_sh, update_fn=update_fn, old_fn=old_fn,
+                      batch_spec=logical_to_spec(("batch", "seq"), (rl.batch_rows, rl.seq_len), mesh))
+
+
+def run_rl(cfg, workdir: str, data_paths: dict) -> dict:
+    os.makedirs(workdir, exist_ok=True)
+    rl = cfg.rl
+    st = setup_stage(cfg, data_paths)
+    model_cfg, mesh, tokenizer, template, tasks, agent_cfg = (st.model_cfg, st.mesh, st.tokenizer, st.template,
+                                                              st.tasks, st.agent_cfg)
+    update_fn, old_fn, batch_spec = st.update_fn, st.old_fn, st.batch_spec
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep_last=2, async_save=False)
     start = ckpt.latest_step()
     with jax.set_mesh(mesh):
         if start is not None:
-            target = {"train": abstract_state(abs_params, tx, state_sh),
-                      "rest": abstract_with_shardings(abs_rest, rest_sh)}
+            target = {"train": abstract_state(st.abs_params, st.tx, st.state_sh),
+                      "rest": abstract_with_shardings(st.abs_rest, st.rest_sh)}
             restored, _ = ckpt.restore(start, target)
             state, rest = restored["train"], restored["rest"]
             print(f"stage {cfg.stage}: resumed from step {start}", flush=True)
         else:
-            _, params, rest = split_model(initial_policy_model(cfg, workdir, model_cfg, mesh))
-            state, rest, start = new_state(params, tx, state_sh), jax.device_put(rest, rest_sh), 0
+            (state, rest), start = st.initial_state(cfg, workdir), 0
         ref_params = jax.tree.map(lambda x: x.copy(), state["params"]) if rl.kl_coef else state["params"]
-        policy = SamplerPolicy(_sampler_for(graphdef, state, rest, mesh, **SamplerPolicy.rollout_buckets(
-            agent_cfg, min(rl.max_concurrent_episodes, rl.tasks_per_step * rl.group_size))), seed=cfg.seed)
+        policy = st.policy(cfg, state, rest)
         metrics_out = MetricsWriter(workdir, rl.steps, prefix="rl")
         pool = SandboxPool(max_concurrent=rl.max_concurrent_episodes)
         try:
@@ -121,8 +159,8 @@ def run_rl(cfg, workdir: str, data_paths: dict) -> dict:
                                          packing=rl.packing)
                 t1 = time.perf_counter()
                 if rows:
-                    state, update_metrics = _update(update_fn, old_fn, state, rest, ref_params, rows, rl, mesh,
-                                                    batch_spec)
+                    state, update_metrics = update_policy(update_fn, old_fn, state, rest, ref_params, rows, rl,
+                                                          mesh, batch_spec)
                     metrics.update(update_metrics)
                     metrics["windows"] = stats.windows
                     policy.update_params(state["params"])
@@ -162,27 +200,32 @@ def _rollout_metrics(results, rl) -> dict:
     return out
 
 
-def _update(update_fn, old_fn, state, rest, ref_params, rows, rl, mesh, batch_spec):
-    from jax.sharding import NamedSharding
+def update_policy(update_fn, old_fn, state, rest, ref_params, rows, rl, mesh, batch_spec):
+    """ppo_epochs passes over the packed rows; returns the new state and the mean update metrics.
+
+    The trainer's log-probs of the rollout policy ("old", the clipping reference) are computed for every
+    batch before the first update: computed batch by batch between updates they would already be those of
+    a partly updated policy."""
+    from jax.sharding import NamedSharding, PartitionSpec
     sharding = NamedSharding(mesh, batch_spec)
-    totals, count = {}, 0
+    routed_sharding = NamedSharding(mesh, PartitionSpec(*batch_spec, None, None))
+
+    def put(host_batch):
+        return {k: jax.device_put(v, sharding if v.ndim == 2 else routed_sharding) for k, v in host_batch.items()}
+
+    totals = {}
     batches = to_batches(rows, rl.batch_rows)
-    for epoch in range(rl.ppo_epochs):
+    for host_batch in batches:
+        with_replay, without = old_fn(state["params"], rest, put(host_batch))
+        host_batch["old_logprobs"] = np.asarray(with_replay if rl.routing_replay else without)
+        mask = host_batch["rl_mask"] > 0
+        samp = host_batch["sampler_logprobs"]
+        for name, logprobs in (("mismatch_with_replay", with_replay), ("mismatch_without_replay", without)):
+            totals.setdefault(name, []).append(
+                float(np.abs(np.asarray(logprobs) - samp)[mask].mean()) if mask.any() else 0.0)
+    for _ in range(rl.ppo_epochs):
         for host_batch in batches:
-            batch = {k: jax.device_put(v, sharding if v.ndim == 2 else NamedSharding(mesh, jax.sharding.PartitionSpec(
-                *batch_spec, None, None))) for k, v in host_batch.items()}
-            if epoch == 0:
-                with_replay, without = old_fn(state["params"], rest, batch)
-                host_batch["old_logprobs"] = np.asarray(with_replay if rl.routing_replay else without)
-                mask = host_batch["rl_mask"] > 0
-                samp = host_batch["sampler_logprobs"]
-                totals.setdefault("mismatch_with_replay", []).append(
-                    float(np.abs(np.asarray(with_replay) - samp)[mask].mean()) if mask.any() else 0.0)
-                totals.setdefault("mismatch_without_replay", []).append(
-                    float(np.abs(np.asarray(without) - samp)[mask].mean()) if mask.any() else 0.0)
-            batch["old_logprobs"] = jax.device_put(host_batch["old_logprobs"], sharding)
-            state, m = update_fn(state, rest, ref_params, batch)
+            state, m = update_fn(state, rest, ref_params, put(host_batch))
             for k, v in jax.device_get(m).items():
                 totals.setdefault(k, []).append(float(v))
-            count += 1
     return state, {k: float(np.mean(v)) for k, v in totals.items()}
