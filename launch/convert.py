@@ -11,20 +11,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
 
+from launch.cli import parse_mesh_flag  # noqa: E402
+
 _DIRECTION = flags.DEFINE_enum("direction", None, ["hf_to_orbax", "orbax_to_hf"], "which way")
 _SRC = flags.DEFINE_string("src", None, "source directory")
 _DST = flags.DEFINE_string("dst", None, "destination directory")
 _MESH = flags.DEFINE_string("mesh", "fsdp:-1", "mesh as axis:size,... over all devices")
 _DTYPE = flags.DEFINE_string("dtype", None, "HF output dtype (default: the parameter dtype)")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "emulated CPU devices (0: leave as is)")
-
-
-def parse_mesh(text: str) -> dict:
-    from klong_jax.sharding.mesh import parse_mesh_spec
-    try:
-        return parse_mesh_spec(text)
-    except ValueError as e:
-        raise app.UsageError(str(e)) from None
 
 
 def main(_):
@@ -34,7 +28,7 @@ def main(_):
     from klong_jax.model_checkpoint import load_model, save_model
     from klong_jax.sharding import make_mesh
 
-    mesh = make_mesh(parse_mesh(_MESH.value))
+    mesh = make_mesh(parse_mesh_flag(_MESH.value))
     t0 = time.time()
     if _DIRECTION.value == "hf_to_orbax":
         model = load_pretrained(_SRC.value, mesh=mesh)

@@ -15,6 +15,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 
+from launch.cli import parse_mesh_flag  # noqa: E402
+
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Orbax model checkpoint directory (model_checkpoint.save_model)")
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face Glm4MoeForCausalLM directory")
 _PRESET = flags.DEFINE_string("preset", None, "random init of a model preset (tiny, small, glm45_air)")
@@ -32,14 +34,6 @@ _DECODE_CHUNK = flags.DEFINE_integer("decode_chunk", 32, "decode steps between h
 _SEED = flags.DEFINE_integer("seed", 0, "random init seed (--preset) and the sampler's seed source")
 
 
-def parse_mesh(text: str) -> dict:
-    from klong_jax.sharding.mesh import parse_mesh_spec
-    try:
-        return parse_mesh_spec(text)
-    except ValueError as e:
-        raise app.UsageError(str(e)) from None
-
-
 def main(_):
     from klong_jax.runtime import setup_devices
     setup_devices(_CPU_DEVICES.value)
@@ -54,7 +48,7 @@ def main(_):
         overrides = json.loads(_MODEL_OVERRIDES.value)
     except json.JSONDecodeError as e:
         raise app.UsageError(f"--model_overrides is not JSON: {e}") from None
-    mesh = make_mesh(parse_mesh(_MESH.value))
+    mesh = make_mesh(parse_mesh_flag(_MESH.value))
     try:
         tokenizer = resolve_tokenizer(_TOKENIZER.value, _HF_DIR.value)
         model = load_serving_model(checkpoint=_CHECKPOINT.value, hf_dir=_HF_DIR.value, preset_name=_PRESET.value,

@@ -9,6 +9,7 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from klong_jax.config_mapping import known_items
 from klong_jax.data.context import ContextConfig
 
 
@@ -59,11 +60,7 @@ class AgentConfig:
             raise ValueError("agent config: no context section (budget_tokens, reserve_tokens, ...)")
         if not isinstance(ctx, ContextConfig):
             ctx = ContextConfig.from_mapping(ctx)
-        names = {f.name for f in dataclasses.fields(cls)} - {"context"}
-        unknown = sorted(set(items) - names)
-        if unknown:
-            raise ValueError(f"unknown agent config key(s) {unknown}; known: {sorted(names)}")
-        return cls(context=ctx, **items)
+        return cls(context=ctx, **known_items(items, cls, "agent", exclude=("context",)))
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from klong_jax.config_mapping import known_items
 from klong_jax.data.chat_template import ASSISTANT, ROLE_CODES, ChatTemplate
 from klong_jax.data.trajectory import Message, split_turns
 
@@ -70,12 +71,7 @@ class ContextConfig:
     @classmethod
     def from_mapping(cls, config: Mapping) -> ContextConfig:
         """From a dict or ml_collections.ConfigDict; unknown keys are an error."""
-        items = dict(config.items())
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(items) - names)
-        if unknown:
-            raise ValueError(f"unknown context config key(s) {unknown}; known: {sorted(names)}")
-        return cls(**items)
+        return cls(**known_items(config, cls, "context"))
 
 
 @dataclass(frozen=True)

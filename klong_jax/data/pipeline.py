@@ -15,13 +15,13 @@ each one and counts it (`skipped` in the packer state, per worker).
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import grain
 
+from klong_jax.config_mapping import known_items
 from klong_jax.data.chat_template import ChatTemplate
 from klong_jax.data.context import ContextConfig, ContextOverflow, ContextPolicy
 from klong_jax.data.packing import PACK_MODES, PackStats, make_docs, pack_docs
@@ -74,11 +74,7 @@ class DataConfig:
     @classmethod
     def from_mapping(cls, config: Mapping) -> DataConfig:
         """From a dict or ml_collections.ConfigDict (`context` a nested mapping)."""
-        items = dict(config.items())
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(items) - names)
-        if unknown:
-            raise ValueError(f"unknown data config key(s) {unknown}; known: {sorted(names)}")
+        items = known_items(config, cls, "data")
         if "context" not in items:
             raise ValueError("the data config needs a 'context' (ContextConfig fields)")
         if not isinstance(items["context"], ContextConfig):
