@@ -14,6 +14,7 @@ import time
 
 import jax
 import numpy as np
+from flax import nnx
 
 from klong_jax.agent import AgentConfig, run_episodes
 from klong_jax.agent.sampler_policy import SamplerPolicy
@@ -91,8 +92,10 @@ class StageSetup:
 
     def policy(self, cfg, state, rest) -> SamplerPolicy:
         rl = cfg.rl
-        return SamplerPolicy(_sampler_for(self.graphdef, state, rest, self.mesh, **SamplerPolicy.rollout_buckets(
-            self.agent_cfg, min(rl.max_concurrent_episodes, rl.tasks_per_step * rl.group_size))), seed=cfg.seed)
+        buckets = SamplerPolicy.rollout_buckets(self.agent_cfg,
+                                                min(rl.max_concurrent_episodes, rl.tasks_per_step * rl.group_size))
+        return SamplerPolicy.from_model(nnx.merge(self.graphdef, state["params"], rest), self.mesh, seed=cfg.seed,
+                                        **buckets)
 
 
 def setup_stage(cfg, data_paths: dict) -> StageSetup:
@@ -116,13 +119,10 @@ def run_rl(cfg, workdir: str, data_paths: dict) -> dict:
     os.makedirs(workdir, exist_ok=True)
     rl = cfg.rl
     st = setup_stage(cfg, data_paths)
-    model_cfg, mesh, tokenizer, template, tasks, agent_cfg = (st.model_cfg, st.mesh, st.tokenizer, st.template,
-                                                              st.tasks, st.agent_cfg)
-    update_fn, old_fn, batch_spec = st.update_fn, st.old_fn, st.batch_spec
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep_last=2, async_save=False)
     start = ckpt.latest_step()
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(st.mesh):
         if start is not None:
             target = {"train": abstract_state(st.abs_params, st.tx, st.state_sh),
                       "rest": abstract_with_shardings(st.abs_rest, st.rest_sh)}
@@ -137,13 +137,13 @@ def run_rl(cfg, workdir: str, data_paths: dict) -> dict:
         pool = SandboxPool(max_concurrent=rl.max_concurrent_episodes)
         try:
             for step in range(start, rl.steps):
-                order = np.random.default_rng([cfg.seed, step]).permutation(len(tasks))[:rl.tasks_per_step]
+                order = np.random.default_rng([cfg.seed, step]).permutation(len(st.tasks))[:rl.tasks_per_step]
                 t0, phases = time.perf_counter(), {}
                 episodes_dir = os.path.join(workdir, "episodes", f"step{step}")
                 # A step killed before its checkpoint is rolled out again from scratch.
                 shutil.rmtree(episodes_dir, ignore_errors=True)
-                results = run_episodes([tasks[i] for i in order], policy, n_per_task=rl.group_size,
-                                       template=template, config=agent_cfg, pool=pool,
+                results = run_episodes([st.tasks[i] for i in order], policy, n_per_task=rl.group_size,
+                                       template=st.template, config=st.agent_cfg, pool=pool,
                                        workdir=episodes_dir, tag=f"s{step}-",
                                        return_routing=True, return_prompt_routing=True, timings=phases)
                 t_rollout = time.perf_counter() - t0
@@ -154,13 +154,13 @@ def run_rl(cfg, workdir: str, data_paths: dict) -> dict:
                                 if k in ("total", "skipped")})
                 metrics["reward_mean"], metrics["reward_std"] = float(rewards.mean()), float(rewards.std())
                 by_episode = {r.episode_id: float(adv.reshape(-1)[i]) for i, r in enumerate(results)}
-                rows, stats = build_rows(results, by_episode, seq_len=rl.seq_len, pad_id=tokenizer.pad_id,
-                                         num_moe_layers=model_cfg.num_moe_layers, top_k=model_cfg.num_experts_per_tok,
-                                         packing=rl.packing)
+                rows, stats = build_rows(results, by_episode, seq_len=rl.seq_len, pad_id=st.tokenizer.pad_id,
+                                         num_moe_layers=st.model_cfg.num_moe_layers,
+                                         top_k=st.model_cfg.num_experts_per_tok, packing=rl.packing)
                 t1 = time.perf_counter()
                 if rows:
-                    state, update_metrics = update_policy(update_fn, old_fn, state, rest, ref_params, rows, rl,
-                                                          mesh, batch_spec)
+                    state, update_metrics = update_policy(st.update_fn, st.old_fn, state, rest, ref_params, rows, rl,
+                                                          st.mesh, st.batch_spec)
                     metrics.update(update_metrics)
                     metrics["windows"] = stats.windows
                     policy.update_params(state["params"])
@@ -172,17 +172,10 @@ def run_rl(cfg, workdir: str, data_paths: dict) -> dict:
         finally:
             ckpt.close()
             metrics_out.close()
-    summary = {"stage": cfg.stage, "steps": rl.steps, "timeout_s": agent_cfg.timeout_s}
+    summary = {"stage": cfg.stage, "steps": rl.steps, "timeout_s": st.agent_cfg.timeout_s}
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return {"summary": summary}
-
-
-def _sampler_for(graphdef, state, rest, mesh, **buckets):
-    from flax import nnx
-
-    from klong_jax.sampling import Sampler
-    return Sampler(nnx.merge(graphdef, state["params"], rest), None, mesh, **buckets)
 
 
 def _rollout_metrics(results, rl) -> dict:
