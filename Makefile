@@ -14,7 +14,7 @@ HFREF ?= .venv-hfref
 PY311 := $(shell for c in python3.11 $$HOME/.pyenv/versions/3.11*/bin/python3.11 /usr/bin/python3.11; do \
 	  if $$c -c 'import sys; assert sys.version_info[:2]==(3,11)' >/dev/null 2>&1; then echo $$c; break; fi; done)
 
-.PHONY: venv hfref demo klong test test-all clean
+.PHONY: venv hfref demo sft klong test test-all clean
 $(VENV)/.installed: pyproject.toml requirements/lock.txt
 	@test -n "$(PY312)" || { echo "python3.12 not found (needed by jax 0.11+)"; exit 1; }
 	$(PY312) -m venv $(VENV)
@@ -32,11 +32,15 @@ $(HFREF)/.installed:
 
 hfref: $(HFREF)/.installed
 
+# The main job: the whole KLong recipe (SFT, RL stages 1-3, held-out evaluation) on the tiny model, CPU.
 demo: venv
-	JAX_PLATFORMS=cpu $(PY) launch/train.py --config=configs/sft.py:tiny --workdir=$${WORKDIR:-/tmp/klong_demo}
+	JAX_PLATFORMS=cpu $(PY) launch/train.py --config=configs/klong.py:tiny --workdir=$${WORKDIR:-/tmp/klong_demo}
 
-klong: venv
-	JAX_PLATFORMS=cpu $(PY) launch/train.py --config=configs/klong.py:tiny --workdir=$${WORKDIR:-/tmp/klong_recipe}
+klong: demo
+
+# Trajectory-splitting SFT alone.
+sft: venv
+	JAX_PLATFORMS=cpu $(PY) launch/train.py --config=configs/sft.py:tiny --workdir=$${WORKDIR:-/tmp/klong_sft}
 
 test: venv hfref
 	KLONG_HF_PYTHON=$(HFREF)/bin/python JAX_PLATFORMS=cpu $(PY) -m pytest tests -m "not slow"

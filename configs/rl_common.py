@@ -6,7 +6,9 @@ from configs.sft import get_config as sft_config
 
 # Per stage: (episode timeout seconds, max assistant turns, max generated tokens per episode).
 STAGES = {
-    "tiny": {1: (60.0, 12, 1500), 2: (120.0, 24, 3000), 3: (240.0, 48, 6000)},
+    # The embedded tiny tasks take the expert ~13 turns: stage 1's budget stops short of that, so the curriculum
+    # starts on truncated episodes; stage 2's fits the work, stage 3's leaves room to repair mistakes.
+    "tiny": {1: (30.0, 8, 1200), 2: (60.0, 16, 2400), 3: (120.0, 24, 4800)},
     "small": {1: (600.0, 50, 20_000), 2: (1800.0, 150, 60_000), 3: (3600.0, 300, 120_000)},
     # GLM-4.5-Air agent runs of hours, as in KLong: 2 h, 6 h, 12 h.
     "glm45_air": {1: (7200.0, 400, 400_000), 2: (21600.0, 1000, 1_000_000), 3: (43200.0, 2000, 2_000_000)},

@@ -48,22 +48,24 @@ def get_config(variant: str = "tiny") -> ConfigDict:
 
     budget = {"tiny": 1024, "small": 8192, "glm45_air": 131072}[variant]
     c.train = ConfigDict(dict(
-        steps=100 if tiny else 2000, global_batch=4 if tiny else 64 if variant == "small" else 256,
-        micro_batches=1, seq_len=budget, log_every=10 if tiny else 50, eval_every=25 if tiny else 500,
+        steps=300 if tiny else 2000, global_batch=4 if tiny else 64 if variant == "small" else 256,
+        micro_batches=1, seq_len=budget, log_every=10 if tiny else 50, eval_every=50 if tiny else 500,
         eval_batches=8, z_loss=0.0, max_nonfinite_steps=5,
         loss_chunk=0 if tiny else 4096))  # tokens per logits chunk (0: whole row)
     c.optimizer = ConfigDict(dict(lr=3e-3 if tiny else 3e-4, warmup_steps=20 if tiny else 200,
                                   final_lr_fraction=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
                                   clip_norm=1.0))
-    c.checkpoint = ConfigDict(dict(every=25 if tiny else 500, keep_last=2, keep_every=0, async_save=True))
+    c.checkpoint = ConfigDict(dict(every=50 if tiny else 500, keep_last=2, keep_every=0, async_save=True))
 
     c.data = ConfigDict()
     # Trajectory JSONL files (comma-separated globs); empty: the embedded task suite below.
     c.data.train_paths = ""
     c.data.eval_paths = ""
     c.data.tokenizer = ""      # SentencePiece .model or tokenizer.json; empty: trained on the embedded suite
-    c.data.embedded = ConfigDict(dict(n_train=48 if tiny else 256, n_heldout=8 if tiny else 32, seed=0, difficulty=1,
-                                      length=16, mistake_prob=0.1, vocab_size=c.model.vocab_size))
+    # Tiny: two-section tasks (length 6, ~13 expert turns) that a 4-layer model learns to carry out on a CPU; the
+    # others: three-section tasks (length 16, ~26 turns).
+    c.data.embedded = ConfigDict(dict(n_train=512 if tiny else 256, n_heldout=8 if tiny else 32, seed=0, difficulty=1,
+                                      length=6 if tiny else 16, mistake_prob=0.1, vocab_size=c.model.vocab_size))
     c.data.pipeline = ConfigDict(dict(
         source="jsonl", packing="shared_prefix", pack_chunk=8, shuffle=True, num_epochs=None, on_error="raise",
         train_overlap=False, num_workers=0, read_threads=1,

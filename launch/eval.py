@@ -109,8 +109,20 @@ def _load_training_workdir(workdir, cfg, mesh, runtime, model_config_from):
                 partial_restore=True)))["state"]
     print(f"restored step {step} of {workdir}", flush=True)
     model = nnx.merge(graphdef, restored["train"]["params"], restored["rest"])
-    tokenizer = (saved.get("data") or {}).get("tokenizer") or ""
-    return model, tokenizer
+    return model, _tokenizer_of(saved.get("data") or {})
+
+
+def _tokenizer_of(data_section: dict) -> str:
+    """The tokenizer a training run used: its data.tokenizer, else the one trained on its embedded suite
+    (found again from the same knobs). Another run's tokenizer would decode its ids as garbage."""
+    if data_section.get("tokenizer"):
+        return data_section["tokenizer"]
+    if data_section.get("embedded"):
+        from ml_collections import ConfigDict
+
+        from klong_jax.training.embedded_data import prepare_embedded
+        return prepare_embedded(ConfigDict(data_section["embedded"]))["tokenizer"]
+    return ""
 
 
 def main(_):
@@ -133,7 +145,7 @@ def main(_):
     config = agent_config(cfg)
     mesh = make_mesh(dict(cfg.mesh.shape))
     model, ckpt_tokenizer = load_model(_CHECKPOINT.value, cfg, mesh)
-    tokenizer_path = _TOKENIZER.value or cfg.data.tokenizer or ckpt_tokenizer
+    tokenizer_path = _TOKENIZER.value or ckpt_tokenizer or cfg.data.tokenizer
     if not tokenizer_path:
         from klong_jax.training.embedded_data import prepare_embedded
         tokenizer_path = prepare_embedded(cfg.data.embedded)["tokenizer"]

@@ -88,3 +88,25 @@ def test_missing_template_tokens_are_named(tmp_path):
                                    vocab_size=300, special_tokens=["<|endoftext|>", "<|user|>"])
     with pytest.raises(ValueError, match=r"no special token\(s\) \['\[gMASK\]'"):
         ChatTemplate(HuggingFaceTokenizer(path))
+
+
+def test_atomic_words_keep_one_id_whatever_precedes_them(tmp_path):
+    """A task word copied from a spec ("`logs`", "logs/x") into a command ("mkdir -p logs") is the same
+    id in both places, so copying it is copying an id; tag tokens in text are still not forged."""
+    from klong_jax.data.synthetic import synthetic_corpus, texts_of
+    from klong_jax.data.train_tokenizer import train_sentencepiece
+    words = ("logs", "wheel", "seed")
+    texts = list(texts_of(synthetic_corpus(20, seed=0))) + ["mkdir -p logs", "`logs/seed.txt`: `wheel`"] * 5
+    plain = SentencePieceTokenizer(train_sentencepiece(texts, str(tmp_path / "plain.model"), vocab_size=600))
+    atomic = SentencePieceTokenizer(train_sentencepiece(texts, str(tmp_path / "atomic.model"), vocab_size=600,
+                                                        atomic_words=words))
+    spaced, quoted = "mkdir -p logs", "directory `logs`/ wheel`wheel`seed"
+    for word in words:
+        [word_id] = atomic.encode(word)
+        assert word_id in atomic.encode(" " + word) and word_id in atomic.encode("`" + word)
+    assert atomic.encode(spaced)[-1] in atomic.encode(quoted)
+    assert plain.encode(spaced)[-1] not in plain.encode(quoted)   # without: " logs" is another piece
+    for text in (spaced, quoted, "required code <think>x</think> logs"):
+        assert atomic.decode(atomic.encode(text)) == text
+    assert atomic.special_id("logs") is None
+    assert atomic.special_id("<think>") not in atomic.encode("<think>")

@@ -27,10 +27,10 @@ OPT = ConfigDict(dict(lr=1e-3, warmup_steps=0, final_lr_fraction=1.0, b1=0.9, b2
                       clip_norm=1.0))
 
 
-@pytest.fixture(scope="module")
-def rollout(tmp_path_factory):
+def sampled_rows(root, temperature: float = 1.0):
+    """Two episodes of the first embedded train task sampled from a random tiny MoE at `temperature`,
+    packed into RL rows with advantages +1 and -1."""
     import os
-    root = tmp_path_factory.mktemp("rl")
     section = ConfigDict(dict(n_train=2, n_heldout=1, seed=0, difficulty=1, length=4, mistake_prob=0.0,
                               vocab_size=600))
     paths = prepare_embedded(section, cache_root=str(root / "cache"))
@@ -40,7 +40,7 @@ def rollout(tmp_path_factory):
     template = ChatTemplate(tok)
     tasks = [load_task(os.path.join(paths["train_tasks"], n)) for n in sorted(os.listdir(paths["train_tasks"]))[:1]]
     agent_cfg = AgentConfig(context=ContextConfig(budget_tokens=SEQ, reserve_tokens=128), timeout_s=60, max_turns=3,
-                            max_new_tokens_per_turn=24)
+                            max_new_tokens_per_turn=24, temperature=temperature)
     results = run_episodes(tasks, SamplerPolicy.from_model(model), n_per_task=2, template=template, config=agent_cfg,
                            pool=SandboxPool(max_concurrent=2), workdir=str(root / "episodes"), return_routing=True,
                            return_prompt_routing=True)
@@ -48,6 +48,11 @@ def rollout(tmp_path_factory):
     rows, stats = build_rows(results, advantages, seq_len=SEQ, pad_id=tok.pad_id, num_moe_layers=cfg.num_moe_layers,
                              top_k=cfg.num_experts_per_tok)
     return model, cfg, rows, stats
+
+
+@pytest.fixture(scope="module")
+def rollout(tmp_path_factory):
+    return sampled_rows(tmp_path_factory.mktemp("rl"))
 
 
 def test_rows_reproduce_sampler_logprobs_with_routing_replay(rollout):
@@ -61,6 +66,19 @@ def test_rows_reproduce_sampler_logprobs_with_routing_replay(rollout):
         with_replay, without = old_logprobs(params, rest, batch, graphdef=graphdef)
         np.testing.assert_allclose(np.asarray(with_replay)[mask], batch["sampler_logprobs"][mask], atol=1e-4)
         assert (np.sign(batch["advantages"][mask]) != 0).all()
+
+
+def test_tempered_rollouts_are_reproduced_at_the_rollout_temperature(tmp_path):
+    """Rollouts sampled at T=0.6 carry log-probs of softmax(logits / 0.6): the trainer matches them only when it
+    applies the same temperature (at T=1 the ratio would be biased on every token)."""
+    model, cfg, rows, _ = sampled_rows(tmp_path, temperature=0.6)
+    graphdef, params, rest = split_model(model)
+    batch = to_batches(rows, 2)[0]
+    mask = batch["rl_mask"] > 0
+    tempered, _ = old_logprobs(params, rest, batch, graphdef=graphdef, temperature=0.6)
+    untempered, _ = old_logprobs(params, rest, batch, graphdef=graphdef)
+    np.testing.assert_allclose(np.asarray(tempered)[mask], batch["sampler_logprobs"][mask], atol=1e-4)
+    assert np.abs(np.asarray(untempered)[mask] - batch["sampler_logprobs"][mask]).mean() > 1e-2
 
 
 def test_rl_update_on_mesh_equals_single_device(rollout):

@@ -70,6 +70,15 @@ def test_generate_cli_writes_tasks_and_graded_trajectories(tmp_path, capsys):
     assert not (out / "episodes").exists()
 
 
+def test_generating_in_worker_processes_writes_the_same_set(tmp_path):
+    from klong_jax.tasks.generate import generate_dataset
+    serial = generate_dataset(tmp_path / "serial", n=5, seed=3, length=6, mistake_prob=0.5)
+    parallel = generate_dataset(tmp_path / "parallel", n=5, seed=3, length=6, mistake_prob=0.5, workers=2)
+    assert {k: v for k, v in serial.items() if k != "out"} == {k: v for k, v in parallel.items() if k != "out"}
+    assert (tmp_path / "serial" / "trajectories.jsonl").read_text() == \
+        (tmp_path / "parallel" / "trajectories.jsonl").read_text()
+
+
 def test_expert_refuses_an_episode_that_was_not_set_up(tmp_path):
     task = generate_task(0, difficulty=2)
     with Sandbox(tmp_path / "episode") as sandbox:

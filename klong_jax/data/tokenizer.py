@@ -71,11 +71,14 @@ class SentencePieceTokenizer(Tokenizer):
         proto = sentencepiece_model_pb2.ModelProto()
         proto.ParseFromString(model_proto)
         kinds = sentencepiece_model_pb2.ModelProto.SentencePiece
-        user = [p.piece for p in proto.pieces if p.type == kinds.USER_DEFINED]
+        # User-defined symbols are the GLM role and tag tokens, "\n", and (embedded tokenizers) atomic task
+        # words (train_tokenizer.atomic_words), which are ordinary text that always encodes to one id.
+        is_word = lambda piece: piece.isalnum()  # noqa: E731
+        user = [p.piece for p in proto.pieces if p.type == kinds.USER_DEFINED and not is_word(p.piece)]
         self._special = {p.piece: i for i, p in enumerate(proto.pieces)
-                         if p.type in (kinds.USER_DEFINED, kinds.CONTROL)}
-        # User-defined symbols match inside any text; those that are not plain whitespace (the GLM
-        # role and tag tokens) are split out of text before encoding, so text cannot forge them.
+                         if (p.type == kinds.USER_DEFINED and not is_word(p.piece)) or p.type == kinds.CONTROL}
+        # User-defined symbols match inside any text; the tag tokens are split out of text before
+        # encoding, so text cannot forge them.
         escaped = sorted((p for p in user if p.strip()), key=len, reverse=True)
         self._escape_re = re.compile("|".join(re.escape(p) for p in escaped)) if escaped else None
         pad = self._sp.pad_id()

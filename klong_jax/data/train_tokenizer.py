@@ -59,8 +59,14 @@ def _sentences(texts: Iterable[str]) -> Iterator[str]:
 
 def train_sentencepiece(texts: Iterable[str], out_path: str, *, vocab_size: int = 2048,
                         model_type: str = "bpe", special_tokens: Sequence[str] = GLM45_SPECIAL_TOKENS,
-                        ) -> str:
-    """Trains and writes `out_path` (a .model file); returns its path."""
+                        atomic_words: Sequence[str] = ()) -> str:
+    """Trains and writes `out_path` (a .model file); returns its path.
+
+    atomic_words: words that are always one id of their own, whatever precedes them. A BPE piece
+    carries its leading space ("▁logs" after a space, "logs" after a backtick or a slash), so without
+    this a name copied from a spec into a command changes id on the way, and a small model must learn
+    every such pair before it can copy at all. Matching is by substring, so a longer word that contains
+    one splits around it; decode(encode(text)) == text still holds."""
     import sentencepiece as spm
     if not out_path.endswith(".model"):
         out_path += ".model"
@@ -70,7 +76,7 @@ def train_sentencepiece(texts: Iterable[str], out_path: str, *, vocab_size: int 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
-        model_type=model_type, user_defined_symbols=list(special_tokens) + ["\n"],
+        model_type=model_type, user_defined_symbols=list(special_tokens) + ["\n"] + sorted(set(atomic_words)),
         normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
         byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True,
         pad_id=0, unk_id=1, bos_id=-1, eos_id=-1, hard_vocab_limit=False,

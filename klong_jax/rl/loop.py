@@ -107,9 +107,15 @@ def setup_stage(cfg, data_paths: dict) -> StageSetup:
     lr_schedule = learning_rate_schedule(cfg.optimizer, rl.steps)
     graphdef, abs_params, abs_rest, param_sh, rest_sh = abstract_layout(model_cfg, mesh)
     state_sh = state_shardings(tx, param_sh, abs_params, mesh)
-    update_fn, old_fn = jit_rl_fns(graphdef, tx, rl, lr_schedule, state_sh, rest_sh, mesh)
+    agent_cfg = agent_config(cfg)
+    if agent_cfg.top_k or agent_cfg.top_p < 1.0:
+        # The trainer reproduces softmax(logits / T), not a truncated distribution.
+        raise ValueError(f"agent.top_k={agent_cfg.top_k}, agent.top_p={agent_cfg.top_p}: RL rollouts sample the "
+                         "full tempered distribution (top_k=0, top_p=1.0)")
+    update_fn, old_fn = jit_rl_fns(graphdef, tx, rl, lr_schedule, state_sh, rest_sh, mesh,
+                                   temperature=agent_cfg.temperature)
     return StageSetup(model_cfg=model_cfg, mesh=mesh, tokenizer=tokenizer, template=ChatTemplate(tokenizer),
-                      tasks=load_tasks(data_paths["train_tasks"]), agent_cfg=agent_config(cfg), tx=tx,
+                      tasks=load_tasks(data_paths["train_tasks"]), agent_cfg=agent_cfg, tx=tx,
                       graphdef=graphdef, abs_params=abs_params, abs_rest=abs_rest, state_sh=state_sh,
                       rest_sh=rest_sh, update_fn=update_fn, old_fn=old_fn,
                       batch_spec=logical_to_spec(("batch", "seq"), (rl.batch_rows, rl.seq_len), mesh))

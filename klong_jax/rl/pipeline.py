@@ -8,11 +8,12 @@ import os
 import jax
 import numpy as np
 
-from klong_jax.agent import AgentConfig, evaluate
+from klong_jax.agent import AgentConfig, ScriptedPolicy, evaluate
 from klong_jax.agent.evaluate import SUMMARY_FILE
 from klong_jax.agent.sampler_policy import SamplerPolicy
 from klong_jax.data.chat_template import ChatTemplate
 from klong_jax.data.tokenizer import load_tokenizer
+from klong_jax.data.trajectory import read_jsonl
 from klong_jax.models import init_model
 from klong_jax.models.from_config import model_config_from
 from klong_jax.rl.loop import load_tasks, run_rl
@@ -31,6 +32,10 @@ def run_stage(name, cfg, workdir, data_paths):
         print(f"[pipeline] {name}: already finished, skipping", flush=True)
         return
     print(f"[pipeline] {name}: running in {stage_dir}", flush=True)
+    if jax.process_index() == 0:   # the stage's own config, so eval / serve / tools read its directory alone
+        os.makedirs(stage_dir, exist_ok=True)
+        with open(os.path.join(stage_dir, "config.json"), "w") as f:
+            f.write(cfg.to_json_best_effort(indent=2))
     result = (run_sft if name == "sft" else run_rl)(cfg, stage_dir, data_paths)
     if jax.process_index() == 0:
         with open(done, "w") as f:
@@ -73,6 +78,27 @@ def evaluate_checkpoints(cfg, workdir, data_paths) -> dict:
     return table
 
 
+def achievable_by_stage(cfg, workdir, data_paths) -> dict:
+    """Held-out score of the scripted expert's recorded trajectories replayed through the agent under each
+    stage's budget (timeout, turns, tokens): what a stage's budget lets a policy achieve at best. A stage
+    whose budget ends an episode before the work is done caps the score its rollouts can earn."""
+    template = ChatTemplate(load_tokenizer(data_paths["tokenizer"]))
+    tasks = load_tasks(data_paths["heldout_tasks"], cfg.eval.n_tasks)
+    wanted = {t.task_id for t in tasks}
+    experts = [t for path in data_paths["eval"] for t in read_jsonl(path) if t.task_id in wanted]
+    table = {}
+    for name in STAGES[1:]:
+        agent_cfg = AgentConfig.from_mapping(cfg[name].agent, context=cfg.sft.data.pipeline.context)
+        report, _ = evaluate(tasks, ScriptedPolicy.from_trajectories(template, experts), template=template,
+                             config=agent_cfg, workdir=os.path.join(workdir, "eval", f"expert_{name}"),
+                             tag=f"expert-{name}-", print_fn=None, max_concurrent=EVAL_CONCURRENCY)
+        table[name] = {"timeout_s": agent_cfg.timeout_s, "max_turns": agent_cfg.max_turns,
+                       **_numbers(report["summary"])}
+        print(f"[pipeline] {name} budget ({agent_cfg.timeout_s:.0f} s, {agent_cfg.max_turns} turns): the expert "
+              f"replayed scores {table[name]['mean_score']:.4f} on held-out tasks", flush=True)
+    return table
+
+
 def _numbers(summary: dict) -> dict:
     return {k: v for k, v in summary.items() if isinstance(v, (int, float))}
 
@@ -85,8 +111,12 @@ def run_pipeline(cfg, workdir: str, data_paths: dict) -> dict:
     for name, row in table.items():
         lines.append(f"| {name} | {row.get('mean_score', np.nan):.4f} | {row.get('submit_rate', np.nan):.2f} | "
                      f"{row.get('mean_turns', np.nan):.1f} | {row.get('mean_sampled_tokens', np.nan):.0f} |")
+    budgets = achievable_by_stage(cfg, workdir, data_paths)
+    lines += ["", "| stage budget | timeout s | turns | achievable (expert replayed) |", "|---|---|---|---|"]
+    for name, row in budgets.items():
+        lines.append(f"| {name} | {row['timeout_s']:.0f} | {row['max_turns']} | {row['mean_score']:.4f} |")
     print("\n".join(lines), flush=True)
-    summary = {"heldout": table}
+    summary = {"heldout": table, "achievable_by_stage": budgets}
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(summary, f, indent=2)

@@ -1,7 +1,7 @@
 """Write a task set and its expert trajectories.
 
     python -m klong_jax.tasks.generate --out=DIR --n=8 [--seed=0 --split=train|heldout
-        --difficulty=1|2|3 --length=24 --mistake_prob=0.1 --per_task=1 --keep_episodes]
+        --difficulty=1|2|3 --length=24 --mistake_prob=0.1 --per_task=1 --keep_episodes --workers=1]
 
 writes DIR/tasks/<task_id>/{task.json, prefix.md, rubric.json}, DIR/trajectories.jsonl (one graded
 expert trajectory per line) and DIR/summary.json, and prints the summary. Everything is a
@@ -9,7 +9,10 @@ deterministic function of the arguments (the embedded set is generated at run ti
 Needs root: the expert's commands run in the sandbox.
 """
 import argparse
+import concurrent.futures
+import contextlib
 import json
+import multiprocessing
 import pathlib
 import shutil
 import statistics
@@ -36,10 +39,17 @@ def trajectory_stats(trajectories: list[dict]) -> dict:
     }
 
 
+def _solve_job(job: tuple) -> dict:
+    task, episode_dir, mistake_prob, expert_seed = job
+    return solve_task(task, episode_dir, mistake_prob=mistake_prob, seed=expert_seed)
+
+
 def generate_dataset(out: str | pathlib.Path, n: int, seed: int = 0, split: str = "train",
                      difficulty: int = 2, length: int = 24, mistake_prob: float = 0.1,
-                     per_task: int = 1, keep_episodes: bool = False) -> dict:
-    """Generate, save and solve `n` tasks into `out`; returns the summary (also in summary.json)."""
+                     per_task: int = 1, keep_episodes: bool = False, workers: int = 1) -> dict:
+    """Generate, save and solve `n` tasks into `out`; returns the summary (also in summary.json).
+    workers > 1 solves tasks in that many processes (each expert episode is a real sandbox, mostly
+    waiting on its shell commands); the output is identical, in the same order."""
     out = pathlib.Path(out)
     if per_task < 1:
         raise ValueError(f"per_task must be >= 1, got {per_task}")
@@ -47,21 +57,32 @@ def generate_dataset(out: str | pathlib.Path, n: int, seed: int = 0, split: str 
     episodes = out / "episodes"
     shutil.rmtree(episodes, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
+    for task in tasks:
+        save_task(task, out / "tasks")
+    jobs = [(task, episodes / f"{task.task_id}-{expert_seed}", mistake_prob, expert_seed)
+            for task in tasks for expert_seed in range(per_task)]
     trajectories = []
-    with open(out / "trajectories.jsonl", "w") as lines:
-        for task in tasks:
-            save_task(task, out / "tasks")
-            for expert_seed in range(per_task):
-                episode_dir = episodes / f"{task.task_id}-{expert_seed}"
-                trajectory = solve_task(task, episode_dir, mistake_prob=mistake_prob, seed=expert_seed)
-                lines.write(json.dumps(trajectory) + "\n")
-                trajectories.append(trajectory)
+    with open(out / "trajectories.jsonl", "w") as lines, _job_map(workers) as job_map:
+        for trajectory in job_map(_solve_job, jobs):
+            lines.write(json.dumps(trajectory) + "\n")
+            trajectories.append(trajectory)
     if not keep_episodes:
         shutil.rmtree(episodes, ignore_errors=True)
     summary = {"out": str(out), "n_tasks": n, "seed": seed, "split": split, "difficulty": difficulty,
                "length": length, "mistake_prob": mistake_prob, **trajectory_stats(trajectories)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+@contextlib.contextmanager
+def _job_map(workers: int):
+    """An ordered map over the jobs: in this process, or in `workers` spawned ones (spawned, not forked:
+    the caller may hold JAX's threads)."""
+    if workers <= 1:
+        yield map
+        return
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield lambda fn, jobs: pool.map(fn, jobs, chunksize=4)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,9 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per_task", type=int, default=1, help="expert trajectories per task")
     parser.add_argument("--keep_episodes", action="store_true",
                         help="keep the episode directories under OUT/episodes")
+    parser.add_argument("--workers", type=int, default=1, help="processes solving tasks in parallel")
     args = parser.parse_args(argv)
     summary = generate_dataset(args.out, args.n, args.seed, args.split, args.difficulty, args.length,
-                               args.mistake_prob, args.per_task, args.keep_episodes)
+                               args.mistake_prob, args.per_task, args.keep_episodes, args.workers)
     print(json.dumps(summary, indent=1))
     return 0
 

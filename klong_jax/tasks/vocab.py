@@ -17,6 +17,8 @@ SEPARATORS = ("-", "_", "+", ":", "/")
 
 # Words used as file names and contents; one pool so spellings repeat across task kinds.
 WORDS = tuple(sorted(set(COLORS + ANIMALS + FRUITS + THINGS)))
+# Every word a task draws: the embedded tokenizer makes each one a single id (train_tokenizer.atomic_words).
+TASK_WORDS = tuple(sorted(set(WORDS + DIRECTORIES + COLUMNS + MODULES)))
 
 
 def pick(rng: random.Random, pool: tuple[str, ...], k: int) -> list[str]:

@@ -9,11 +9,17 @@ import json
 import os
 
 from klong_jax.data.train_tokenizer import texts_of_file, train_sentencepiece
+from klong_jax.tasks import vocab
 from klong_jax.tasks.generate import generate_dataset
 
 
+# Bumped whenever what is generated from the same knobs changes (2: task words are atomic tokenizer symbols).
+FORMAT = 2
+
+
 def embedded_key(section) -> str:
-    knobs = json.dumps(dict(section.to_dict() if hasattr(section, "to_dict") else section), sort_keys=True)
+    knobs = dict(section.to_dict() if hasattr(section, "to_dict") else section)
+    knobs = json.dumps({**knobs, "format": FORMAT}, sort_keys=True)
     return hashlib.sha256(knobs.encode()).hexdigest()[:12]
 
 
@@ -33,13 +39,14 @@ def prepare_embedded(section, cache_root: str | None = None) -> dict:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not os.path.exists(done):
             print(f"generating the embedded task suite into {root} ...", flush=True)
-            common = dict(difficulty=section.difficulty, length=section.length, mistake_prob=section.mistake_prob)
+            common = dict(difficulty=section.difficulty, length=section.length, mistake_prob=section.mistake_prob,
+                          workers=min(os.cpu_count() or 1, 8))
             train = generate_dataset(os.path.join(root, "train"), section.n_train, seed=section.seed,
                                      split="train", **common)
             held = generate_dataset(os.path.join(root, "heldout"), section.n_heldout, seed=section.seed,
                                     split="heldout", **common)
             train_sentencepiece(texts_of_file(paths["train"][0]), paths["tokenizer"],
-                                vocab_size=section.vocab_size)
+                                vocab_size=section.vocab_size, atomic_words=vocab.TASK_WORDS)
             with open(done, "w") as f:
                 json.dump({"train": train, "heldout": held}, f, indent=1)
         fcntl.flock(lock, fcntl.LOCK_UN)
