@@ -139,7 +139,7 @@ def run_rl(cfg, workdir: str, data_paths: dict) -> dict:
             (state, rest), start = st.initial_state(cfg, workdir), 0
         ref_params = jax.tree.map(lambda x: x.copy(), state["params"]) if rl.kl_coef else state["params"]
         policy = st.policy(cfg, state, rest)
-        metrics_out = MetricsWriter(workdir, rl.steps, prefix="rl")
+        metrics_out = MetricsWriter(workdir, rl.steps, prefix="rl", start_step=start)
         pool = SandboxPool(max_concurrent=rl.max_concurrent_episodes)
         try:
             for step in range(start, rl.steps):

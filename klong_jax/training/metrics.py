@@ -11,9 +11,10 @@ import numpy as np
 
 
 class MetricsWriter:
-    def __init__(self, workdir: str, total_steps: int, *, prefix: str = "train"):
+    def __init__(self, workdir: str, total_steps: int, *, prefix: str = "train", start_step: int = 0):
+        """start_step: the step this process resumes from, so the ETA is paced by the steps it has run itself."""
         self.enabled = jax.process_index() == 0
-        self.total_steps, self.prefix = total_steps, prefix
+        self.total_steps, self.prefix, self.start_step = total_steps, prefix, start_step
         self._t_start = time.time()
         self._tb = self._jsonl = None
         if self.enabled:
@@ -37,7 +38,7 @@ class MetricsWriter:
 
     def progress_line(self, step: int, m: dict, prefix: str) -> str:
         elapsed = time.time() - self._t_start
-        done = max(step, 1)
+        done = max(step - self.start_step, 1)
         eta = elapsed / done * max(self.total_steps - step, 0)
         parts = [f"[{prefix}] step {step}/{self.total_steps}"]
         for key, fmt in (("loss", "{:.4f}"), ("accuracy", "{:.3f}"), ("grad_norm", "{:.3f}"), ("lr", "{:.2e}"),

@@ -147,7 +147,7 @@ def run_sft(cfg, workdir: str, data_paths: dict) -> dict:
             rest = jax.device_put(rest, rest_sh)
             start = 0
 
-        metrics_out = MetricsWriter(workdir, tcfg.steps)
+        metrics_out = MetricsWriter(workdir, tcfg.steps, start_step=start)
         preempt = _Preemption()
         summary, step = {}, start
         try:
