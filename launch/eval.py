@@ -109,20 +109,9 @@ def _load_training_workdir(workdir, cfg, mesh, runtime, model_config_from):
                 partial_restore=True)))["state"]
     print(f"restored step {step} of {workdir}", flush=True)
     model = nnx.merge(graphdef, restored["train"]["params"], restored["rest"])
-    return model, _tokenizer_of(saved.get("data") or {})
-
-
-def _tokenizer_of(data_section: dict) -> str:
-    """The tokenizer a training run used: its data.tokenizer, else the one trained on its embedded suite
-    (found again from the same knobs). Another run's tokenizer would decode its ids as garbage."""
-    if data_section.get("tokenizer"):
-        return data_section["tokenizer"]
-    if data_section.get("embedded"):
-        from ml_collections import ConfigDict
-
-        from klong_jax.training.embedded_data import prepare_embedded
-        return prepare_embedded(ConfigDict(data_section["embedded"]))["tokenizer"]
-    return ""
+    # The run's own tokenizer: another run's would decode its ids as garbage.
+    from klong_jax.training.embedded_data import tokenizer_of
+    return model, tokenizer_of(saved.get("data") or {})
 
 
 def main(_):
@@ -145,10 +134,8 @@ def main(_):
     config = agent_config(cfg)
     mesh = make_mesh(dict(cfg.mesh.shape))
     model, ckpt_tokenizer = load_model(_CHECKPOINT.value, cfg, mesh)
-    tokenizer_path = _TOKENIZER.value or ckpt_tokenizer or cfg.data.tokenizer
-    if not tokenizer_path:
-        from klong_jax.training.embedded_data import prepare_embedded
-        tokenizer_path = prepare_embedded(cfg.data.embedded)["tokenizer"]
+    from klong_jax.training.embedded_data import tokenizer_of
+    tokenizer_path = _TOKENIZER.value or ckpt_tokenizer or tokenizer_of(cfg.data)
     tokenizer = load_tokenizer(tokenizer_path)
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise app.UsageError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens > the "

@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     from klong_jax.models.from_config import model_config_from
     from klong_jax.sharding import make_mesh
     from klong_jax.tasks import vocab
-    from klong_jax.training.embedded_data import prepare_embedded
+    from klong_jax.training.embedded_data import prepare_embedded, tokenizer_of
     from klong_jax.training.state import load_trained_model
 
     with open(os.path.join(args.workdir, "config.json")) as f:
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     mesh = make_mesh({"fsdp": 1})
     with jax.set_mesh(mesh):
         model, step = load_trained_model(args.workdir, model_config_from(cfg["model"]), mesh, step=args.step)
-    tokenizer = load_tokenizer(cfg["data"].get("tokenizer") or data["tokenizer"])
+    tokenizer = load_tokenizer(tokenizer_of(cfg["data"]))
     template = ChatTemplate(tokenizer)
     words = set(vocab.TASK_WORDS)
     losses = {"task_word": [], "other": []}

@@ -72,11 +72,10 @@ class SentencePieceTokenizer(Tokenizer):
         proto.ParseFromString(model_proto)
         kinds = sentencepiece_model_pb2.ModelProto.SentencePiece
         # User-defined symbols are the GLM role and tag tokens, "\n", and (embedded tokenizers) atomic task
-        # words (train_tokenizer.atomic_words), which are ordinary text that always encodes to one id.
-        is_word = lambda piece: piece.isalnum()  # noqa: E731
-        user = [p.piece for p in proto.pieces if p.type == kinds.USER_DEFINED and not is_word(p.piece)]
+        # words (train_tokenizer.atomic_words): ordinary text that always encodes to one id, not special.
+        user = {p.piece for p in proto.pieces if p.type == kinds.USER_DEFINED and not p.piece.isalnum()}
         self._special = {p.piece: i for i, p in enumerate(proto.pieces)
-                         if (p.type == kinds.USER_DEFINED and not is_word(p.piece)) or p.type == kinds.CONTROL}
+                         if p.piece in user or p.type == kinds.CONTROL}
         # User-defined symbols match inside any text; the tag tokens are split out of text before
         # encoding, so text cannot forge them.
         escaped = sorted((p for p in user if p.strip()), key=len, reverse=True)

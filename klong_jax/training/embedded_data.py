@@ -53,3 +53,15 @@ def prepare_embedded(section, cache_root: str | None = None) -> dict:
     with open(done) as f:
         paths["summary"] = json.load(f)
     return paths
+
+
+def tokenizer_of(data_section) -> str:
+    """The tokenizer a config's data section trains with: its `tokenizer`, else the one trained on its embedded
+    suite (found again from the same knobs, generated if the cache lacks it); "" when it names neither."""
+    data = dict(data_section.to_dict() if hasattr(data_section, "to_dict") else data_section)
+    if data.get("tokenizer"):
+        return data["tokenizer"]
+    if data.get("embedded"):
+        from ml_collections import ConfigDict
+        return prepare_embedded(ConfigDict(data["embedded"]))["tokenizer"]
+    return ""
