@@ -19,7 +19,7 @@ from klong_jax.sharding import make_mesh
 from klong_jax.training.checkpoint import Checkpointer, abstract_with_shardings
 from klong_jax.training.data_iter import LookaheadIterator
 from klong_jax.training.metrics import MetricsWriter
-from klong_jax.training.mfu import compiled_flops, device_peak_flops
+from klong_jax.training.mfu import device_peak_flops, train_flops_per_token
 from klong_jax.training.optimizer import learning_rate_schedule, make_optimizer
 from klong_jax.training.state import abstract_layout, abstract_state, initial_model, new_state, split_model
 from klong_jax.training.step import batch_shardings, eval_step, jit_train_step, state_shardings
@@ -178,7 +178,9 @@ def _train_loop(cfg, workdir, data_paths, step_fn, eval_fn, state, rest, data_it
 
     batch, real_tokens = fetch()
     compiled = step_fn.lower(state, rest, batch).compile()
-    flops, peak = compiled_flops(compiled), device_peak_flops()
+    # MFU from model FLOPs of the real (non-padding) tokens over the peak of every device.
+    flops_per_token = train_flops_per_token(model_config_from(cfg.model), tcfg.seq_len)
+    peak = device_peak_flops() * jax.device_count()
     pending = None  # metrics of the previous step, fetched one step late
     nonfinite_streak = 0
     while step < tcfg.steps:
@@ -194,7 +196,7 @@ def _train_loop(cfg, workdir, data_paths, step_fn, eval_fn, state, rest, data_it
         jax.block_until_ready(metrics)
         dt = time.perf_counter() - t0
         pending = (step, metrics, {"tokens_per_s": step_tokens / dt, "step_time_s": dt,
-                                   **({"mfu": flops / dt / peak} if flops else {})})
+                                   "mfu": flops_per_token * step_tokens / dt / peak})
         if step % tcfg.eval_every == 0 or step == tcfg.steps:
             ev = evaluate(eval_fn, state["params"], rest, cfg, data_paths["eval"], data_paths["tokenizer"],
                           local_bs, batch_sh, tcfg.eval_batches)
