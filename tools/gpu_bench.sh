@@ -13,6 +13,8 @@
 #   (b) launch/bench.py sampler: tiny, then small
 #   (c) tiny SFT for 3000 steps (checkpoints every 500 kept), then tools/copy_probe.py on steps 500/1000/2000/3000
 #       (or whichever exist when the time ran out), 4 probes in parallel.
+# Optional parts (GPU_BENCH_PARTS, default a,b,c): (s) the small train step under each attention x MoE
+# implementation; (r) launch/bench.py rl_step on the tiny stage-1 config (random init).
 # The whole script keeps within GPU_BENCH_TOTAL_S seconds (default 450); (c) gets what (a) and (b) left.
 # $OUT gets at most 8 files: log.txt, train_step_{tiny,small}.json, sampler_{tiny,small}.json,
 # sft_metrics.jsonl, sft_summary.json, copy_probe.jsonl.
@@ -43,6 +45,10 @@ export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jax_cc}
 # CUDA must come up: with this list JAX raises instead of silently falling back to the CPU (CPU kept as 2nd).
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda,cpu}
 SFT_DIR=${GPU_BENCH_SFT_DIR:-/tmp/gsft}
+# Which parts run, comma-separated: a, b, c as above; s: the small train step under every attention x MoE
+# implementation (bench.py train_step --attention_impls --moe_impls); r: launch/bench.py rl_step (tiny, stage 1).
+PARTS=${GPU_BENCH_PARTS:-a,b,c}
+want() { [[ ",$PARTS," == *",$1,"* ]]; }
 
 log() { echo "[gpu_bench $(date +%T) +${SECONDS}s] $*" | tee -a "$LOG"; }
 left() { echo $(( TOTAL - SECONDS )); }
@@ -106,6 +112,9 @@ if [[ $SMOKE == 1 ]]; then
   B1=(--presets=tiny --batches=1 --prompt_len=16 --gen_tokens=tiny:8 --dtype=bfloat16 --repeats=1)
   B2=(--presets=small --batches=1 --prompt_len=16 --gen_tokens=small:4 --dtype=bfloat16 --repeats=1)
   SFT_STEPS=4; SFT_EVERY=2; PROBE_STEPS="2 4"; LOG_EVERY=1
+  S1=(--models=small --batch=1 --seq_len=128 --steps=1 --cpu_devices=1 --packing_trajectories=0)
+  R1=(--steps=2 --cpu_devices=1 --override=rl.group_size=2 --override=agent.max_turns=2)
+  CS=120; CR=300
   CA1=150; CA2=150; CB1=90; CB2=150; PROBE_RESERVE=90
 else
   # tiny: GPU-sized rows; packing: 128 prefix-heavy synthetic trajectories split at a 1024-token budget into
@@ -117,28 +126,63 @@ else
   B1=(--presets=tiny --batches=1,16 --prompt_len=128 --gen_tokens=tiny:256 --dtype=bfloat16 --repeats=3)
   B2=(--presets=small --batches=1,16 --prompt_len=128 --gen_tokens=small:128 --dtype=bfloat16 --repeats=3)
   SFT_STEPS=3000; SFT_EVERY=500; PROBE_STEPS="500 1000 2000 3000"; LOG_EVERY=50
+  # The small model's train step under blockwise / reference attention x ragged / dense MoE, batch 4 x 4096 (the
+  # reference attention keeps B x H x T x T scores per layer for the backward: ~39 GB at this shape).
+  S1=(--models=small --batch=4 --seq_len=4096 --steps=5 --cpu_devices=1 --packing_trajectories=0)
+  R1=(--steps=3 --cpu_devices=1)
+  CS=${GPU_BENCH_CAP_S:-75}; CR=${GPU_BENCH_CAP_R:-150}
   CA1=${GPU_BENCH_CAP_A1:-75}; CA2=${GPU_BENCH_CAP_A2:-90}; CB1=${GPU_BENCH_CAP_B1:-50}; CB2=${GPU_BENCH_CAP_B2:-75}
   PROBE_RESERVE=60
 fi
 
-# ---------------------------------------------------------------- (a) train step
+# Parts (a), (b), (s) may take 92% of the GPU memory; the SFT in (c) runs beside 4 parallel probes later.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
-T0=$SECONDS
-part a1_train_step_tiny "$(cap $CA1 150)" $PY launch/bench.py train_step "${A1[@]}" --out="$OUT/train_step_tiny.json"
-part a2_train_step_small "$(cap $CA2 150)" $PY launch/bench.py train_step "${A2[@]}" --out="$OUT/train_step_small.json"
-if [[ ! -s $OUT/train_step_small.json ]] && (( $(left) > 300 )); then
-  part a2_retry_train_step_small "$(cap 60 200)" $PY launch/bench.py train_step "${A2_RETRY[@]}" --out="$OUT/train_step_small.json"
+
+# ---------------------------------------------------------------- (a) train step
+if want a; then
+  T0=$SECONDS
+  part a1_train_step_tiny "$(cap $CA1 150)" $PY launch/bench.py train_step "${A1[@]}" --out="$OUT/train_step_tiny.json"
+  part a2_train_step_small "$(cap $CA2 150)" $PY launch/bench.py train_step "${A2[@]}" --out="$OUT/train_step_small.json"
+  if [[ ! -s $OUT/train_step_small.json ]] && (( $(left) > 300 )); then
+    part a2_retry_train_step_small "$(cap 60 200)" $PY launch/bench.py train_step "${A2_RETRY[@]}" --out="$OUT/train_step_small.json"
+  fi
+  log "(a) train_step total $(( SECONDS - T0 ))s"
+
 fi
-log "(a) train_step total $(( SECONDS - T0 ))s"
 
 # ---------------------------------------------------------------- (b) sampler
-T0=$SECONDS
-part b1_sampler_tiny "$(cap $CB1 120)" $PY launch/bench.py sampler "${B1[@]}" --out="$OUT/sampler_tiny.json"
-part b2_sampler_small "$(cap $CB2 120)" $PY launch/bench.py sampler "${B2[@]}" --out="$OUT/sampler_small.json"
-log "(b) sampler total $(( SECONDS - T0 ))s"
+if want b; then
+  T0=$SECONDS
+  part b1_sampler_tiny "$(cap $CB1 120)" $PY launch/bench.py sampler "${B1[@]}" --out="$OUT/sampler_tiny.json"
+  part b2_sampler_small "$(cap $CB2 120)" $PY launch/bench.py sampler "${B2[@]}" --out="$OUT/sampler_small.json"
+  log "(b) sampler total $(( SECONDS - T0 ))s"
+
+fi
+
+# ---------------------------------------------------------------- (s) train step: attention x MoE implementations
+if want s; then
+  T0=$SECONDS
+  # One process per pair, so that one out-of-memory or slow compile loses only that pair.
+  for attn in blockwise reference; do
+    for moe in ragged dense; do
+      part "s_small_${attn}_${moe}" "$(cap $CS 60)" $PY launch/bench.py train_step "${S1[@]}" \
+        --attention_impls=$attn --moe_impls=$moe --out="$OUT/small_${attn}_${moe}.json"
+    done
+  done
+  log "(s) implementation sweep total $(( SECONDS - T0 ))s"
+fi
+
+# ---------------------------------------------------------------- (r) one RL stage step: rollout, grading, update
+if want r; then
+  T0=$SECONDS
+  part r_rl_step_tiny "$(cap $CR 60)" $PY launch/bench.py rl_step "${R1[@]}" --out="$OUT/rl_step_tiny.json"
+  log "(r) rl_step total $(( SECONDS - T0 ))s"
+fi
+
 unset XLA_PYTHON_CLIENT_MEM_FRACTION
 
 # ---------------------------------------------------------------- (c) tiny SFT, then the copy probe
+if want c; then
 T0=$SECONDS
 rm -rf "$SFT_DIR"
 # Host-side input pipeline alone (the SFT loop fetches the next batch while the device runs the step).
@@ -196,8 +240,10 @@ else
 fi
 log "(c2) copy_probe elapsed $(( SECONDS - T1 ))s; (c) total $(( SECONDS - T0 ))s"
 
+fi
+
 # ---------------------------------------------------------------- summary
-log "SFT summary:"
+if want c; then log "SFT summary:"; fi
 $PY - "$OUT/sft_metrics.jsonl" <<'EOF' 2>&1 | tee -a "$LOG" || true
 import json, statistics, sys
 try:

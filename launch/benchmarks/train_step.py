@@ -2,7 +2,8 @@
 
     .venv/bin/python launch/bench.py train_step [--models=tiny,small --batch=8 --seq_len=1024 --steps=3
                                                  --cpu_devices=8 --packing_seq_len=2048
-                                                 --packing_trajectories=8 (0: skip part 2)]
+                                                 --packing_trajectories=8 (0: skip part 2)
+                                                 --attention_impls=blockwise,reference --moe_impls=ragged,dense]
 
 1. For each model preset: tokens/s and MFU of the real jit'd SFT step (explicit shardings, donated state)
    on a random batch, on an fsdp mesh over the devices. MFU = model FLOPs (klong_jax.training.mfu: 6 x active
@@ -23,7 +24,7 @@ def _setup(cpu_devices):
     setup_devices(cpu_devices)
 
 
-def _step_for(variant, mesh, B, T):
+def _step_for(variant, mesh, B, T, attention_impl="blockwise", moe_impl="ragged"):
     import jax
     from configs.sft import get_config
     from klong_jax.models import init_model
@@ -32,7 +33,7 @@ def _step_for(variant, mesh, B, T):
     from klong_jax.training.state import abstract_layout, new_state, split_model
     from klong_jax.training.step import batch_shardings, jit_train_step, state_shardings
     cfg = get_config(variant)
-    model_cfg = model_config_from(cfg.model).replace(attention_impl="blockwise")
+    model_cfg = model_config_from(cfg.model).replace(attention_impl=attention_impl, moe_impl=moe_impl)
     tx = make_optimizer(cfg.optimizer, 100)
     graphdef, abs_params, _, param_sh, rest_sh = abstract_layout(model_cfg, mesh)
     state_sh = state_shardings(tx, param_sh, abs_params, mesh)
@@ -57,10 +58,10 @@ def _random_batch(vocab, B, T, shardings):
     return {k: jax.device_put(v, shardings[k]) for k, v in local.items()}
 
 
-def bench_model(variant, mesh, B, T, steps):
+def bench_model(variant, mesh, B, T, steps, attention_impl="blockwise", moe_impl="ragged"):
     import jax
     from klong_jax.training.mfu import compiled_flops, device_peak_flops, train_flops_per_token
-    step, state, rest, batch_sh, model_cfg = _step_for(variant, mesh, B, T)
+    step, state, rest, batch_sh, model_cfg = _step_for(variant, mesh, B, T, attention_impl, moe_impl)
     batch = _random_batch(model_cfg.vocab_size, B, T, batch_sh)
     with jax.set_mesh(mesh):
         compiled = step.lower(state, rest, batch).compile()
@@ -74,7 +75,8 @@ def bench_model(variant, mesh, B, T, steps):
     model_flops = train_flops_per_token(model_cfg, T) * B * T
     xla_flops, peak = compiled_flops(compiled), device_peak_flops()
     n = jax.device_count()
-    return {"variant": variant, "batch": B, "seq_len": T, "step_time_s": round(dt, 4),
+    return {"variant": variant, "attention_impl": attention_impl, "moe_impl": moe_impl, "batch": B, "seq_len": T,
+            "step_time_s": round(dt, 4),
             "tokens_per_s": round(B * T / dt, 1), "model_flops_per_step": model_flops,
             "xla_cost_analysis_flops_per_device": xla_flops, "peak_flops_per_device": peak,
             "mfu": round(model_flops / n / dt / peak, 4)}
@@ -130,6 +132,10 @@ def run(argv):
     ap.add_argument("--seq_len", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--cpu_devices", type=int, default=8)
+    # Comma lists: every model is measured with every attention x MoE implementation (the first pair is the
+    # baseline; ratios in "speedup_vs_first" per model).
+    ap.add_argument("--attention_impls", default="blockwise")
+    ap.add_argument("--moe_impls", default="ragged")
     ap.add_argument("--packing_seq_len", type=int, default=2048)
     ap.add_argument("--packing_budget", type=int, default=1024)
     ap.add_argument("--packing_trajectories", type=int, default=8)
@@ -138,9 +144,15 @@ def run(argv):
     import jax
     from klong_jax.sharding import make_mesh
     mesh = make_mesh({"fsdp": -1})
+    models = []
+    for variant in [v for v in args.models.split(",") if v]:
+        runs = [bench_model(variant, mesh, args.batch, args.seq_len, args.steps, a, m)
+                for a in args.attention_impls.split(",") for m in args.moe_impls.split(",")]
+        for r in runs:
+            r["speedup_vs_first"] = round(runs[0]["step_time_s"] / r["step_time_s"], 3)
+        models += runs
     out = {"backend": jax.default_backend(), "devices": jax.device_count(), "mesh": dict(mesh.shape),
-           "attention_impl": "blockwise", "models": [bench_model(v, mesh, args.batch, args.seq_len, args.steps)
-                                                     for v in args.models.split(",") if v]}
+           "models": models}
     if args.packing_trajectories > 0:  # 0: skip the packing comparison
         out["packing"] = bench_packing(mesh, args.packing_seq_len, args.packing_budget, args.batch,
                                        args.packing_trajectories)
