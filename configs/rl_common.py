@@ -43,6 +43,9 @@ def rl_config(stage: int, variant: str) -> ConfigDict:
         packing="shared_prefix", max_concurrent_episodes=8 if tiny else 64))
     c.agent = ConfigDict(dict(timeout_s=timeout_s, max_turns=max_turns, max_total_tokens=max_tokens,
                               max_new_tokens_per_turn=160 if tiny else None, temperature=1.0, top_p=1.0, top_k=0,
-                              reminder_every=10))
+                              reminder_every=10,
+                              # Episode directory space: tiny tasks write a few KiB; an ML experiment writes
+                              # data and checkpoints.
+                              disk_mib=64 if tiny else 200 * 1024))
     c.eval = ConfigDict(dict(n_tasks=8 if tiny else 32, timeout_s=timeout_s, max_turns=max_turns))
     return c

@@ -272,3 +272,15 @@ def test_per_turn_token_cap_cuts_every_turn(suite, tmp_path):
     for t, rendered in zip(r.turns, r.context.turns):
         np.testing.assert_array_equal(rendered.ids[1:rendered.action_len - 1], t.sampled_ids)
         assert rendered.ids[rendered.action_len - 1] in suite.template.stop_ids
+
+
+def test_episode_limits_take_the_agent_timeouts_and_disk_limit():
+    from klong_jax.agent.runner import episode_limits
+    from klong_jax.sandbox import SandboxLimits, SandboxPool
+    pool = SandboxPool(1, limits=SandboxLimits(command_timeout_s=50.0))
+    ctx = ContextConfig(budget_tokens=1024, reserve_tokens=128)
+    limits = episode_limits(pool, AgentConfig(context=ctx, timeout_s=30.0, disk_mib=64))
+    assert (limits.episode_timeout_s, limits.command_timeout_s, limits.disk_bytes) == (30.0, 50.0, 64 << 20)
+    assert episode_limits(pool, AgentConfig(context=ctx)).disk_bytes is None   # 0: the pool's (unbounded)
+    with pytest.raises(ValueError, match="disk_mib"):
+        AgentConfig(context=ctx, disk_mib=-1)

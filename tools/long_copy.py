@@ -42,7 +42,8 @@ def main(argv=None) -> int:
     with jax.set_mesh(make_mesh({"fsdp": 1})):
         model = init_model(cfg, make_mesh({"fsdp": 1}))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, 20, args.steps, args.lr / 10)
+    warmup = min(20, args.steps // 2)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, warmup, max(args.steps, warmup + 1), args.lr / 10)
     tx = optax.adamw(schedule, b2=0.95, weight_decay=0.1)
     opt_state = tx.init(params)
     L, G, B = args.length, args.gap, args.batch

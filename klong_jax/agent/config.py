@@ -26,6 +26,7 @@ class AgentConfig:
     reminder_every: int = 10                # tell the elapsed time every N turns (0: never)
     grade_timeout_s: float = 30.0           # per rubric check
     command_timeout_s: float | None = None  # per tool command (None: the sandbox pool's limit)
+    disk_mib: int = 0                       # space of the episode directory (0: the sandbox pool's limit)
     nudge_message: str = ("You did not call a tool. Each turn, call exactly one tool; call submit "
                           "when the project is done.")
 
@@ -49,6 +50,8 @@ class AgentConfig:
             raise ValueError(f"agent.grade_timeout_s={self.grade_timeout_s} must be > 0")
         if self.command_timeout_s is not None and not self.command_timeout_s > 0:
             raise ValueError("agent.command_timeout_s must be > 0 or None")
+        if self.disk_mib < 0:
+            raise ValueError(f"agent.disk_mib={self.disk_mib} must be >= 0 (0: the sandbox pool's limit)")
 
     @classmethod
     def from_mapping(cls, section: Mapping, context: Mapping | ContextConfig | None = None

@@ -54,11 +54,13 @@ def generation_params(config: AgentConfig, template: ChatTemplate, max_new_token
 
 def episode_limits(pool: SandboxPool, config: AgentConfig) -> SandboxLimits:
     """The pool's limits with the episode's wall-clock timeout, so that a long command is killed
-    when the episode's time is up."""
+    when the episode's time is up, and the agent config's disk limit if it sets one."""
     limits = pool.limits or SandboxLimits()
     changes = {"episode_timeout_s": config.timeout_s}
     if config.command_timeout_s is not None:
         changes["command_timeout_s"] = config.command_timeout_s
+    if config.disk_mib:
+        changes["disk_bytes"] = config.disk_mib << 20
     return dataclasses.replace(limits, **changes)
 
 

@@ -16,8 +16,11 @@ class SandboxLimits:
     bounds all live tasks of the episode together (background jobs and threads included: a BLAS library
     starts one thread per core). When the episode's tasks stay at that limit, every process of the
     episode is killed (a fork bomb would otherwise make every later command fail).
-    Not bounded: the total memory of all processes together and the disk space of the episode
-    directory (both would need cgroups / quotas).
+    disk_bytes bounds the space the episode directory takes (allocated blocks, /tmp is bounded apart by
+    tmp_bytes): the sandbox monitor measures it every few seconds and, when it is above the limit and has
+    not shrunk since the last measure, kills every process of the episode. Files stay, so the agent can
+    delete some and go on; a writer can overshoot by what it writes between two measures.
+    Not bounded: the total memory of all processes together (that would need cgroups).
     """
 
     cpu_seconds: int = 3600                 # RLIMIT_CPU, per process
@@ -28,6 +31,7 @@ class SandboxLimits:
     output_bytes: int = 32_000              # bytes of a command's output kept (head and tail)
     command_timeout_s: float = 600.0        # default wall-clock limit of one command
     episode_timeout_s: float | None = None  # wall-clock limit of the whole episode (None: none)
+    disk_bytes: int | None = None           # space of the episode directory (None: not bounded)
     tmp_bytes: int = 512 * MIB              # size of the sandbox's private /tmp (a tmpfs, in RAM)
     shm_bytes: int = 256 * MIB              # size of its /dev/shm (Python multiprocessing needs it)
     # After the command's main process exits, how long to keep reading output from background
@@ -40,6 +44,8 @@ class SandboxLimits:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"SandboxLimits.{name} must be a positive integer, got {value!r}")
+        if self.disk_bytes is not None and (not isinstance(self.disk_bytes, int) or self.disk_bytes <= 0):
+            raise ValueError(f"SandboxLimits.disk_bytes must be a positive integer or None, got {self.disk_bytes!r}")
         if self.max_processes < 4:
             raise ValueError(f"SandboxLimits.max_processes must be >= 4 (a shell needs a few), "
                              f"got {self.max_processes}")

@@ -84,3 +84,26 @@ def chown_tree(path: str, uid: int) -> None:
     for root, dirs, files in os.walk(path):
         for name in dirs + files:
             fix(os.path.join(root, name))
+
+
+def tree_bytes(root: str, stop_above: int | None = None) -> int:
+    """Bytes allocated to the files under `root` (lstat blocks; links not followed). With stop_above, the
+    walk stops as soon as the sum passes it (the caller only needs to know that it did)."""
+    total, stack = 0, [root]
+    while stack:
+        try:
+            entries = os.scandir(stack.pop())
+        except OSError:  # removed or unreadable while walking
+            continue
+        with entries:
+            for entry in entries:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                total += st.st_blocks * 512
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+        if stop_above is not None and total > stop_above:
+            break
+    return total

@@ -19,7 +19,7 @@ import threading
 import time
 
 from klong_jax.sandbox import backends, monitor, processes
-from klong_jax.sandbox.limits import TIMEOUT_EXIT_CODE, CommandResult, SandboxLimits
+from klong_jax.sandbox.limits import MIB, TIMEOUT_EXIT_CODE, CommandResult, SandboxLimits
 from klong_jax.sandbox.output import BoundedOutput
 from klong_jax.sandbox.uids import acquire_uid, lock_dir
 from klong_jax.sandbox.view import (BASH, ENV, PRLIMIT, SETPRIV, SETSID, ViewSpec, check_episode_dir,
@@ -31,6 +31,8 @@ _NSENTER = shutil.which("nsenter") or "/usr/bin/nsenter"
 _EOF, _TIMED_OUT, _KILLED_BACKGROUND = "eof", "timed_out", "killed_background"
 # Consecutive monitor samples at max_processes after which all of an episode's processes are killed.
 _SATURATED_SAMPLES = 2
+# How often the monitor measures the episode directory against limits.disk_bytes.
+_DISK_CHECK_S = 2.0
 
 
 class SandboxClosedError(RuntimeError):
@@ -81,6 +83,9 @@ class Sandbox:
         self._started = time.monotonic()
         self._episode_expired = False
         self._saturated_samples = 0
+        # Measured once now, so that only growth past the limit ends processes (not a large task setup).
+        self._disk_checked_at = self._started
+        self._disk_used = processes.tree_bytes(self.episode_dir) if self.limits.disk_bytes else 0
         self._pending_notes: list[str] = []
         monitor.MONITOR.register(self)
 
@@ -298,6 +303,23 @@ class Sandbox:
             # as its output closes, which can be before kill_all() returns.
             with self._lock:
                 self._pending_notes.append(_process_limit_note(self.limits.max_processes))
+            self.kill_all()
+        if self.limits.disk_bytes is not None and now - self._disk_checked_at >= _DISK_CHECK_S:
+            self._check_disk(now)
+
+    def _check_disk(self, now: float) -> None:
+        """Kills the episode's processes while its directory is above limits.disk_bytes and not shrinking:
+        a command that deletes files to get back under the limit is left to finish."""
+        limit = self.limits.disk_bytes
+        used = processes.tree_bytes(self.episode_dir, stop_above=2 * limit)
+        growing = used > self._disk_used
+        self._disk_checked_at, self._disk_used = now, used
+        if used > limit and growing:
+            with self._lock:
+                self._pending_notes.append(
+                    f"the episode directory holds over {used / MIB:.1f} MiB, above its disk limit of "
+                    f"{limit / MIB:.1f} MiB; all of its processes were killed (files are kept: delete some "
+                    f"to go on)")
             self.kill_all()
 
     def _take_pending_notes(self) -> list[str]:
