@@ -1,6 +1,8 @@
 """Does a trained model copy task words from its context? Teacher-forced loss on held-out expert trajectories,
 split into the assistant tokens that are task words (names the spec gives: directories, files, values) and all
-other assistant tokens.
+other assistant tokens. Task words are also split into near ones (the same id occurs within the previous --near
+tokens: the expert's reasoning names the item right before the call that uses it) and far ones (only the spec
+has it).
 
     JAX_PLATFORMS=cpu .venv/bin/python tools/copy_probe.py --workdir=RUN [--step=300 --turns=7 --trajectories=6]
 
@@ -22,6 +24,7 @@ def main(argv=None) -> int:
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--turns", type=int, default=7, help="assistant turns of each trajectory scored")
     parser.add_argument("--trajectories", type=int, default=6)
+    parser.add_argument("--near", type=int, default=32, help="tokens back that count as near for a task word")
     args = parser.parse_args(argv)
 
     from klong_jax.runtime import setup_devices
@@ -49,7 +52,9 @@ def main(argv=None) -> int:
     tokenizer = load_tokenizer(tokenizer_of(cfg["data"]))
     template = ChatTemplate(tokenizer)
     words = set(vocab.TASK_WORDS)
-    losses = {"task_word": [], "other": []}
+    # Task words also split by where their last earlier occurrence is: within the previous NEAR tokens (the
+    # expert's reasoning names the item just before the call that uses it) or farther back (the spec).
+    losses = {"task_word": [], "other": [], "task_word_near": [], "task_word_far": []}
     for trajectory in list(read_jsonl(data["eval"][0]))[:args.trajectories]:
         kept, turns = [], 0
         for m in trajectory.messages:
@@ -65,8 +70,11 @@ def main(argv=None) -> int:
         for i in np.flatnonzero(rendered.trainable[1:]):
             kind = "task_word" if tokenizer.decode([int(targets_T[i])]).strip() in words else "other"
             losses[kind].append(float(loss_T[i]))
+            if kind == "task_word":
+                near = targets_T[i] in targets_T[max(0, i - args.near):i]
+                losses["task_word_near" if near else "task_word_far"].append(float(loss_T[i]))
     report = {"workdir": args.workdir, "step": int(step),
-              **{f"{k}_loss": float(np.mean(v)) for k, v in losses.items()},
+              **{f"{k}_loss": float(np.mean(v)) if v else None for k, v in losses.items()},
               **{f"{k}_tokens": len(v) for k, v in losses.items()}}
     print(json.dumps(report))
     return 0
