@@ -321,6 +321,9 @@ class Sandbox:
                     f"{limit / MIB:.1f} MiB; all of its processes were killed (files are kept: delete some "
                     f"to go on)")
             self.kill_all()
+            # The baseline is what is left once the writers are dead: what they wrote between the measure
+            # and the kill must not count as growth against the next command.
+            self._disk_used = processes.tree_bytes(self.episode_dir, stop_above=2 * limit)
 
     def _take_pending_notes(self) -> list[str]:
         with self._lock:
