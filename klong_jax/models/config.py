@@ -132,7 +132,7 @@ PRESETS = {
                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                  n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
                  max_position_embeddings=4096, rope_theta=10000.0, pad_token_id=0, eos_token_id=(1,)),
-    # About 270M total: the benchmark size.
+    # About 294M total (113M active per token): the benchmark size.
     "small": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, moe_intermediate_size=512,
                   num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4, head_dim=64,
                   n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1, first_k_dense_replace=1,
