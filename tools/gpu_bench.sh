@@ -243,7 +243,8 @@ log "(c2) copy_probe elapsed $(( SECONDS - T1 ))s; (c) total $(( SECONDS - T0 ))
 fi
 
 # ---------------------------------------------------------------- summary
-if want c; then log "SFT summary:"; fi
+if want c; then
+log "SFT summary:"
 $PY - "$OUT/sft_metrics.jsonl" <<'EOF' 2>&1 | tee -a "$LOG" || true
 import json, statistics, sys
 try:
@@ -258,5 +259,6 @@ if t:
     print(f"  logged train step_time_s: median {statistics.median(t) * 1000:.1f} ms, max {max(t) * 1000:.1f} ms "
           f"over {len(t)} logged steps")
 EOF
+fi
 log "files in $OUT: $(ls "$OUT" | tr '\n' ' ')($(ls "$OUT" | wc -l))"
 log "done in ${SECONDS}s"

@@ -39,8 +39,9 @@ def main(argv=None) -> int:
     from klong_jax.sharding import make_mesh
 
     cfg = preset(args.preset, dtype="float32", param_dtype="float32", attention_impl="blockwise")
-    with jax.set_mesh(make_mesh({"fsdp": 1})):
-        model = init_model(cfg, make_mesh({"fsdp": 1}))
+    mesh = make_mesh({"fsdp": 1})
+    with jax.set_mesh(mesh):
+        model = init_model(cfg, mesh)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     warmup = min(20, args.steps // 2)
     schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, warmup, max(args.steps, warmup + 1), args.lr / 10)
