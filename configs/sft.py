@@ -66,9 +66,12 @@ def get_config(variant: str = "tiny") -> ConfigDict:
     # others: three-section tasks (length 16, ~26 turns).
     c.data.embedded = ConfigDict(dict(n_train=512 if tiny else 256, n_heldout=8 if tiny else 32, seed=0, difficulty=1,
                                       length=6 if tiny else 16, mistake_prob=0.1, vocab_size=c.model.vocab_size))
+    # rename_prob: share of training trajectories whose names are renamed consistently (data/renaming.py), so that
+    # only copying them from the context is right; rename_words: comma list ("" with the embedded suite: its task
+    # words). Off by default: on the tiny model it did not start copying (BUILD_NOTES.md, session 5).
     c.data.pipeline = ConfigDict(dict(
         source="jsonl", packing="shared_prefix", pack_chunk=8, shuffle=True, num_epochs=None, on_error="raise",
-        train_overlap=False, num_workers=0, read_threads=1,
+        train_overlap=False, num_workers=0, read_threads=1, rename_prob=0.0, rename_words="",
         context=dict(budget_tokens=budget, reserve_tokens=min(256, budget // 4), drop_fraction=0.3,
                      drop_unit="turns", max_tool_result_tokens=budget // 4)))
     return c

@@ -13,6 +13,8 @@
 #   (b) launch/bench.py sampler: tiny, then small
 #   (c) tiny SFT for 3000 steps (checkpoints every 500 kept), then tools/copy_probe.py on steps 500/1000/2000/3000
 #       (or whichever exist when the time ran out), 4 probes in parallel.
+#       GPU_BENCH_SFT_STEPS / _SFT_EVERY / _PROBE_STEPS change those numbers; GPU_BENCH_SFT_ARGS adds train.py flags
+#       (e.g. "--config.data.pipeline.rename_prob=1.0 --config.train.global_batch=8").
 # Optional parts (GPU_BENCH_PARTS, default a,b,c): (s) the small train step under each attention x MoE
 # implementation; (r) launch/bench.py rl_step on the tiny stage-1 config (random init).
 # The whole script keeps within GPU_BENCH_TOTAL_S seconds (default 450); (c) gets what (a) and (b) left.
@@ -125,7 +127,8 @@ else
   A2_RETRY=(--models=small --batch=4 --seq_len=4096 --steps=5 --cpu_devices=1 --packing_trajectories=0)
   B1=(--presets=tiny --batches=1,16 --prompt_len=128 --gen_tokens=tiny:256 --dtype=bfloat16 --repeats=3)
   B2=(--presets=small --batches=1,16 --prompt_len=128 --gen_tokens=small:128 --dtype=bfloat16 --repeats=3)
-  SFT_STEPS=3000; SFT_EVERY=500; PROBE_STEPS="500 1000 2000 3000"; LOG_EVERY=50
+  SFT_STEPS=${GPU_BENCH_SFT_STEPS:-3000}; SFT_EVERY=${GPU_BENCH_SFT_EVERY:-500}
+  PROBE_STEPS=${GPU_BENCH_PROBE_STEPS:-"500 1000 2000 3000"}; LOG_EVERY=50
   # The small model's train step under blockwise / reference attention x ragged / dense MoE, batch 4 x 4096 (the
   # reference attention keeps B x H x T x T scores per layer for the backward: ~39 GB at this shape).
   S1=(--models=small --batch=4 --seq_len=4096 --steps=5 --cpu_devices=1 --packing_trajectories=0)
@@ -207,7 +210,8 @@ EOF
 # On timeout, train.py gets SIGTERM, checkpoints the current step and exits (15 s grace before SIGKILL).
 part c1_sft_tiny "$(cap 100000 $(( PROBE_RESERVE + 20 )))" $PY launch/train.py --config=configs/sft.py:tiny \
   --workdir="$SFT_DIR" --config.train.steps=$SFT_STEPS --config.train.eval_every=$SFT_EVERY \
-  --config.checkpoint.every=$SFT_EVERY --config.checkpoint.keep_every=$SFT_EVERY --config.train.log_every=$LOG_EVERY
+  --config.checkpoint.every=$SFT_EVERY --config.checkpoint.keep_every=$SFT_EVERY --config.train.log_every=$LOG_EVERY \
+  ${GPU_BENCH_SFT_ARGS:-}
 cp "$SFT_DIR/metrics.jsonl" "$OUT/sft_metrics.jsonl" 2>/dev/null || true
 cp "$SFT_DIR/summary.json" "$OUT/sft_summary.json" 2>/dev/null || true
 log "(c1) SFT elapsed $(( SECONDS - T0 ))s; checkpoints: $(ls "$SFT_DIR/checkpoints" 2>/dev/null | tr '\n' ' ')"
@@ -239,6 +243,28 @@ else
   log "no SFT checkpoint to probe"
 fi
 log "(c2) copy_probe elapsed $(( SECONDS - T1 ))s; (c) total $(( SECONDS - T0 ))s"
+# GPU_BENCH_EXPORT=1: the latest SFT weights (params only, an Orbax model checkpoint usable as init_from) and the
+# run's config.json, as $OUT/sft_model.tgz, so the run can be evaluated elsewhere.
+if [[ ${GPU_BENCH_EXPORT:-0} == 1 && -n $latest ]]; then
+  timeout 120 $PY - "$SFT_DIR" "$latest" /tmp/gpu_bench_export <<'EOF' 2>&1 | tee -a "$LOG" || true
+import json, os, shutil, sys
+import jax
+from klong_jax.model_checkpoint import save_model
+from klong_jax.models.from_config import model_config_from
+from klong_jax.sharding import make_mesh
+from klong_jax.training.state import load_trained_model
+workdir, step, dst = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+cfg = json.load(open(os.path.join(workdir, "config.json")))
+mesh = make_mesh({"fsdp": 1})
+with jax.set_mesh(mesh):
+    model, _ = load_trained_model(workdir, model_config_from(cfg["model"]), mesh, step=step)
+shutil.rmtree(dst, ignore_errors=True)
+save_model(model, os.path.join(dst, "model"), step=step)
+shutil.copy(os.path.join(workdir, "config.json"), os.path.join(dst, "config.json"))
+print("exported step", step, "to", dst)
+EOF
+  tar czf "$OUT/sft_model.tgz" -C /tmp/gpu_bench_export . && log "exported: $(du -h "$OUT/sft_model.tgz" | cut -f1)"
+fi
 
 fi
 

@@ -6,7 +6,6 @@ torch==2.13.0 (CPU) and transformers 5.x — never in the project env (no torch 
   logits MODEL_DIR IDS.npy OUT.npy
                           load MODEL_DIR with transformers and write its fp32 logits for IDS (round trip check)
 """
-import json
 import os
 import sys
 

@@ -1,11 +1,17 @@
-"""Can a model preset learn exact copying across a gap? A diagnostic for the tiny recipe's copy problem.
+"""Can a model preset learn to copy from its context? A diagnostic for the tiny recipe's copy problem.
 
     JAX_PLATFORMS=cpu .venv/bin/python tools/long_copy.py --gap=300 --steps=400 [--preset=tiny --length=24 --batch=8]
+    JAX_PLATFORMS=cpu .venv/bin/python tools/long_copy.py --mode=near --gap=4 --words=64 --steps=250
 
-Each row is A + filler + A: A is `length` random ids from 200..399, the filler `gap` random ids from 400..1399.
-The loss is taken on the second A only, so it starts at ln(200) = 5.3 nats and falls only as the model learns to
-find the earlier copy of the current token and emit what followed it (an induction head). Plain jit'd AdamW on one
-device; the model is the preset's real GLM-4.5 MoE module with the blockwise attention kernel.
+--mode=exact: each row is A + filler + A: A is `length` random ids from the word pool (`words` ids from 200), the
+filler `gap` random ids from 400..1399. The loss is taken on the second A only, so it starts at ln(words) nats and
+falls only as the model learns to find the earlier copy of the current token and emit what followed it (an
+induction head).
+--mode=near: each row is `units` units of 8 filler ids, a marker, a word, a marker, `gap` filler ids, a query
+marker and the word again; the loss is on that last word: "copy the word named just before", the simplest form
+of what the expert's reasoning-then-command turns ask for (`line `wheel`` ... `echo 'wheel'`).
+Plain jit'd AdamW on one device; the model is the preset's real GLM-4.5 MoE module with the blockwise attention
+kernel.
 """
 import argparse
 import os
@@ -24,6 +30,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--log_every", type=int, default=25)
+    ap.add_argument("--mode", choices=("exact", "near"), default="exact")
+    ap.add_argument("--words", type=int, default=200, help="size of the word pool (ids 200..200+words-1)")
+    ap.add_argument("--units", type=int, default=20, help="near mode: units per row")
     args = ap.parse_args(argv)
 
     from klong_jax.runtime import setup_devices
@@ -34,28 +43,41 @@ def main(argv=None) -> int:
     import optax
     from flax import nnx
 
-    from klong_jax.models import init_model
-    from klong_jax.models.config import preset
-    from klong_jax.sharding import make_mesh
+    from tools.diag_setup import diagnostic_model, diagnostic_optimizer
 
-    cfg = preset(args.preset, dtype="float32", param_dtype="float32", attention_impl="blockwise")
-    mesh = make_mesh({"fsdp": 1})
-    with jax.set_mesh(mesh):
-        model = init_model(cfg, mesh)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    warmup = min(20, args.steps // 2)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, warmup, max(args.steps, warmup + 1), args.lr / 10)
-    tx = optax.adamw(schedule, b2=0.95, weight_decay=0.1)
+    graphdef, params, rest, _ = diagnostic_model(args.preset)
+    tx = diagnostic_optimizer(args.steps, args.lr)
     opt_state = tx.init(params)
     L, G, B = args.length, args.gap, args.batch
     rng = np.random.default_rng(0)
 
-    def batch():
-        a_BL = rng.integers(200, 400, (B, L))
+    W = args.words
+    if not 0 < W <= 200:
+        raise SystemExit("--words must be in 1..200 (ids 200..399; the filler uses 400..1399)")
+
+    def exact_batch():
+        a_BL = rng.integers(200, 200 + W, (B, L))
         ids_BT = np.concatenate([a_BL, rng.integers(400, 1400, (B, G)), a_BL], 1).astype(np.int32)
         mask_BT = np.zeros((B, 2 * L + G - 1), np.float32)
         mask_BT[:, L + G:] = 1.0  # targets: the second copy's tokens 2..L (the first one is not predictable)
         return jnp.asarray(ids_BT), jnp.asarray(mask_BT)
+
+    def near_batch():
+        MARK_OPEN, MARK_CLOSE, QUERY = 10, 11, 12
+        unit = 8 + 3 + G + 2
+        ids_BT = np.empty((B, args.units * unit), np.int32)
+        for b in range(B):
+            row = []
+            for _ in range(args.units):
+                filler = list(rng.integers(400, 1400, 8))
+                w = int(rng.integers(200, 200 + W))
+                row += filler + [MARK_OPEN, w, MARK_CLOSE] + list(rng.integers(400, 1400, G)) + [QUERY, w]
+            ids_BT[b] = row
+        mask_BT = np.zeros((B, args.units * unit - 1), np.float32)
+        mask_BT[:, unit - 2::unit] = 1.0  # the target after each query marker
+        return jnp.asarray(ids_BT), jnp.asarray(mask_BT)
+
+    batch = exact_batch if args.mode == "exact" else near_batch
 
     def loss_fn(p, ids_BT, mask_BT):
         logits_BTV = nnx.merge(graphdef, p, rest)(ids_BT[:, :-1])
@@ -73,7 +95,8 @@ def main(argv=None) -> int:
     for i in range(1, args.steps + 1):
         params, opt_state, loss = step(params, opt_state, *batch())
         if i % args.log_every == 0 or i == args.steps:
-            print(f"{args.preset} length={L} gap={G} step {i}: copy loss {float(loss):.3f} nats "
+            shape = f"length={L}" if args.mode == "exact" else f"units={args.units}"
+            print(f"{args.preset} {args.mode} {shape} gap={G} words={W} step {i}: copy loss {float(loss):.3f} nats "
                   f"({time.time() - t0:.0f}s)", flush=True)
     return 0
 

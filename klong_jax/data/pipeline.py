@@ -6,7 +6,8 @@
     state = it.get_state(); ...; it.set_state(state)   # resumes at exactly the next batch
 
 Order: source -> shard (shard_index::shard_count; default this JAX process) -> shuffle (seeded,
-reshuffled every epoch) -> repeat -> parse/validate/split (MapDataset.map, threads) -> pack
+reshuffled every epoch) -> repeat -> parse/validate/split (MapDataset.map, threads) -> rename words
+(optional, seeded per record; renaming.py) -> pack
 (PackIterDataset: `pack_chunk` trajectories at a time, best-fit) -> batch -> worker processes
 (optional; each worker runs the stages above on its slice, so batches come whole from one worker).
 
@@ -25,6 +26,7 @@ from klong_jax.config_mapping import known_items
 from klong_jax.data.chat_template import ChatTemplate
 from klong_jax.data.context import ContextConfig, ContextOverflow, ContextPolicy
 from klong_jax.data.packing import PACK_MODES, PackStats, make_docs, pack_docs
+from klong_jax.data.renaming import RenameWords, word_ids
 from klong_jax.data.sources import JsonlSource, RawRecord
 from klong_jax.data.splitting import Window, split
 from klong_jax.data.tokenizer import Tokenizer, load_tokenizer
@@ -57,6 +59,8 @@ class DataConfig:
     num_workers: int = 0                    # Grain worker processes (0: in this process)
     read_threads: int = 1                   # threads for the parse/split map
     drop_remainder: bool = True
+    rename_words: tuple[str, ...] = ()      # words renamed consistently per trajectory (renaming.py)
+    rename_prob: float = 0.0                # share of trajectories renamed
 
     def __post_init__(self):
         check_on_error(self.on_error)
@@ -67,6 +71,9 @@ class DataConfig:
         if self.seq_len < self.context.budget_tokens:
             raise ValueError(f"seq_len={self.seq_len} must be >= context.budget_tokens="
                              f"{self.context.budget_tokens}: a window must fit one row")
+        if self.rename_prob and not self.rename_words:
+            raise ValueError(f"data.pipeline.rename_prob={self.rename_prob} needs data.pipeline.rename_words (a comma "
+                             "list of the words to rename; the embedded suite fills in its task words)")
         for name in ("batch_size", "pack_chunk", "read_threads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be positive")
@@ -79,7 +86,7 @@ class DataConfig:
             raise ValueError("the data config needs a 'context' (ContextConfig fields)")
         if not isinstance(items["context"], ContextConfig):
             items["context"] = ContextConfig.from_mapping(items["context"])
-        for key in ("paths", "end_tools"):
+        for key in ("paths", "end_tools", "rename_words"):
             if key in items and isinstance(items[key], str):
                 items[key] = tuple(p for p in items[key].split(",") if p)
             elif key in items:
@@ -288,6 +295,8 @@ def _rows(config: DataConfig, tokenizer: Tokenizer | None):
     ds = ds.map(TrajectoryToWindows(config.tokenizer if tokenizer is None else tok, config.context,
                                     on_error=config.on_error, train_overlap=config.train_overlap,
                                     end_tools=config.end_tools))
+    if config.rename_prob > 0:
+        ds = ds.random_map(RenameWords(word_ids(tok, config.rename_words), tok.vocab_size, config.rename_prob))
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
                                                  prefetch_buffer_size=4 * config.read_threads))
     it_ds = PackIterDataset(it_ds, seq_len=config.seq_len, mode=config.packing,

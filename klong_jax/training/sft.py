@@ -16,6 +16,7 @@ from klong_jax.data.pipeline import DataConfig, make_dataset
 from klong_jax.data.tokenizer import load_tokenizer
 from klong_jax.models.from_config import model_config_from
 from klong_jax.sharding import make_mesh
+from klong_jax.tasks import vocab
 from klong_jax.training.checkpoint import Checkpointer, abstract_with_shardings
 from klong_jax.training.data_iter import LookaheadIterator
 from klong_jax.training.metrics import MetricsWriter
@@ -50,7 +51,9 @@ def data_config(cfg, *, split: str, paths, tokenizer_path: str, batch_size: int)
     section.update(tokenizer=tokenizer_path, paths=tuple(paths), seq_len=cfg.train.seq_len, batch_size=batch_size,
                    seed=cfg.seed, split=split)
     if split != "train":
-        section.update(shuffle=False, num_epochs=1, drop_remainder=False)
+        section.update(shuffle=False, num_epochs=1, drop_remainder=False, rename_prob=0.0)
+    elif section.get("rename_prob") and not section.get("rename_words") and not cfg.data.get("train_paths"):
+        section["rename_words"] = vocab.TASK_WORDS   # the embedded suite's names
     return DataConfig.from_mapping(section)
 
 
