@@ -19,7 +19,7 @@
 # implementation; (r) launch/bench.py rl_step on the tiny stage-1 config (random init).
 # The whole script keeps within GPU_BENCH_TOTAL_S seconds (default 450); (c) gets what (a) and (b) left.
 # $OUT gets at most 8 files: log.txt, train_step_{tiny,small}.json, sampler_{tiny,small}.json,
-# sft_metrics.jsonl, sft_summary.json, copy_probe.jsonl.
+# sft_metrics.jsonl, sft_summary.json, copy_probe.jsonl (and sft_model.tgz with GPU_BENCH_EXPORT=1).
 #
 # .whl/ is made on the workstation (it is git-ignored through .git/info/exclude):
 #   python3.12 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
