@@ -27,7 +27,7 @@ venv: $(VENV)/.installed
 $(HFREF)/.installed:
 	@test -n "$(PY311)" || { echo "python3.11 not found (needed for the transformers reference env)"; exit 1; }
 	$(PY311) -m venv $(HFREF)
-	$(HFREF)/bin/python -m pip install -q torch==2.13.0 transformers==5.24.0 safetensors==0.8.0 numpy
+	$(HFREF)/bin/python -m pip install -q torch==2.13.0 transformers==5.24.0 safetensors==0.8.0 gguf==0.19.0 accelerate==1.16.0 numpy
 	touch $@
 
 hfref: $(HFREF)/.installed
