@@ -33,42 +33,42 @@ def load_config(path: str, **runtime) -> ModelConfig:
         raise ValueError(f"{cfg_path}: {e}") from e
 
 
-def _check_keys(reader: SafetensorsReader, maps, cfg: ModelConfig, path: str) -> None:
+def _check_keys(reader, maps, cfg: ModelConfig, source: str) -> None:
+    """Every tensor the config implies is present with its HF shape, and nothing else (MTP layers skipped)."""
     expected = {}
     for m in maps.values():
         for _, key in m.keys():
             expected[key] = m.hf_shape
-    mtp = [k for k in reader.keys() if is_mtp_key(k, cfg)]
+    keys = set(reader.keys())
+    mtp = [k for k in keys if is_mtp_key(k, cfg)]
     if mtp:
-        log.info("%s: skipping %d multi-token-prediction tensors (model.layers.%d.*)", path, len(mtp),
+        log.info("%s: skipping %d multi-token-prediction tensors (model.layers.%d.*)", source, len(mtp),
                  cfg.num_hidden_layers)
-    unexpected = sorted(set(reader.keys()) - set(expected) - set(mtp))
+    unexpected = sorted(keys - set(expected) - set(mtp))
     if unexpected:
-        raise ValueError(f"{path}: tensors not in a Glm4MoeForCausalLM of this config: {unexpected[:10]}"
+        raise ValueError(f"{source}: tensors not in a {cfg.architecture} of this config: {unexpected[:10]}"
                          f"{' ...' if len(unexpected) > 10 else ''}")
-    missing = sorted(set(expected) - set(reader.keys()))
+    missing = sorted(set(expected) - keys)
     if missing:
-        raise ValueError(f"{path}: missing tensors: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+        raise ValueError(f"{source}: missing tensors: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
     for key, shape in expected.items():
-        got = reader.shape(key)
+        got = tuple(reader.shape(key))
         if got != shape:
-            raise ValueError(f"{path}: tensor {key} has shape {got}, config.json implies {shape}")
+            raise ValueError(f"{source}: tensor {key} has shape {got}, config.json implies {shape}")
 
 
-def load_pretrained(path: str, *, dtype: str | None = None, mesh=None, rules=None, **runtime):
-    """Load a HF checkpoint directory into a (sharded) model.
+def load_from_reader(reader, cfg: ModelConfig, *, mesh=None, rules=None, source: str):
+    """Stream the tensors of `reader` into a (sharded) `Glm4MoeForCausalLM(cfg)`.
 
-    dtype: parameter storage dtype (default float32); runtime: ModelConfig runtime fields (e.g. dtype of
-    compute via `compute_dtype`, attention_impl, remat_policy).
+    reader: any tensor source with `.keys()` (HF tensor names), `.shape(key)` (the HF/torch shape, e.g.
+    [out, in] for a Linear weight) and `.get(key) -> np.ndarray` in that HF layout (any float dtype; cast
+    to the parameter dtype here). source names the checkpoint in errors. Keys and shapes are checked
+    first (unknown, missing and mis-shaped tensors are named); then every variable is built with
+    `jax.make_array_from_callback`, each device shard filled from only the HF tensors it covers
+    (per layer, per expert), so the whole model is never in host memory. mesh=None: one device.
     """
-    if "compute_dtype" in runtime:
-        runtime["dtype"] = runtime.pop("compute_dtype")
-    if dtype is not None:
-        runtime["param_dtype"] = dtype
-    cfg = load_config(path, **runtime)
-    reader = SafetensorsReader(path)
     maps = tensor_maps(cfg)
-    _check_keys(reader, maps, cfg, path)
+    _check_keys(reader, maps, cfg, source)
     if mesh is None:
         graphdef, abstract_state, shardings = model_shardings(cfg, _single_device_mesh())
         shardings = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), shardings)
@@ -98,7 +98,7 @@ def load_pretrained(path: str, *, dtype: str | None = None, mesh=None, rules=Non
                     key = m.hf_key(global_idx[0] + m.layer_offset)
                 else:
                     key = m.hf_key(global_idx[0] + m.layer_offset, global_idx[1])
-                out[pos] = m.to_ours(reader.get(key))[inner_idx].astype(dtype_np)
+                out[pos] = m.to_ours(np.asarray(reader.get(key)))[inner_idx].astype(dtype_np)
             return out
 
         value = jax.make_array_from_callback(var.shape, flat_shardings[path_], fill)
@@ -107,6 +107,21 @@ def load_pretrained(path: str, *, dtype: str | None = None, mesh=None, rules=Non
     flat_loaded = [(p, load_one(p, v)) for p, v in flat_abstract.items()]
     state = nnx.from_flat_state(flat_loaded)
     return nnx.merge(graphdef, state)
+
+
+def load_pretrained(path: str, *, dtype: str | None = None, mesh=None, rules=None, **runtime):
+    """Load a HF checkpoint directory into a (sharded) model: config.json + SafetensorsReader +
+    `load_from_reader`.
+
+    dtype: parameter storage dtype (default float32); runtime: ModelConfig runtime fields (e.g. dtype of
+    compute via `compute_dtype`, attention_impl, remat_policy).
+    """
+    if "compute_dtype" in runtime:
+        runtime["dtype"] = runtime.pop("compute_dtype")
+    if dtype is not None:
+        runtime["param_dtype"] = dtype
+    cfg = load_config(path, **runtime)
+    return load_from_reader(SafetensorsReader(path), cfg, mesh=mesh, rules=rules, source=path)
 
 
 def _single_device_mesh():
@@ -150,4 +165,4 @@ def save_pretrained(model, path: str, *, dtype: str | None = None, max_shard_byt
             json.dump(hf_cfg, f, indent=2)
 
 
-__all__ = ["load_pretrained", "save_pretrained", "load_config"]
+__all__ = ["load_pretrained", "load_from_reader", "save_pretrained", "load_config"]

@@ -86,6 +86,11 @@ class ModelConfig:
         return self.num_hidden_layers - self.first_k_dense_replace
 
     @property
+    def architecture(self) -> str:
+        """The Hugging Face class name of this config (config.json `architectures`)."""
+        return "Glm4MoeForCausalLM"
+
+    @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)
 
