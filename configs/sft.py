@@ -19,9 +19,9 @@ MESHES = {
 }
 
 RUNTIME = {
-    "tiny": dict(dtype="float32", param_dtype="float32", attention_impl="blockwise"),
-    "small": dict(dtype="bfloat16", param_dtype="float32", attention_impl="blockwise"),
-    "glm45_air": dict(dtype="bfloat16", param_dtype="float32", remat_policy="full", attention_impl="pallas",
+    "tiny": dict(compute_dtype="float32", param_dtype="float32", attention_impl="blockwise"),
+    "small": dict(compute_dtype="bfloat16", param_dtype="float32", attention_impl="blockwise"),
+    "glm45_air": dict(compute_dtype="bfloat16", param_dtype="float32", remat_policy="full", attention_impl="pallas",
                       moe_token_chunk=4096),
 }
 

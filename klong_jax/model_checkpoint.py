@@ -9,7 +9,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from klong_jax.models.config import ModelConfig
+from klong_jax.models.config import ModelConfig, runtime_overrides
 from klong_jax.models.init import model_shardings
 
 
@@ -20,7 +20,12 @@ def config_to_json(cfg: ModelConfig) -> dict:
 
 
 def config_from_json(d: dict, **runtime) -> ModelConfig:
+    """ModelConfig of a saved model_config JSON, runtime fields overridden. Checkpoints written before the
+    compute dtype was named `compute_dtype` hold it as "dtype" (it always meant the compute dtype)."""
     d = dict(d)
+    if "dtype" in d:
+        legacy = d.pop("dtype")
+        d.setdefault("compute_dtype", legacy)
     if isinstance(d.get("eos_token_id"), list):
         d["eos_token_id"] = tuple(d["eos_token_id"])
     d.update(runtime)
@@ -45,8 +50,11 @@ def read_model_config(directory: str, step: int | None = None, **runtime) -> tup
     return config_from_json(meta["model_config"], **runtime), step
 
 
-def load_model(directory: str, mesh, *, step: int | None = None, rules=None, **runtime):
-    """Restore onto `mesh` (any shape: Orbax reshards), with optional runtime overrides."""
+def load_model(directory: str, mesh, *, step: int | None = None, rules=None, param_dtype=None,
+               compute_dtype=None, **runtime):
+    """Restore onto `mesh` (any shape: Orbax reshards), with optional runtime overrides: param_dtype
+    (storage), compute_dtype (activations), attention_impl, ... (`dtype=` raises TypeError)."""
+    runtime = runtime_overrides("load_model", dict(runtime, param_dtype=param_dtype, compute_dtype=compute_dtype))
     cfg, step = read_model_config(directory, step, **runtime)
     graphdef, abstract_state, shardings = model_shardings(cfg, mesh, *(() if rules is None else (rules,)))
     target = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),

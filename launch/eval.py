@@ -43,7 +43,8 @@ _AGENT_FLAGS = {
     "reminder_every": flags.DEFINE_integer("reminder_every", None, "time reminder every N turns"),
 }
 
-RUNTIME_FIELDS = ("dtype", "param_dtype", "attention_impl", "moe_impl", "remat_policy", "scan_layers")
+RUNTIME_FIELDS = ("compute_dtype", "param_dtype", "attention_impl", "moe_impl", "remat_policy", "scan_layers",
+                  "moe_token_chunk")
 
 
 def load_task_dirs(path: str) -> list[str]:

@@ -21,7 +21,8 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Orbax model checkpoint di
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face Glm4MoeForCausalLM directory")
 _PRESET = flags.DEFINE_string("preset", None, "random init of a model preset (tiny, small, glm45_air)")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "SentencePiece .model or tokenizer.json")
-_MODEL_OVERRIDES = flags.DEFINE_string("model_overrides", "{}", 'JSON ModelConfig fields, e.g. {"dtype": "bfloat16"}')
+_MODEL_OVERRIDES = flags.DEFINE_string("model_overrides", "{}",
+                                       'JSON ModelConfig fields, e.g. {"compute_dtype": "bfloat16"}')
 _MESH = flags.DEFINE_string("mesh", "fsdp:-1", "mesh as axis:size,... over all devices")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "emulated CPU devices (0: leave as is)")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "address to listen on")

@@ -18,7 +18,7 @@ from test_agent import agent_config, make_suite
 def sampled_run(tmp_path_factory):
     suite = make_suite(tmp_path_factory.mktemp("suite"))
     cfg = preset("tiny", vocab_size=512, hidden_size=64, num_hidden_layers=2, n_routed_experts=4,
-                 dtype="float32", param_dtype="float32", attention_impl="reference")
+                 compute_dtype="float32", param_dtype="float32", attention_impl="reference")
     model = init_model(cfg, None, seed=0)
     # One prompt bucket and one new-token bucket: a single compilation serves every step.
     policy = SamplerPolicy.from_model(model, seed=3, min_prompt_bucket=1536, min_new_bucket=32)

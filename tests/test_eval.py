@@ -55,7 +55,7 @@ def _trainer_workdir(workdir: str, tokenizer_path: str) -> None:
     """A checkpoint in the SFT trainer's layout ({"train": {params, opt_state, step}, "rest"}, as
     klong_jax.training.sft saves it) with the workdir's config.json, for a tiny random model."""
     model_cfg = preset("tiny", vocab_size=512, hidden_size=64, num_hidden_layers=2,
-                       n_routed_experts=4, dtype="float32", param_dtype="float32",
+                       n_routed_experts=4, compute_dtype="float32", param_dtype="float32",
                        attention_impl="reference")
     optimizer = ConfigDict(dict(lr=1e-3, warmup_steps=1, final_lr_fraction=0.1, b1=0.9, b2=0.95,
                                 eps=1e-8, weight_decay=0.1, clip_norm=1.0))

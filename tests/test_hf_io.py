@@ -43,7 +43,7 @@ def test_save_then_load_is_identical_and_shards(tmp_path):
 
 
 def test_bfloat16_save_keeps_router_fp32(tmp_path):
-    save_pretrained(load_pretrained(FIXTURE), str(tmp_path / "bf16"), dtype="bfloat16")
+    save_pretrained(load_pretrained(FIXTURE), str(tmp_path / "bf16"), save_dtype="bfloat16")
     tensors = load_file(str(tmp_path / "bf16" / "model.safetensors"))
     assert tensors["model.layers.1.mlp.gate.weight"].dtype == np.float32
     assert tensors["model.layers.1.mlp.gate.e_score_correction_bias"].dtype == np.float32

@@ -9,7 +9,7 @@ from klong_jax.models import count_params, init_model, preset
 from klong_jax.models.moe import experts_dense, experts_ragged, route
 from klong_jax.sharding import make_mesh
 
-CFG = preset("tiny", dtype="float32", vocab_size=256, max_position_embeddings=512)
+CFG = preset("tiny", compute_dtype="float32", vocab_size=256, max_position_embeddings=512)
 
 
 def _ids(B=2, T=16, seed=0):

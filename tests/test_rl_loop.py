@@ -35,7 +35,7 @@ def sampled_rows(root, temperature: float = 1.0):
                               vocab_size=600))
     paths = prepare_embedded(section, cache_root=str(root / "cache"))
     tok = load_tokenizer(paths["tokenizer"])
-    cfg = preset("tiny", dtype="float32", vocab_size=640, num_hidden_layers=2, n_routed_experts=4)
+    cfg = preset("tiny", compute_dtype="float32", vocab_size=640, num_hidden_layers=2, n_routed_experts=4)
     model = init_model(cfg, seed=0)
     template = ChatTemplate(tok)
     tasks = [load_task(os.path.join(paths["train_tasks"], n)) for n in sorted(os.listdir(paths["train_tasks"]))[:1]]

@@ -14,7 +14,7 @@ from klong_jax.data.train_tokenizer import train_sentencepiece
 from klong_jax.models import init_model, preset
 from klong_jax.sampling import TRACE_COUNTS, Sampler, SamplingParams, length_bucket, sample_tokens
 
-CFG = preset("tiny", dtype="float32", vocab_size=512, num_hidden_layers=2, max_position_embeddings=512)
+CFG = preset("tiny", compute_dtype="float32", vocab_size=512, num_hidden_layers=2, max_position_embeddings=512)
 PROMPT_LENS = (3, 17, 9, 30)          # ragged, one prompt bucket (32)
 
 

@@ -22,7 +22,7 @@ from klong_jax.serving import ChatEngine, ServerThread, create_app
 from klong_jax.serving import openai_api
 from klong_jax.serving.loading import load_serving_model
 
-CFG = preset("tiny", dtype="float32", vocab_size=512, num_hidden_layers=2, max_position_embeddings=2048)
+CFG = preset("tiny", compute_dtype="float32", vocab_size=512, num_hidden_layers=2, max_position_embeddings=2048)
 TOOLS = [{"type": "function", "function": {
     "name": "bash", "description": "Run a shell command.",
     "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}, "timeout": {"type": "integer"}},

@@ -9,7 +9,7 @@ from klong_jax.training.optimizer import decay_mask, make_optimizer, learning_ra
 from klong_jax.training.state import split_model
 from klong_jax.training.step import forward_sums, train_step
 
-CFG = preset("tiny", dtype="float32", vocab_size=64, hidden_size=32, num_hidden_layers=2, n_routed_experts=4,
+CFG = preset("tiny", compute_dtype="float32", vocab_size=64, hidden_size=32, num_hidden_layers=2, n_routed_experts=4,
              num_attention_heads=2, num_key_value_heads=1, head_dim=16, intermediate_size=64,
              moe_intermediate_size=16)
 OPT = ConfigDict(dict(lr=1e-2, warmup_steps=1, final_lr_fraction=0.1, b1=0.9, b2=0.95, eps=1e-3,

@@ -9,7 +9,7 @@ from flax import nnx
 from klong_jax.models import init_model, preset
 from klong_jax.training.loss import masked_sums
 
-CFG = preset("tiny", dtype="float32", vocab_size=128, hidden_size=64, num_hidden_layers=2, n_routed_experts=4)
+CFG = preset("tiny", compute_dtype="float32", vocab_size=128, hidden_size=64, num_hidden_layers=2, n_routed_experts=4)
 PREFIX, WINDOWS = 40, (23, 31, 17)
 
 

@@ -11,7 +11,7 @@ def diagnostic_model(preset_name: str, overrides: dict | None = None):
     from klong_jax.models.config import preset
     from klong_jax.sharding import make_mesh
 
-    cfg = preset(preset_name, dtype="float32", param_dtype="float32", attention_impl="blockwise", **(overrides or {}))
+    cfg = preset(preset_name, compute_dtype="float32", param_dtype="float32", attention_impl="blockwise", **(overrides or {}))
     mesh = make_mesh({"fsdp": 1})
     with jax.set_mesh(mesh):
         model = init_model(cfg, mesh)

@@ -111,8 +111,8 @@ if [[ $SMOKE == 1 ]]; then
   A1=(--models=tiny --batch=2 --seq_len=256 --steps=1 --cpu_devices=1 --packing_trajectories=2 --packing_seq_len=1024 --packing_budget=640)
   A2=(--models=small --batch=1 --seq_len=128 --steps=1 --cpu_devices=1 --packing_trajectories=0)
   A2_RETRY=(--models=small --batch=1 --seq_len=64 --steps=1 --cpu_devices=1 --packing_trajectories=0)
-  B1=(--presets=tiny --batches=1 --prompt_len=16 --gen_tokens=tiny:8 --dtype=bfloat16 --repeats=1)
-  B2=(--presets=small --batches=1 --prompt_len=16 --gen_tokens=small:4 --dtype=bfloat16 --repeats=1)
+  B1=(--presets=tiny --batches=1 --prompt_len=16 --gen_tokens=tiny:8 --compute_dtype=bfloat16 --repeats=1)
+  B2=(--presets=small --batches=1 --prompt_len=16 --gen_tokens=small:4 --compute_dtype=bfloat16 --repeats=1)
   SFT_STEPS=4; SFT_EVERY=2; PROBE_STEPS="2 4"; LOG_EVERY=1
   S1=(--models=small --batch=1 --seq_len=128 --steps=1 --cpu_devices=1 --packing_trajectories=0)
   R1=(--steps=2 --cpu_devices=1 --override=rl.group_size=2 --override=agent.max_turns=2)
@@ -125,8 +125,8 @@ else
   # small (~290M, bf16 compute, no remat): 8 x 4096 needs ~3.3 GiB state + ~48 GiB temporaries (CPU compile).
   A2=(--models=small --batch=8 --seq_len=4096 --steps=5 --cpu_devices=1 --packing_trajectories=0)
   A2_RETRY=(--models=small --batch=4 --seq_len=4096 --steps=5 --cpu_devices=1 --packing_trajectories=0)
-  B1=(--presets=tiny --batches=1,16 --prompt_len=128 --gen_tokens=tiny:256 --dtype=bfloat16 --repeats=3)
-  B2=(--presets=small --batches=1,16 --prompt_len=128 --gen_tokens=small:128 --dtype=bfloat16 --repeats=3)
+  B1=(--presets=tiny --batches=1,16 --prompt_len=128 --gen_tokens=tiny:256 --compute_dtype=bfloat16 --repeats=3)
+  B2=(--presets=small --batches=1,16 --prompt_len=128 --gen_tokens=small:128 --compute_dtype=bfloat16 --repeats=3)
   SFT_STEPS=${GPU_BENCH_SFT_STEPS:-3000}; SFT_EVERY=${GPU_BENCH_SFT_EVERY:-500}
   PROBE_STEPS=${GPU_BENCH_PROBE_STEPS:-"500 1000 2000 3000"}; LOG_EVERY=50
   # The small model's train step under blockwise / reference attention x ragged / dense MoE, batch 4 x 4096 (the

@@ -1,7 +1,10 @@
-"""Hugging Face `Glm4MoeForCausalLM` checkpoints <-> our sharded NNX model.
+"""Hugging Face checkpoints (`Glm4MoeForCausalLM`, `LlamaForCausalLM`, `Qwen2/3ForCausalLM`) <-> our
+sharded NNX model.
 
-`load_pretrained` streams tensor by tensor straight into the sharded layout: each device shard is filled
-by a callback that reads only the HF tensors it needs, so the whole model is never in host memory.
+`load_from_reader` streams any tensor source (safetensors here, GGUF in `klong_jax.hf.gguf`) into the
+model; `load_pretrained` = config.json + `SafetensorsReader` + `load_from_reader`. Loading streams tensor
+by tensor straight into the sharded layout: each device shard is filled by a callback that reads only the
+HF tensors it needs, so the whole model is never in host memory.
 `save_pretrained` gathers one HF tensor at a time and writes sharded safetensors that transformers loads.
 """
 import json
@@ -13,17 +16,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import SingleDeviceSharding
 
 from klong_jax.hf.checkpoint import SafetensorsReader, SafetensorsWriter
 from klong_jax.hf.mapping import is_mtp_key, tensor_maps
-from klong_jax.models.config import ModelConfig
-from klong_jax.models.init import model_shardings
+from klong_jax.models.config import ModelConfig, canonical_dtype, runtime_overrides
+from klong_jax.models.init import model_layout
 
 log = logging.getLogger(__name__)
 
 
 def load_config(path: str, **runtime) -> ModelConfig:
+    """ModelConfig of `path`/config.json with runtime fields (compute_dtype, param_dtype, attention_impl,
+    ...) set; errors name the file and the field."""
+    runtime = runtime_overrides("load_config", runtime)
     cfg_path = os.path.join(path, "config.json")
     with open(cfg_path) as f:
         d = json.load(f)
@@ -34,12 +39,16 @@ def load_config(path: str, **runtime) -> ModelConfig:
 
 
 def _check_keys(reader, maps, cfg: ModelConfig, source: str) -> None:
-    """Every tensor the config implies is present with its HF shape, and nothing else (MTP layers skipped)."""
+    """Every tensor the config implies is present with its HF shape, and nothing else (MTP layers skipped;
+    with tied embeddings a stored `lm_head.weight` is accepted only when it equals the embedding)."""
     expected = {}
     for m in maps.values():
         for _, key in m.keys():
             expected[key] = m.hf_shape
     keys = set(reader.keys())
+    if cfg.tie_word_embeddings and "lm_head.weight" in keys:
+        _check_tied_head(reader, source)
+        keys.discard("lm_head.weight")
     mtp = [k for k in keys if is_mtp_key(k, cfg)]
     if mtp:
         log.info("%s: skipping %d multi-token-prediction tensors (model.layers.%d.*)", source, len(mtp),
@@ -54,7 +63,18 @@ def _check_keys(reader, maps, cfg: ModelConfig, source: str) -> None:
     for key, shape in expected.items():
         got = tuple(reader.shape(key))
         if got != shape:
-            raise ValueError(f"{source}: tensor {key} has shape {got}, config.json implies {shape}")
+            raise ValueError(f"{source}: tensor {key} has shape {got}, the config implies {shape}")
+
+
+def _check_tied_head(reader, source: str) -> None:
+    head, embed = "lm_head.weight", "model.embed_tokens.weight"
+    if embed in reader.keys() and tuple(reader.shape(head)) == tuple(reader.shape(embed)) and np.array_equal(
+            np.asarray(reader.get(head)), np.asarray(reader.get(embed))):
+        log.info("%s: tie_word_embeddings=true; the stored lm_head.weight equals the embedding, not loaded", source)
+        return
+    raise ValueError(f"{source}: the config has tie_word_embeddings=true but the checkpoint stores an "
+                     f"{head} that differs from {embed}; set tie_word_embeddings=false to load it as a "
+                     "separate head")
 
 
 def load_from_reader(reader, cfg: ModelConfig, *, mesh=None, rules=None, source: str):
@@ -69,11 +89,7 @@ def load_from_reader(reader, cfg: ModelConfig, *, mesh=None, rules=None, source:
     """
     maps = tensor_maps(cfg)
     _check_keys(reader, maps, cfg, source)
-    if mesh is None:
-        graphdef, abstract_state, shardings = model_shardings(cfg, _single_device_mesh())
-        shardings = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), shardings)
-    else:
-        graphdef, abstract_state, shardings = model_shardings(cfg, mesh, *(() if rules is None else (rules,)))
+    graphdef, abstract_state, shardings = model_layout(cfg, mesh, rules)
 
     flat_abstract = dict(nnx.to_flat_state(abstract_state))
     flat_shardings = dict(nnx.to_flat_state(shardings))
@@ -109,24 +125,18 @@ def load_from_reader(reader, cfg: ModelConfig, *, mesh=None, rules=None, source:
     return nnx.merge(graphdef, state)
 
 
-def load_pretrained(path: str, *, dtype: str | None = None, mesh=None, rules=None, **runtime):
+def load_pretrained(path: str, *, mesh=None, rules=None, param_dtype=None, compute_dtype=None, **runtime):
     """Load a HF checkpoint directory into a (sharded) model: config.json + SafetensorsReader +
     `load_from_reader`.
 
-    dtype: parameter storage dtype (default float32); runtime: ModelConfig runtime fields (e.g. dtype of
-    compute via `compute_dtype`, attention_impl, remat_policy).
+    param_dtype: parameter storage dtype (default float32, whatever the checkpoint stores); compute_dtype:
+    activations and matmuls (default bfloat16); runtime: the other ModelConfig runtime fields
+    (attention_impl, moe_impl, remat_policy, scan_layers, moe_token_chunk). `dtype=` raises TypeError.
     """
-    if "compute_dtype" in runtime:
-        runtime["dtype"] = runtime.pop("compute_dtype")
-    if dtype is not None:
-        runtime["param_dtype"] = dtype
+    runtime = runtime_overrides("load_pretrained", dict(runtime, param_dtype=param_dtype,
+                                                         compute_dtype=compute_dtype))
     cfg = load_config(path, **runtime)
     return load_from_reader(SafetensorsReader(path), cfg, mesh=mesh, rules=rules, source=path)
-
-
-def _single_device_mesh():
-    return jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1, 1, 1),
-                             ("data", "fsdp", "expert", "context", "tensor"))
 
 
 def _host_value(x) -> np.ndarray:
@@ -135,8 +145,11 @@ def _host_value(x) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def save_pretrained(model, path: str, *, dtype: str | None = None, max_shard_bytes: int = 4 << 30) -> None:
-    """Write config.json + safetensors that `Glm4MoeForCausalLM.from_pretrained` loads.
+def save_pretrained(model, path: str, *, save_dtype=None, max_shard_bytes: int = 4 << 30) -> None:
+    """Write config.json + safetensors that transformers' `{model.cfg.architecture}.from_pretrained` loads.
+
+    save_dtype: dtype of the written tensors (a string or numpy/jnp dtype; default: the parameter dtype);
+    the router and its bias stay float32.
 
     Gathers one HF tensor at a time (a slice of a stacked variable), so host memory stays bounded by the
     largest single tensor plus one shard. Every process must call this; process 0 writes.
@@ -146,7 +159,8 @@ def save_pretrained(model, path: str, *, dtype: str | None = None, max_shard_byt
     _, state = nnx.split(model)
     flat = dict(nnx.to_flat_state(state))
     writer = SafetensorsWriter(path, max_shard_bytes) if jax.process_index() == 0 else None
-    out_dtype = None if dtype is None else np.dtype(jnp.dtype(dtype))
+    save_dtype = None if save_dtype is None else canonical_dtype(save_dtype, "save_dtype")
+    out_dtype = None if save_dtype is None else np.dtype(jnp.dtype(save_dtype))
     for p, m in maps.items():
         value = flat[p].get_value()
         for idx, key in m.keys():
@@ -159,8 +173,8 @@ def save_pretrained(model, path: str, *, dtype: str | None = None, max_shard_byt
     if writer is not None:
         writer.close()
         hf_cfg = cfg.to_hf_dict()
-        if dtype is not None:
-            hf_cfg["dtype"] = dtype
+        if save_dtype is not None:
+            hf_cfg["dtype"] = save_dtype
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(hf_cfg, f, indent=2)
 

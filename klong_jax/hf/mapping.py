@@ -1,4 +1,5 @@
-"""Where each parameter of ours lives in a Hugging Face `Glm4MoeForCausalLM` checkpoint, and how.
+"""Where each parameter of ours lives in a Hugging Face checkpoint (`Glm4MoeForCausalLM`, or the dense
+`LlamaForCausalLM` / `Qwen2ForCausalLM` / `Qwen3ForCausalLM`, whose tensor names are a subset), and how.
 
 Our stacked variables (leading `layers`, and for routed experts also `experts`) map to one HF tensor per
 (layer, expert). torch Linear weights are [out, in]; ours are [in, ...out] (`x @ W`), so most tensors
@@ -56,7 +57,8 @@ def tensor_maps(cfg: ModelConfig) -> dict[tuple[str, ...], TensorMap]:
                                tuple(inner_shape))
 
     add(("embed_tokens",), lambda: "model.embed_tokens.weight", "R", (V, D), (V, D))
-    add(("lm_head",), lambda: "lm_head.weight", "T", (V, D), (D, V))
+    if not cfg.tie_word_embeddings:  # tied: logits use embed_tokens, no lm_head variable
+        add(("lm_head",), lambda: "lm_head.weight", "T", (V, D), (D, V))
     add(("norm", "weight"), lambda: "model.norm.weight", "R", (D,), (D,))
 
     stacks = [("dense_layers", cfg.num_dense_layers, 0, False),
@@ -107,9 +109,9 @@ _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def is_mtp_key(key: str, cfg: ModelConfig) -> bool:
-    """Multi-token-prediction layers are stored after the decoder layers; HF ignores them on load too."""
+    """GLM's multi-token-prediction layers are stored after the decoder layers; HF ignores them on load too."""
     m = _LAYER_RE.match(key)
-    return bool(m) and int(m.group(1)) >= cfg.num_hidden_layers
+    return cfg.model_type == "glm4_moe" and bool(m) and int(m.group(1)) >= cfg.num_hidden_layers
 
 
 def total_bytes(maps, itemsize: int) -> int:

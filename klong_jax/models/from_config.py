@@ -1,11 +1,30 @@
-"""ModelConfig from a config section (ml_collections ConfigDict or dict of ModelConfig fields)."""
+"""ModelConfig (and UpcycleConfig) from a config section (ml_collections ConfigDict or dict of fields).
+
+The section's keys are ModelConfig fields describing the FINAL architecture; an optional `upcycle`
+sub-section (UpcycleConfig fields) says how that architecture is reached from a dense checkpoint.
+"""
 import dataclasses
 
 from klong_jax.models.config import ModelConfig
+from klong_jax.models.upcycle import UpcycleConfig
+
+
+def _as_dict(section) -> dict:
+    return dict(section.to_dict() if hasattr(section, "to_dict") else section)
 
 
 def model_config_from(section) -> ModelConfig:
-    d = dict(section.to_dict() if hasattr(section, "to_dict") else section)
+    """The ModelConfig of a config.model section (its `upcycle` sub-section ignored).
+
+    Run configs saved before the compute dtype was renamed hold it as "dtype"; it is read as compute_dtype.
+    """
+    d = _as_dict(section)
+    d.pop("upcycle", None)
+    if "dtype" in d:
+        if "compute_dtype" in d:
+            raise ValueError(f"config.model has both dtype={d['dtype']!r} and compute_dtype={d['compute_dtype']!r};"
+                             " keep compute_dtype (dtype is the name used before the rename)")
+        d["compute_dtype"] = d.pop("dtype")
     valid = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = set(d) - valid
     if unknown:
@@ -13,3 +32,17 @@ def model_config_from(section) -> ModelConfig:
     if isinstance(d.get("eos_token_id"), list):
         d["eos_token_id"] = tuple(d["eos_token_id"])
     return ModelConfig(**d)
+
+
+def upcycle_config_from(section) -> UpcycleConfig:
+    """The UpcycleConfig of config.model.upcycle; no such sub-section (or an empty one) means off."""
+    d = _as_dict(section)
+    up = d.get("upcycle")
+    if not up:
+        return UpcycleConfig()
+    up = _as_dict(up)
+    valid = {f.name for f in dataclasses.fields(UpcycleConfig)}
+    unknown = set(up) - valid
+    if unknown:
+        raise ValueError(f"config.model.upcycle has unknown fields {sorted(unknown)}; valid: {sorted(valid)}")
+    return UpcycleConfig(**up)

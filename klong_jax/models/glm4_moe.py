@@ -1,6 +1,8 @@
-"""GLM-4.5(-Air) decoder: `Glm4MoeForCausalLM` in Flax NNX.
+"""GLM-4.5(-Air) decoder: `Glm4MoeForCausalLM` in Flax NNX; also the dense Llama family (llama, qwen2,
+qwen3: every layer dense, see ModelConfig.model_type).
 
-Data flow: embed -> [dense decoder layers] -> [MoE decoder layers] -> final RMSNorm -> lm_head.
+Data flow: embed -> [dense decoder layers] -> [MoE decoder layers] -> final RMSNorm -> lm_head
+(`tie_word_embeddings`: no lm_head variable, logits = h @ embed_tokens.T).
 Each group of identical layers is one stacked module (leading `layers` axis), run by `lax.scan`
 (or an unrolled loop), with the configured rematerialisation policy around each layer.
 
@@ -29,7 +31,7 @@ class DecoderLayer(nnx.Module):
     """Pre-norm: h = x + attn(norm(x)); y = h + ffn(norm(h)). ffn is a dense MLP or the MoE block."""
 
     def __init__(self, cfg: ModelConfig, *, moe: bool, rngs: nnx.Rngs):
-        dtype, pdtype = dtype_of(cfg.dtype), dtype_of(cfg.param_dtype)
+        dtype, pdtype = dtype_of(cfg.compute_dtype), dtype_of(cfg.param_dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pdtype, rngs=rngs)
         self.self_attn = Attention(cfg, dtype=dtype, param_dtype=pdtype, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pdtype,
@@ -105,8 +107,9 @@ class Glm4MoeForCausalLM(nnx.Module):
         self.dense_layers = _stack_layers(cfg, cfg.num_dense_layers, False, rngs) if cfg.num_dense_layers else None
         self.moe_layers = _stack_layers(cfg, cfg.num_moe_layers, True, rngs) if cfg.num_moe_layers else None
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pdtype, rngs=rngs)
-        self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pdtype,
-                             std=cfg.initializer_range)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pdtype,
+                                 std=cfg.initializer_range)
 
     def _run_stack(self, stack, x_BTD, cos, sin, doc_ids_BT, window_ids_BT, forced_LBTK):
         graphdef, state = nnx.split(stack)
@@ -134,7 +137,7 @@ class Glm4MoeForCausalLM(nnx.Module):
         B, T = input_ids_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        x_BTD = jnp.take(self.embed_tokens[...], input_ids_BT, axis=0).astype(dtype_of(cfg.dtype))
+        x_BTD = jnp.take(self.embed_tokens[...], input_ids_BT, axis=0).astype(dtype_of(cfg.compute_dtype))
         x_BTD = constrain(x_BTD, ("batch", "seq", "act_embed"))
         cos, sin = rope_cos_sin(positions_BT, cfg.rotary_dim, cfg.rope_theta)
         if self.dense_layers is not None:
@@ -146,9 +149,14 @@ class Glm4MoeForCausalLM(nnx.Module):
         return self.norm(x_BTD), routed_LBTK
 
     def logits(self, h_BTD):
-        """lm_head in the compute dtype, returned as float32 (callers may chunk over T to save memory)."""
-        dtype = dtype_of(self.cfg.dtype)
-        logits_BTV = h_BTD.astype(dtype) @ self.lm_head[...].astype(dtype)
+        """logits_BTV = h_BTD @ W_DV in the compute dtype, returned as float32 (callers may chunk over T to
+        save memory). W_DV is lm_head, or embed_tokens.T when the embeddings are tied."""
+        dtype = dtype_of(self.cfg.compute_dtype)
+        h = h_BTD.astype(dtype)
+        if self.cfg.tie_word_embeddings:
+            logits_BTV = jnp.einsum("btd,vd->btv", h, self.embed_tokens[...].astype(dtype))
+        else:
+            logits_BTV = h @ self.lm_head[...].astype(dtype)
         return constrain(logits_BTV.astype(jnp.float32), ("batch", "seq", "act_vocab"))
 
     def __call__(self, input_ids_BT, *, positions_BT=None, doc_ids_BT=None, window_ids_BT=None,
@@ -184,14 +192,14 @@ class Glm4MoeForCausalLM(nnx.Module):
 
     def _embed(self, input_ids_BT, positions_BT):
         cfg = self.cfg
-        x_BTD = jnp.take(self.embed_tokens[...], input_ids_BT, axis=0).astype(dtype_of(cfg.dtype))
+        x_BTD = jnp.take(self.embed_tokens[...], input_ids_BT, axis=0).astype(dtype_of(cfg.compute_dtype))
         cos, sin = rope_cos_sin(positions_BT, cfg.rotary_dim, cfg.rope_theta)
         return constrain(x_BTD, ("batch", "seq", "act_embed")), cos, sin
 
-    def init_cache(self, batch: int, cache_len: int, dtype=None) -> dict:
-        """A zeroed KV cache of `cache_len` slots per row (dtype: the compute dtype by default)."""
+    def init_cache(self, batch: int, cache_len: int, cache_dtype=None) -> dict:
+        """A zeroed KV cache of `cache_len` slots per row (cache_dtype: the compute dtype by default)."""
         cfg = self.cfg
-        dtype = dtype_of(cfg.dtype) if dtype is None else jnp.dtype(dtype)
+        dtype = dtype_of(cfg.compute_dtype) if cache_dtype is None else jnp.dtype(cache_dtype)
         cache = {}
         for name, stack in self._stacks():
             if stack is None:
@@ -217,7 +225,7 @@ class Glm4MoeForCausalLM(nnx.Module):
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         x_BTD, cos, sin = self._embed(input_ids_BT, positions_BT)
-        dtype = dtype_of(cfg.dtype) if cache_dtype is None else jnp.dtype(cache_dtype)
+        dtype = dtype_of(cfg.compute_dtype) if cache_dtype is None else jnp.dtype(cache_dtype)
         cache, routed_LBTK = {}, None
 
         def step(layer, x, _):

@@ -12,7 +12,7 @@ from klong_jax.sharding import make_mesh
 
 def load_serving_model(*, checkpoint: str | None = None, hf_dir: str | None = None,
                        preset_name: str | None = None, mesh=None, seed: int = 0, **overrides):
-    """Exactly one source. overrides: ModelConfig fields (runtime ones such as dtype or attention_impl;
+    """Exactly one source. overrides: ModelConfig fields (runtime ones such as compute_dtype or attention_impl;
     for a preset also its shape, e.g. vocab_size). Without a mesh, one device."""
     given = [name for name, v in (("checkpoint", checkpoint), ("hf_dir", hf_dir), ("preset", preset_name)) if v]
     if len(given) != 1:

@@ -1,5 +1,6 @@
 """Creating, sharding and restoring the SFT train state."""
 import logging
+import math
 import os
 
 import jax
@@ -8,6 +9,9 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from klong_jax.models import init_model
+from klong_jax.models.config import RUNTIME_FIELDS
+from klong_jax.models.upcycle import UpcycleConfig
+from klong_jax.models.upcycle import upcycle as upcycle_model
 from klong_jax.models.init import model_shardings
 from klong_jax.training.checkpoint import abstract_with_shardings
 
@@ -42,19 +46,54 @@ def _unflatten(flat: dict) -> dict:
     return out
 
 
-def initial_model(model_cfg, mesh, *, init_from: str, seed: int):
-    """Random init, or weights from a Hugging Face directory or an Orbax model checkpoint."""
+def initial_model(model_cfg, mesh, *, init_from: str, seed: int, upcycle=None):
+    """The model a run starts from: random init of `model_cfg`, or the weights of `init_from` (a Hugging
+    Face directory, a `*.gguf` file, or an Orbax model checkpoint) loaded with model_cfg's runtime fields.
+
+    upcycle (UpcycleConfig): when it is on and the loaded model is still dense, its last `upcycle.layers`
+    layers are upcycled into MoE layers (models/upcycle.py); a checkpoint that already has MoE layers (e.g.
+    an upcycled run's output) is left as is. Then the loaded architecture must equal model_cfg's (the
+    config.model section describes the final architecture): otherwise ValueError listing each field.
+    """
+    up = upcycle if upcycle is not None else UpcycleConfig()
     if not init_from:
         return init_model(model_cfg, mesh, seed=seed)
-    runtime = {k: getattr(model_cfg, k) for k in ("dtype", "param_dtype", "attention_impl", "moe_impl",
-                                                  "remat_policy", "scan_layers")}
-    if os.path.exists(os.path.join(init_from, "config.json")):
+    runtime = {k: getattr(model_cfg, k) for k in RUNTIME_FIELDS}
+    if init_from.endswith(".gguf"):
+        from klong_jax.hf.gguf import load_gguf
+        log.info("initialising from GGUF file %s", init_from)
+        model = load_gguf(init_from, mesh=mesh, rules=None, **runtime)
+    elif os.path.exists(os.path.join(init_from, "config.json")):
         from klong_jax.hf import load_pretrained
         log.info("initialising from Hugging Face checkpoint %s", init_from)
-        return load_pretrained(init_from, mesh=mesh, **runtime)
-    from klong_jax.model_checkpoint import load_model
-    log.info("initialising from Orbax checkpoint %s", init_from)
-    return load_model(init_from, mesh, **runtime)
+        model = load_pretrained(init_from, mesh=mesh, **runtime)
+    else:
+        from klong_jax.model_checkpoint import load_model
+        log.info("initialising from Orbax checkpoint %s", init_from)
+        model = load_model(init_from, mesh, **runtime)
+    if up.enabled and model.cfg.num_moe_layers == 0:
+        log.info("upcycling the last %d of %d dense layers to %d experts (top %d)", up.layers,
+                 model.cfg.num_hidden_layers, up.experts, up.top_k)
+        model = upcycle_model(model, up, mesh=mesh)
+    check_architecture(model_cfg, model.cfg, source=init_from, upcycled=up.enabled)
+    return model
+
+
+def check_architecture(want, got, *, source: str, upcycled: bool = False) -> None:
+    """ValueError listing every architecture field (ModelConfig.arch_dict) where the checkpoint's config
+    `got` differs from the run's `want` (floats compared to a relative 1e-6: GGUF stores float32)."""
+    a, b = want.arch_dict(), got.arch_dict()
+    diffs = []
+    for k in sorted(set(a) | set(b)):
+        x, y = getattr(want, k), getattr(got, k)
+        same = math.isclose(x, y, rel_tol=1e-6) if isinstance(x, float) and isinstance(y, float) else x == y
+        if not same:
+            diffs.append(f"{k}: config {x!r} vs checkpoint {y!r}")
+    if diffs:
+        what = "checkpoint (after upcycling)" if upcycled and got.num_moe_layers else "checkpoint"
+        raise ValueError(f"init_from={source}: the {what} architecture differs from config.model in "
+                         f"{len(diffs)} field(s): " + "; ".join(diffs)
+                         + ". Make config.model describe the checkpoint (plus its upcycle section).")
 
 
 def replicated(mesh):

@@ -1,7 +1,7 @@
 """Sampler benchmark: greedy decode tokens/s with the KV cache against re-running the full forward pass.
 
   .venv/bin/python launch/bench.py sampler [--presets=tiny,small] [--batches=1,16] [--prompt_len=32]
-                                           [--gen_tokens=tiny:64,small:32] [--dtype=float32] [--repeats=3]
+                                           [--gen_tokens=tiny:64,small:32] [--compute_dtype=float32] [--repeats=3]
 
 kv_cache: the Sampler's compiled prefill, then its decode loop to the end; decode tokens/s counts the
   B * (gen - 1) tokens the loop generates (token 0 comes from the prefill), timed without the prefill.
@@ -52,8 +52,8 @@ def _no_cache_decoder(graphdef, prompt_len, gen):
     return run
 
 
-def bench_one(name, batch, prompt_len, gen, dtype, repeats, baseline_repeats):
-    cfg = preset(name, dtype=dtype, param_dtype="float32")
+def bench_one(name, batch, prompt_len, gen, compute_dtype, repeats, baseline_repeats):
+    cfg = preset(name, compute_dtype=compute_dtype, param_dtype="float32")
     model = init_model(cfg, seed=0)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(2, cfg.vocab_size, prompt_len).tolist() for _ in range(batch)]
@@ -89,7 +89,7 @@ def bench_one(name, batch, prompt_len, gen, dtype, repeats, baseline_repeats):
     decode_tok_s = batch * (N - 1) / decode_s
     nocache_tok_s = batch * N / nocache_s
     return {
-        "preset": name, "batch": batch, "prompt_len": P, "gen_tokens": N, "dtype": dtype,
+        "preset": name, "batch": batch, "prompt_len": P, "gen_tokens": N, "compute_dtype": compute_dtype,
         "kv_cache": {"prefill_s": round(prefill_s, 4), "decode_s": round(decode_s, 4),
                      "decode_tokens_per_s": round(decode_tok_s, 1),
                      "generate_s": round(gen_s, 4), "generate_tokens_per_s": round(batch * N / gen_s, 1)},
@@ -107,7 +107,7 @@ def run(argv):
     p.add_argument("--batches", default="1,16")
     p.add_argument("--prompt_len", type=int, default=32)
     p.add_argument("--gen_tokens", default="tiny:64,small:32", help="preset:tokens,...")
-    p.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 is slow on CPU)")
+    p.add_argument("--compute_dtype", default="float32", help="compute dtype (bfloat16 is slow on CPU)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--baseline_repeats", type=int, default=1, help="runs of the (slow) uncached decoder")
     a = p.parse_args(argv)
@@ -115,7 +115,7 @@ def run(argv):
     rows = []
     for name in a.presets.split(","):
         for b in (int(x) for x in a.batches.split(",")):
-            rows.append(bench_one(name, b, a.prompt_len, gen.get(name, 32), a.dtype, a.repeats,
+            rows.append(bench_one(name, b, a.prompt_len, gen.get(name, 32), a.compute_dtype, a.repeats,
                                   a.baseline_repeats))
             print(f"{name} batch {b}: {rows[-1]}", file=sys.stderr, flush=True)
     return {"device": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "backend": jax.default_backend(),
