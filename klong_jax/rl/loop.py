@@ -20,7 +20,7 @@ from klong_jax.agent import AgentConfig, run_episodes
 from klong_jax.agent.sampler_policy import SamplerPolicy
 from klong_jax.data.chat_template import ChatTemplate
 from klong_jax.data.tokenizer import load_tokenizer
-from klong_jax.models.from_config import model_config_from
+from klong_jax.models.from_config import model_config_from, upcycle_config_from
 from klong_jax.rl.advantages import advantage_stats, group_advantages
 from klong_jax.rl.batch import build_rows, to_batches
 from klong_jax.rl.step import jit_rl_fns
@@ -59,10 +59,10 @@ def initial_policy_model(cfg, workdir, model_cfg, mesh):
         model, step = load_trained_model(source, model_cfg, mesh)
         print(f"stage {cfg.stage}: starting from {source} (step {step})", flush=True)
         return model
-    if source and not os.path.exists(os.path.join(source, "config.json")):
-        raise FileNotFoundError(f"init_from={cfg.init_from!r} -> {source}: no training checkpoint or HF/Orbax model "
-                                f"there; run the previous stage first")
-    return initial_model(model_cfg, mesh, init_from=source, seed=cfg.seed)
+    if source and not os.path.exists(os.path.join(source, "config.json")) and not source.endswith(".gguf"):
+        raise FileNotFoundError(f"init_from={cfg.init_from!r} -> {source}: no training checkpoint, HF model or "
+                                f"GGUF file there; run the previous stage first")
+    return initial_model(model_cfg, mesh, init_from=source, seed=cfg.seed, upcycle=upcycle_config_from(cfg.model))
 
 
 @dataclasses.dataclass

@@ -14,12 +14,11 @@ from klong_jax.agent.sampler_policy import SamplerPolicy
 from klong_jax.data.chat_template import ChatTemplate
 from klong_jax.data.tokenizer import load_tokenizer
 from klong_jax.data.trajectory import read_jsonl
-from klong_jax.models import init_model
-from klong_jax.models.from_config import model_config_from
+from klong_jax.models.from_config import model_config_from, upcycle_config_from
 from klong_jax.rl.loop import load_tasks, run_rl
 from klong_jax.sharding import make_mesh
 from klong_jax.training.sft import run_sft
-from klong_jax.training.state import load_trained_model
+from klong_jax.training.state import initial_model, load_trained_model
 
 STAGES = ("sft", "rl_stage1", "rl_stage2", "rl_stage3")
 EVAL_CONCURRENCY = 8   # held-out episodes run (and sampled) together
@@ -43,7 +42,8 @@ def run_stage(name, cfg, workdir, data_paths):
 
 
 def evaluate_checkpoints(cfg, workdir, data_paths) -> dict:
-    """Held-out mean rubric score of the untrained model and of every stage's final checkpoint."""
+    """Held-out mean rubric score of the untrained model (the SFT stage's starting weights: random, or its
+    init_from upcycled as configured) and of every stage's final checkpoint."""
     model_cfg = model_config_from(cfg.sft.model)
     mesh = make_mesh(dict(cfg.sft.mesh.shape))
     template = ChatTemplate(load_tokenizer(data_paths["tokenizer"]))
@@ -65,7 +65,8 @@ def evaluate_checkpoints(cfg, workdir, data_paths) -> dict:
             continue
         with jax.set_mesh(mesh):
             if name == "untrained":
-                model = init_model(model_cfg, mesh, seed=cfg.sft.seed)
+                model = initial_model(model_cfg, mesh, init_from=cfg.sft.init_from, seed=cfg.sft.seed,
+                                      upcycle=upcycle_config_from(cfg.sft.model))
             else:
                 model, _ = load_trained_model(os.path.join(workdir, name), model_cfg, mesh)
             policy = SamplerPolicy.from_model(model, mesh, seed=cfg.eval.seed, **SamplerPolicy.rollout_buckets(

@@ -14,7 +14,7 @@ import numpy as np
 
 from klong_jax.data.pipeline import DataConfig, make_dataset
 from klong_jax.data.tokenizer import load_tokenizer
-from klong_jax.models.from_config import model_config_from
+from klong_jax.models.from_config import model_config_from, upcycle_config_from
 from klong_jax.sharding import make_mesh
 from klong_jax.tasks import vocab
 from klong_jax.training.checkpoint import Checkpointer, abstract_with_shardings
@@ -143,7 +143,8 @@ def run_sft(cfg, workdir: str, data_paths: dict) -> dict:
             state, rest = restored["train"], restored["rest"]
             print(f"resumed from step {start} in {workdir}", flush=True)
         else:
-            model = initial_model(model_cfg, mesh, init_from=cfg.init_from, seed=cfg.seed)
+            model = initial_model(model_cfg, mesh, init_from=cfg.init_from, seed=cfg.seed,
+                                  upcycle=upcycle_config_from(cfg.model))
             _, params, rest = split_model(model)
             del model
             state = new_state(params, tx, state_sh)
