@@ -62,6 +62,7 @@ def get_config(variant: str = "tiny") -> ConfigDict:
     c.data.train_paths = ""
     c.data.eval_paths = ""
     c.data.tokenizer = ""      # SentencePiece .model or tokenizer.json; empty: trained on the embedded suite
+    c.data.chat_template = "auto"   # "auto" (from the tokenizer's special tokens) | "glm45" | "chatml"
     # Tiny: two-section tasks (length 6, ~13 expert turns) that a 4-layer model learns to carry out on a CPU; the
     # others: three-section tasks (length 16, ~26 turns).
     c.data.embedded = ConfigDict(dict(n_train=512 if tiny else 256, n_heldout=8 if tiny else 32, seed=0, difficulty=1,

@@ -4,7 +4,8 @@
       [--tokenizer=PATH --n_per_task=1 --timeout_s=1800 --max_turns=100 --temperature=1.0 ...]
 
 --checkpoint: a training workdir (its latest checkpoints/<step>: params and router bias of the
-trainer's {"train": {"params", ...}, "rest"}; the model section of the workdir's config.json), an
+trainer's {"train": {"params", ...}, "rest"}; the model section of the workdir's config.json, and its
+data.tokenizer / data.chat_template, the run's own), an
 Orbax model directory (klong_jax.model_checkpoint), or a Hugging Face directory (config.json +
 safetensors). --config gives the model's runtime fields (dtypes, kernels), the mesh, the context
 policy (data.pipeline.context) and an `agent` section when it has one; flags override.
@@ -25,6 +26,8 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "training workdir, Orbax m
 _TASKS = flags.DEFINE_string("tasks", None, "task directory, or a directory of task directories")
 _WORKDIR = flags.DEFINE_string("workdir", None, "output directory")
 _TOKENIZER = flags.DEFINE_string("tokenizer", "", "tokenizer (default: the config's / checkpoint's)")
+_CHAT_TEMPLATE = flags.DEFINE_string("chat_template", "", "auto | glm45 | chatml (default: the checkpoint's "
+                                     "data.chat_template, else the config's)")
 _N_PER_TASK = flags.DEFINE_integer("n_per_task", 1, "episodes per task")
 _MAX_TASKS = flags.DEFINE_integer("max_tasks", 0, "evaluate the first N tasks only (0: all)")
 _MAX_CONCURRENT = flags.DEFINE_integer("max_concurrent", 8, "episodes (sandboxes) at once")
@@ -67,7 +70,7 @@ def agent_config(cfg):
 
 
 def load_model(checkpoint: str, cfg, mesh):
-    """(model, the tokenizer path the checkpoint knows of or "")."""
+    """(model, the tokenizer path the checkpoint knows of or "", its chat template name or "")."""
     from klong_jax.models.from_config import model_config_from
     if not os.path.isdir(checkpoint):
         raise app.UsageError(f"--checkpoint={checkpoint}: no such directory")
@@ -79,9 +82,9 @@ def load_model(checkpoint: str, cfg, mesh):
         from klong_jax.hf import load_pretrained
         tokenizer = os.path.join(checkpoint, "tokenizer.json")
         return load_pretrained(checkpoint, mesh=mesh, **runtime), \
-            tokenizer if os.path.isfile(tokenizer) else ""
+            tokenizer if os.path.isfile(tokenizer) else "", ""
     from klong_jax.model_checkpoint import load_model as load_orbax_model
-    return load_orbax_model(checkpoint, mesh, **runtime), ""
+    return load_orbax_model(checkpoint, mesh, **runtime), "", ""
 
 
 def _load_training_workdir(workdir, cfg, mesh, runtime, model_config_from):
@@ -112,7 +115,7 @@ def _load_training_workdir(workdir, cfg, mesh, runtime, model_config_from):
     model = nnx.merge(graphdef, restored["train"]["params"], restored["rest"])
     # The run's own tokenizer: another run's would decode its ids as garbage.
     from klong_jax.training.embedded_data import tokenizer_of
-    return model, tokenizer_of(saved.get("data") or {})
+    return model, tokenizer_of(saved.get("data") or {}), (saved.get("data") or {}).get("chat_template", "")
 
 
 def main(_):
@@ -123,7 +126,7 @@ def main(_):
 
     from klong_jax.agent import evaluate
     from klong_jax.agent.sampler_policy import SamplerPolicy
-    from klong_jax.data.chat_template import ChatTemplate
+    from klong_jax.data.chat_template import check_chat_template_name, make_chat_template
     from klong_jax.data.tokenizer import load_tokenizer
     from klong_jax.sandbox import SandboxPool
     from klong_jax.sharding import make_mesh
@@ -134,10 +137,16 @@ def main(_):
         tasks = tasks[:_MAX_TASKS.value]
     config = agent_config(cfg)
     mesh = make_mesh(dict(cfg.mesh.shape))
-    model, ckpt_tokenizer = load_model(_CHECKPOINT.value, cfg, mesh)
+    model, ckpt_tokenizer, ckpt_template = load_model(_CHECKPOINT.value, cfg, mesh)
     from klong_jax.training.embedded_data import tokenizer_of
     tokenizer_path = _TOKENIZER.value or ckpt_tokenizer or tokenizer_of(cfg.data)
     tokenizer = load_tokenizer(tokenizer_path)
+    field, template_name = (("--chat_template", _CHAT_TEMPLATE.value) if _CHAT_TEMPLATE.value else
+                            ("data.chat_template", ckpt_template or cfg.data.get("chat_template", "auto")))
+    try:
+        template = make_chat_template(tokenizer, check_chat_template_name(template_name, field), field=field)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     if tokenizer.vocab_size > model.cfg.vocab_size:
         raise app.UsageError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens > the "
                              f"model's vocab_size={model.cfg.vocab_size}")
@@ -149,7 +158,7 @@ def main(_):
     concurrent = min(_MAX_CONCURRENT.value, len(tasks) * _N_PER_TASK.value)
     policy = SamplerPolicy.from_model(model, mesh, seed=_SEED.value,
                                       **SamplerPolicy.rollout_buckets(config, concurrent))
-    evaluate(tasks, policy, template=ChatTemplate(tokenizer), config=config,
+    evaluate(tasks, policy, template=template, config=config,
              workdir=_WORKDIR.value, n_per_task=_N_PER_TASK.value,
              pool=SandboxPool(max_concurrent=_MAX_CONCURRENT.value), keep_dirs=_KEEP.value,
              extra={"checkpoint": os.path.abspath(_CHECKPOINT.value),

@@ -20,7 +20,9 @@ from launch.cli import parse_mesh_flag  # noqa: E402
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Orbax model checkpoint directory (model_checkpoint.save_model)")
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face Glm4MoeForCausalLM directory")
 _PRESET = flags.DEFINE_string("preset", None, "random init of a model preset (tiny, small, glm45_air)")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "SentencePiece .model or tokenizer.json")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "SentencePiece .model, tokenizer.json or a .gguf model file")
+_CHAT_TEMPLATE = flags.DEFINE_string("chat_template", "auto",
+                                     "auto | glm45 | chatml (auto: from the tokenizer's special tokens)")
 _MODEL_OVERRIDES = flags.DEFINE_string("model_overrides", "{}",
                                        'JSON ModelConfig fields, e.g. {"compute_dtype": "bfloat16"}')
 _MESH = flags.DEFINE_string("mesh", "fsdp:-1", "mesh as axis:size,... over all devices")
@@ -40,6 +42,7 @@ def main(_):
     setup_devices(_CPU_DEVICES.value)
     import uvicorn
 
+    from klong_jax.data.chat_template import check_chat_template_name
     from klong_jax.sampling import Sampler
     from klong_jax.serving import ChatEngine, create_app
     from klong_jax.serving.loading import load_serving_model, resolve_tokenizer
@@ -60,8 +63,13 @@ def main(_):
         raise app.UsageError(f"the tokenizer has {tokenizer.vocab_size} ids, the model only {model.cfg.vocab_size}")
     sampler = Sampler(model, tokenizer, mesh=mesh, decode_chunk=_DECODE_CHUNK.value,
                       max_batch=_MAX_BATCH.value, seed=_SEED.value)
-    engine = ChatEngine(sampler, model_name=_MODEL_NAME.value, batch_window_ms=_BATCH_WINDOW_MS.value,
-                        max_batch=_MAX_BATCH.value, default_max_tokens=_MAX_TOKENS.value)
+    try:
+        check_chat_template_name(_CHAT_TEMPLATE.value, "--chat_template")
+        engine = ChatEngine(sampler, model_name=_MODEL_NAME.value, batch_window_ms=_BATCH_WINDOW_MS.value,
+                            max_batch=_MAX_BATCH.value, default_max_tokens=_MAX_TOKENS.value,
+                            chat_template=_CHAT_TEMPLATE.value)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     print(f"serving {_MODEL_NAME.value} on http://{_HOST.value}:{_PORT.value}/v1", flush=True)
     try:
         uvicorn.run(create_app(engine), host=_HOST.value, port=_PORT.value, log_level="info")

@@ -9,7 +9,7 @@ import pytest
 
 from klong_jax.agent import (ARG_TYPES, AgentConfig, ScriptedPolicy, parse_turn, rollout_windows,
                              run_episodes)
-from klong_jax.data.chat_template import ChatTemplate
+from klong_jax.data.chat_template import ChatTemplate, Glm45Template
 from klong_jax.data.context import ContextConfig, ContextPolicy
 from klong_jax.data.splitting import split
 from klong_jax.data.tokenizer import SentencePieceTokenizer
@@ -36,7 +36,7 @@ def make_suite(directory) -> Suite:
     half = solve_task(tasks[0], directory / "half", mistake_prob=0.0, max_actions=n_actions)
     texts = list(trajectory_texts(parse_trajectory(t) for t in experts + [half]))
     sp = train_sentencepiece(texts, str(directory / "sp.model"), vocab_size=500)
-    return Suite(tasks, experts, half, ChatTemplate(SentencePieceTokenizer(sp)))
+    return Suite(tasks, experts, half, Glm45Template(SentencePieceTokenizer(sp)))
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from klong_jax.data.chat_template import (ROLE_CODES, TEMPLATE_TOKENS, ChatTemplate, _Special,
+from klong_jax.data.chat_template import (ROLE_CODES, TEMPLATE_TOKENS, Glm45Template, _Special,
                                           parse_pieces)
 from klong_jax.data.synthetic import build_tokenizers
 from klong_jax.data.trajectory import Message, ToolCall
@@ -16,7 +16,7 @@ from klong_jax.data.trajectory import Message, ToolCall
 @pytest.fixture(scope="module")
 def templates(tmp_path_factory):
     toks = build_tokenizers(str(tmp_path_factory.mktemp("tok")))
-    return {k: ChatTemplate(t) for k, t in toks.items()}
+    return {k: Glm45Template(t) for k, t in toks.items()}
 
 
 CONVERSATION = [

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from klong_jax.data.chat_template import ChatTemplate
+from klong_jax.data.chat_template import Glm45Template
 from klong_jax.data.context import ContextConfig, ContextOverflow, ContextPolicy
 from klong_jax.data.synthetic import build_tokenizers, random_text, synthetic_trajectory
 from klong_jax.data.trajectory import Message, ToolCall, split_turns
@@ -13,7 +13,7 @@ from klong_jax.data.trajectory import Message, ToolCall, split_turns
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory):
-    return ChatTemplate(build_tokenizers(str(tmp_path_factory.mktemp("tok")))["sp"])
+    return Glm45Template(build_tokenizers(str(tmp_path_factory.mktemp("tok")))["sp"])
 
 
 def _trajectory(seed=0, n_turns=20, **kw):

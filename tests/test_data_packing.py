@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from kernels.reference import attention_mask, reference_attention
-from klong_jax.data.chat_template import ChatTemplate
+from klong_jax.data.chat_template import Glm45Template
 from klong_jax.data.context import ContextConfig, ContextPolicy
 from klong_jax.data.packing import best_fit_decreasing, pack_trajectories
 from klong_jax.data.splitting import split
@@ -21,7 +21,7 @@ SEQ_LEN = 1024
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tok = build_tokenizers(str(tmp_path_factory.mktemp("tok")))["sp"]
-    policy = ContextPolicy(ChatTemplate(tok), ContextConfig(budget_tokens=640, reserve_tokens=100))
+    policy = ContextPolicy(Glm45Template(tok), ContextConfig(budget_tokens=640, reserve_tokens=100))
     corpus = synthetic_corpus(6, seed=3, turns=(2, 25), prefix_words=150, p_long_tool=0.05,
                               long_tool_words=600)
     windows = [split(t, policy) for t in corpus]

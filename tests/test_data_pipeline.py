@@ -6,7 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from klong_jax.data.chat_template import ChatTemplate
+from klong_jax.data.chat_template import Glm45Template
 from klong_jax.data.context import ContextConfig, ContextPolicy
 from klong_jax.data.pipeline import DataConfig, make_dataset, make_rows
 from klong_jax.data.packing import ROW_FIELDS
@@ -42,7 +42,7 @@ def _batches(cfg, n=None):
 
 
 def _expected_loss_tokens(d, corpus):
-    tok_policy = ContextPolicy(ChatTemplate(SentencePieceTokenizer(str(d / "sp.model"))), CONTEXT)
+    tok_policy = ContextPolicy(Glm45Template(SentencePieceTokenizer(str(d / "sp.model"))), CONTEXT)
     return sum(int(w.loss_mask.sum()) for t in corpus for w in split(t, tok_policy))
 
 

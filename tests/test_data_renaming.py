@@ -4,7 +4,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from klong_jax.data.chat_template import ChatTemplate
+from klong_jax.data.chat_template import Glm45Template
 from klong_jax.data.context import ContextConfig, ContextPolicy
 from klong_jax.data.pipeline import DataConfig, make_dataset
 from klong_jax.data.renaming import RenameWords, word_ids
@@ -36,7 +36,7 @@ def data(tmp_path_factory):
 def test_one_permutation_per_trajectory_over_the_words_only(data):
     _, corpus, tok, words = data
     ids = word_ids(tok, words)
-    windows = split(corpus[0], ContextPolicy(ChatTemplate(tok), CONTEXT))
+    windows = split(corpus[0], ContextPolicy(Glm45Template(tok), CONTEXT))
     assert len(windows) > 1 and np.isin(np.concatenate([w.input_ids for w in windows]), ids).any()
     rename = RenameWords(ids, tok.vocab_size, prob=1.0)
     renamed = rename(_Record(windows), np.random.default_rng(0)).windows

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from klong_jax.data.chat_template import ROLE_CODES, ChatTemplate
+from klong_jax.data.chat_template import ROLE_CODES, Glm45Template
 from klong_jax.data.context import ContextConfig, ContextPolicy
 from klong_jax.data.splitting import sft_example, split
 from klong_jax.data.synthetic import build_tokenizers, synthetic_trajectory
@@ -15,7 +15,7 @@ from klong_jax.data.trajectory import split_turns
 @pytest.fixture(scope="module")
 def templates(tmp_path_factory):
     toks = build_tokenizers(str(tmp_path_factory.mktemp("tok")))
-    return {k: ChatTemplate(t) for k, t in toks.items()}
+    return {k: Glm45Template(t) for k, t in toks.items()}
 
 
 @st.composite

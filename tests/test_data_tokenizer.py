@@ -8,7 +8,7 @@ import sys
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from klong_jax.data.chat_template import GLM45_SPECIAL_TOKENS, TEMPLATE_TOKENS, ChatTemplate
+from klong_jax.data.chat_template import GLM45_SPECIAL_TOKENS, TEMPLATE_TOKENS, Glm45Template
 from klong_jax.data.synthetic import synthetic_corpus, texts_of
 from klong_jax.data.tokenizer import (HuggingFaceTokenizer, SentencePieceTokenizer,
                                       load_tokenizer)
@@ -87,7 +87,7 @@ def test_missing_template_tokens_are_named(tmp_path):
     path = train_hf_tokenizer_json(["plain text only"] * 20, str(tmp_path / "t.json"),
                                    vocab_size=300, special_tokens=["<|endoftext|>", "<|user|>"])
     with pytest.raises(ValueError, match=r"no special token\(s\) \['\[gMASK\]'"):
-        ChatTemplate(HuggingFaceTokenizer(path))
+        Glm45Template(HuggingFaceTokenizer(path))
 
 
 def test_atomic_words_keep_one_id_whatever_precedes_them(tmp_path):

@@ -8,7 +8,7 @@ from ml_collections import ConfigDict
 
 from klong_jax.agent import AgentConfig, run_episodes
 from klong_jax.agent.sampler_policy import SamplerPolicy
-from klong_jax.data.chat_template import ChatTemplate
+from klong_jax.data.chat_template import Glm45Template
 from klong_jax.data.context import ContextConfig
 from klong_jax.data.tokenizer import load_tokenizer
 from klong_jax.models import init_model, preset
@@ -37,7 +37,7 @@ def sampled_rows(root, temperature: float = 1.0):
     tok = load_tokenizer(paths["tokenizer"])
     cfg = preset("tiny", compute_dtype="float32", vocab_size=640, num_hidden_layers=2, n_routed_experts=4)
     model = init_model(cfg, seed=0)
-    template = ChatTemplate(tok)
+    template = Glm45Template(tok)
     tasks = [load_task(os.path.join(paths["train_tasks"], n)) for n in sorted(os.listdir(paths["train_tasks"]))[:1]]
     agent_cfg = AgentConfig(context=ContextConfig(budget_tokens=SEQ, reserve_tokens=128), timeout_s=60, max_turns=3,
                             max_new_tokens_per_turn=24, temperature=temperature)

@@ -10,7 +10,7 @@ import openai
 import pytest
 from flax import nnx
 
-from klong_jax.data.chat_template import ChatTemplate
+from klong_jax.data.chat_template import Glm45Template
 from klong_jax.data.synthetic import synthetic_corpus, texts_of
 from klong_jax.data.tokenizer import SentencePieceTokenizer
 from klong_jax.data.train_tokenizer import train_sentencepiece
@@ -91,7 +91,7 @@ def test_tools_and_tool_history_are_rendered(server):
                Message("assistant", "", "use bash", (ToolCall("c1", "bash", {"cmd": "ls", "timeout": 5}),)),
                Message("tool", "paper.md", tool_call_id="c1")]
     template = server.engine.template
-    expected_ids = template.render([Message("system", openai_api.tools_system_text(TOOLS))] + history).input_ids
+    expected_ids = template.render([Message("system", openai_api.tools_system_text(template, TOOLS))] + history).input_ids
     assert r.usage.prompt_tokens == len(expected_ids) + 1
     ids, c = _direct(server, history, TOOLS, max_new_tokens=4)
     assert r.usage.completion_tokens == len(c.tokens)
@@ -108,7 +108,7 @@ def tokenizer_text(template, ids):
 
 def test_generated_tool_calls_are_parsed(tokenizer):
     """Generated ids that call a tool become OpenAI tool_calls (typed by the tool's schema)."""
-    template = ChatTemplate(tokenizer)
+    template = Glm45Template(tokenizer)
     msg = Message("assistant", "let me look", "first list files",
                   (ToolCall("x", "bash", {"cmd": "ls -l", "timeout": 30}),))
     ids, _ = template.render_message(msg)

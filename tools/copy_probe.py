@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     import numpy as np
     from ml_collections import ConfigDict
 
-    from klong_jax.data.chat_template import ChatTemplate
+    from klong_jax.data.chat_template import make_chat_template
     from klong_jax.data.tokenizer import load_tokenizer
     from klong_jax.data.trajectory import read_jsonl
     from klong_jax.models.from_config import model_config_from
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     with jax.set_mesh(mesh):
         model, step = load_trained_model(args.workdir, model_config_from(cfg["model"]), mesh, step=args.step)
     tokenizer = load_tokenizer(tokenizer_of(cfg["data"]))
-    template = ChatTemplate(tokenizer)
+    template = make_chat_template(tokenizer, cfg["data"].get("chat_template", "auto"))
     words = set(vocab.TASK_WORDS)
     # Task words also split by where their last earlier occurrence is: within the previous NEAR tokens (the
     # expert's reasoning names the item just before the call that uses it) or farther back (the spec).

@@ -135,8 +135,8 @@ class AgentEpisode:
         reminder = None
         if cfg.reminder_every and (j + 1) % cfg.reminder_every == 0:
             reminder = reminder_text(j, self.elapsed(), cfg.timeout_s, cfg.max_turns)
-        feedback = None if submitted else feedback_message(turn, reminder=reminder,
-                                                            nudge=cfg.nudge_message)
+        feedback = None if submitted else feedback_message(turn, reminder=reminder, nudge=cfg.nudge_message,
+                                                            format_hint=self.template.format_hint)
         observations = tool_messages + ([feedback] if feedback is not None else [])
         self.context.add_turn(turn.parsed.message, observations, action_ids=turn.action_ids)
         self._window += new_window

@@ -21,7 +21,7 @@ from klong_jax.agent.config import AgentConfig
 from klong_jax.agent.policy import Policy
 from klong_jax.agent.records import FINISH_REASONS, EpisodeResult
 from klong_jax.agent.runner import run_episodes
-from klong_jax.data.chat_template import ChatTemplate
+from klong_jax.data.template_base import ChatTemplate
 from klong_jax.sandbox import SandboxPool
 from klong_jax.tasks.task import Task
 

@@ -2,7 +2,7 @@
 
     completions = policy.generate(prompts, params, requests=requests)
 
-`prompts[i]` is the exact context of one episode's next turn (prefix + kept turns + `<|assistant|>`);
+`prompts[i]` is the exact context of one episode's next turn (prefix + kept turns + generation prompt);
 `requests[i]` says whose turn it is (episode, task, turn index, its own token limit): a sampler
 ignores it, the scripted policy replays by it. A completion holds the sampled ids (the end-of-turn
 token included when sampling stopped on it), optionally their log-probs `[n]` (under the model's

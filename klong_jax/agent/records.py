@@ -1,7 +1,7 @@
 """What an episode leaves behind: the trajectory (data format), and per turn what was sampled where.
 
 For RL every assistant turn j records the context it was generated in (its window: the policy's
-start s_j; the prompt is `prefix + turns[s_j..j-1] + <|assistant|>`, rebuilt exactly by
+start s_j; the prompt is `prefix + turns[s_j..j-1] + generation prompt`, rebuilt exactly by
 `prompt_ids(j)`), the sampled ids, their log-probs and routed experts. `windows()` gives the windows
 the turns were generated in, token for token what the model saw; for an episode whose turns all
 render canonically (`exact_replay`), `split(trajectory, policy)` reproduces them.
@@ -26,7 +26,7 @@ class TurnRecord:
     index: int                        # j
     start: int                        # s_j: the context was prefix + turns[s_j..j-1]
     window: int                       # the window it was generated in (a new one at each drop)
-    prompt_len: int                   # tokens of the prompt, <|assistant|> included
+    prompt_len: int                   # tokens of the prompt, the generation prompt included
     sampled_ids: np.ndarray           # int32 [n]
     logprobs: np.ndarray | None       # float32 [n]: log p(token | prompt), temperature 1
     sampling_logprobs: np.ndarray | None   # float32 [n]: under the distribution sampled from
@@ -86,7 +86,7 @@ class EpisodeResult:
         return windows_from_episode(self.context, train_overlap=train_overlap)
 
     def prompt_ids(self, turn: int) -> np.ndarray:
-        """The exact prompt of turn `turn`: prefix + turns[start..turn-1] + <|assistant|>."""
+        """The exact prompt of turn `turn`: prefix + turns[start..turn-1] + generation prompt."""
         ctx, record = self.context, self.turns[turn]
         parts = [ctx.prefix_ids] + [t.ids for t in ctx.turns[record.start:turn]]
         parts.append(np.asarray(ctx.template.generation_prompt_ids, np.int32))

@@ -26,7 +26,7 @@ from klong_jax.agent.config import AgentConfig
 from klong_jax.agent.episode import AgentEpisode
 from klong_jax.agent.policy import GenerationParams, Policy
 from klong_jax.agent.records import EpisodeResult
-from klong_jax.data.chat_template import ChatTemplate
+from klong_jax.data.template_base import ChatTemplate
 from klong_jax.data.context import ContextPolicy
 from klong_jax.sandbox import SandboxLimits, SandboxPool
 from klong_jax.tasks.grading import grade_episode_result

@@ -1,7 +1,7 @@
 """ScriptedPolicy: replays recorded assistant turns through the real agent loop.
 
 For turn j of an episode of task T it returns the ids of T's j-th scripted assistant message, as the
-chat template renders it (after `<|assistant|>`, its end-of-turn token included), cut at the
+chat template renders it (after the generation prompt, its end-of-turn token included), cut at the
 request's token limit. Everything around it is real: the prompt it is given (checked to start with
 the task's prefix), the parse of its ids, the tools in the sandbox, the context policy, grading. A
 script entry that is a string is raw model output in the template's text form (tags written out),
@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from klong_jax.agent.policy import Completion, GenerationParams, TurnRequest
-from klong_jax.data.chat_template import ChatTemplate
+from klong_jax.data.template_base import ChatTemplate
 from klong_jax.data.trajectory import Message, Trajectory, parse_trajectory, split_turns
 
 
@@ -51,10 +51,9 @@ class ScriptedPolicy:
         if isinstance(entry, Message):
             if entry.role != "assistant":
                 raise ValueError(f"a script holds assistant messages, got a {entry.role} message")
-            ids, _ = self.template.render_message(entry, None)
-            return ids[1:]   # the <|assistant|> role token is the prompt's, not the completion's
-        # _encode_segments turns the pieces (tags as template tokens, text runs encoded) into ids.
-        return self.template._encode_segments(self.template.pieces_from_text(entry))
+            return self.template.completion_ids(entry)   # the generation prompt is the prompt's
+        # Raw output text: template tokens spelled out become their ids, the text runs are encoded.
+        return self.template.encode_output_text(entry)
 
     def generate(self, prompts: Sequence[Sequence[int]], params: GenerationParams, *,
                  requests: Sequence[TurnRequest] | None = None) -> list[Completion]:

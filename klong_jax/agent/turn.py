@@ -2,15 +2,16 @@
 
 Parsing never raises on model output (`ChatTemplate.parse_assistant`): the complete tool calls of a
 turn run; everything malformed in it (an unclosed call, a stray tag, an argument of the wrong type)
-is told to the model in a user message after the tool results, as is a turn without any tool call
-(the nudge) and, every few turns, the elapsed time.
+is told to the model in a user message after the tool results, with the template's `format_hint`, as
+is a turn without any tool call (the nudge) and, every few turns, the elapsed time.
 
 The turn's ids in the context are exactly the sampled ids, plus one appended token when they do
-not end with the message's own end-of-turn token (`n_forced` = 1): a turn cut off at its token
-limit, or one that ended with another stop token (`<|user|>` after a tool call, `<|observation|>`
-without one). The template renders the next message after that token (tool results after
-`<|observation|>`, a user message after `<|user|>`), so the context stays well formed. The appended
-token was not sampled: it carries no log-prob and no loss.
+not end with the message's own end-of-turn token (`template.end_of_turn_id(message)`; `n_forced` = 1):
+a turn cut off at its token limit, or one that ended with another stop token (GLM: `<|user|>` after a
+tool call, `<|observation|>` without one; ChatML: `<|endoftext|>` instead of `<|im_end|>`). The template
+renders the next message after that token (GLM: tool results after `<|observation|>`, a user message
+after `<|user|>`; ChatML: `\n<|im_start|>` and the next role), so the context stays well formed. The
+appended token was not sampled: it carries no log-prob and no loss.
 """
 from __future__ import annotations
 
@@ -18,21 +19,20 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from klong_jax.data.chat_template import ChatTemplate, ParsedAssistant, end_of_turn_token
+from klong_jax.data.template_base import ChatTemplate, ParsedAssistant
 from klong_jax.data.trajectory import Message
 from klong_jax.tasks.tools import TOOL_SPECS, ToolResult
 
 # tool -> argument -> JSON type, from the tool specs ("integer (from 1)" -> "integer").
 ARG_TYPES = {spec["name"]: {key: kind.split()[0] for key, kind in spec["parameters"].items()}
              for spec in TOOL_SPECS}
-FORMAT_HINT = ("A tool call is written <tool_call>NAME\\n<arg_key>KEY</arg_key>\\n<arg_value>VALUE"
-               "</arg_value>\\n</tool_call>, one <arg_key>/<arg_value> pair per argument.")
+
 
 
 @dataclass(frozen=True)
 class ParsedTurn:
     parsed: ParsedAssistant
-    action_ids: list[int]     # what the context holds after <|assistant|>: sampled ids (+ forced)
+    action_ids: list[int]     # what the context holds after the generation prompt: sampled (+ forced)
     n_forced: int             # appended end-of-turn tokens (0 or 1)
     canonical: bool           # action_ids == the template's rendering of the parsed message
     cut_off: bool             # sampling stopped before any end-of-turn token (the token limit)
@@ -55,25 +55,26 @@ def parse_turn(template: ChatTemplate, sampled_ids: Sequence[int], turn: int) ->
     # Whether the turn ended is what was sampled, not what parsed: a stray tag before the end
     # token stops the parser early, yet the turn is closed.
     cut_off = not sampled or sampled[-1] not in template.stop_ids
-    expected = template.ids[end_of_turn_token(parsed.message)]
+    expected = template.end_of_turn_id(parsed.message)
     action = list(sampled)
     n_forced = 0
     if not sampled or sampled[-1] != expected:
         action.append(expected)
         n_forced = 1
-    rendered, _ = template.render_message(parsed.message, None)
-    return ParsedTurn(parsed, action, n_forced, rendered[1:] == action, cut_off)
+    return ParsedTurn(parsed, action, n_forced, template.completion_ids(parsed.message) == action, cut_off)
 
 
-def feedback_message(turn: ParsedTurn, *, reminder: str | None, nudge: str) -> Message | None:
-    """The user message after the tool results: format errors, the nudge, the time reminder."""
+def feedback_message(turn: ParsedTurn, *, reminder: str | None, nudge: str,
+                     format_hint: str) -> Message | None:
+    """The user message after the tool results: format errors (with the template's `format_hint`),
+    the nudge, the time reminder."""
     parsed = turn.parsed
     parts = []
     if turn.cut_off:
         parts.append("Your last message was cut off at its token limit; keep messages shorter.")
     if parsed.errors:
         listed = "\n".join(f"- {e}" for e in parsed.errors)
-        parts.append(f"Your last message was malformed:\n{listed}\n{FORMAT_HINT}")
+        parts.append(f"Your last message was malformed:\n{listed}\n{format_hint}")
     if not parsed.message.tool_calls:
         parts.append(nudge)
     if reminder:

@@ -1,339 +1,66 @@
-"""The GLM-4.5 chat format, rendered to token ids with a role, message and turn index per token.
+"""Chat templates: the interface and its two formats, chosen by name or from the tokenizer.
 
-    [gMASK]<sop><|system|>\\n{system}<|user|>\\n{task}
-    <|assistant|>\\n<think>{reasoning}</think>\\n{content}
-    \\n<tool_call>{name}\\n<arg_key>{k}</arg_key>\\n<arg_value>{v}</arg_value>\\n</tool_call><|observation|>
-    \\n<tool_response>\\n{result}\\n</tool_response>\\n<tool_response>\\n{result 2}\\n</tool_response>
-    <|assistant|>...
+    template = make_chat_template(tokenizer, config.data.chat_template)   # "auto" | "glm45" | "chatml"
 
-End of turn: GLM-4.5 stops generating at the role token of what comes next, so an assistant message
-ends with `<|observation|>` when it calls tools and `<|user|>` otherwise. That token is generated (and
-trained) as part of the assistant turn; the message after it does not repeat it. This reproduces GLM's
-own template token for token for the usual conversation shapes. Deviations from GLM's template, on
-purpose: reasoning is kept in every assistant turn (GLM drops it before the last user message; an
-agent's context keeps it, and a window must be one causal sequence), and content is not stripped, so
-rendering then parsing gives back the same message. Non-string argument values are JSON-encoded.
+- `ChatTemplate` (template_base.py): the interface every caller uses (`render`, `render_message`,
+  `parse_assistant`, `stop_ids`, `generation_prompt_ids`, ...) and its per-token contract (`Rendered`).
+- `Glm45Template` (glm45_template.py): GLM-4.5, every tag a special token:
+      [gMASK]<sop><|system|>\\n{system}<|user|>\\n{task}<|assistant|>\\n<think>{reasoning}</think>\\n{content}
+      \\n<tool_call>{name}\\n<arg_key>{k}</arg_key>\\n<arg_value>{v}</arg_value>\\n</tool_call><|observation|>...
+- `ChatMLTemplate` (chatml_template.py): ChatML (SmolLM2, Qwen), reasoning and JSON tool calls as text:
+      <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n{task}<|im_end|>\\n<|im_start|>assistant\\n
+      <think>{reasoning}</think>\\n{content}\\n<tool_call>{"name": ..., "arguments": {...}}</tool_call><|im_end|>...
 
-Every tag is a special token (a single id); text between tags is encoded run by run, so a message
-renders the same wherever it stands and token counts add up exactly.
+"auto" picks chatml when the tokenizer has `<|im_start|>` and `<|im_end|>` as special tokens, glm45 when it
+has all of GLM-4.5's template tokens, and is an error otherwise (or when it has both).
 """
 from __future__ import annotations
 
-import json
-import re
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-
-import numpy as np
-
+from klong_jax.data.chatml_template import CHATML_TOKENS, ChatMLTemplate, default_system_message
+from klong_jax.data.glm45_template import (ASSISTANT, GLM45_SPECIAL_TOKENS, OBSERVATION,  # noqa: F401
+                                           STOP_TOKENS, TEMPLATE_TOKENS, USER, Glm45Template, encode_argument,
+                                           end_of_turn_token, parse_pieces)
+from klong_jax.data.template_base import (ROLE_CODES, ArgTypes, ChatTemplate, ParsedAssistant,  # noqa: F401
+                                          Rendered, _Special)
 from klong_jax.data.tokenizer import Tokenizer
-from klong_jax.data.trajectory import Message, ToolCall, split_turns
 
-GMASK, SOP, ENDOFTEXT = "[gMASK]", "<sop>", "<|endoftext|>"
-SYSTEM, USER, ASSISTANT, OBSERVATION = "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"
-THINK, END_THINK = "<think>", "</think>"
-TOOL_CALL, END_TOOL_CALL = "<tool_call>", "</tool_call>"
-TOOL_RESPONSE, END_TOOL_RESPONSE = "<tool_response>", "</tool_response>"
-ARG_KEY, END_ARG_KEY, ARG_VALUE, END_ARG_VALUE = "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>"
-
-TEMPLATE_TOKENS = (ENDOFTEXT, GMASK, SOP, SYSTEM, USER, ASSISTANT, OBSERVATION, THINK, END_THINK,
-                   TOOL_CALL, END_TOOL_CALL, TOOL_RESPONSE, END_TOOL_RESPONSE, ARG_KEY, END_ARG_KEY,
-                   ARG_VALUE, END_ARG_VALUE)
-# GLM-4.5's own special tokens that the template does not use but a tokenizer should reserve.
-GLM45_SPECIAL_TOKENS = TEMPLATE_TOKENS + ("[MASK]", "[sMASK]", "<eop>")
-
-ROLE_CODES = {"format": 0, "system": 1, "user": 2, "assistant": 3, "tool": 4}
-_ROLE_TOKEN = {"system": SYSTEM, "user": USER, "tool": OBSERVATION, "assistant": ASSISTANT}
-STOP_TOKENS = (OBSERVATION, USER, ENDOFTEXT)   # what ends a generated assistant turn
+CHAT_TEMPLATES = {"glm45": Glm45Template, "chatml": ChatMLTemplate}
+CHAT_TEMPLATE_NAMES = ("auto",) + tuple(CHAT_TEMPLATES)
 
 
-class _Special(str):
-    """A template tag inside a segment list (plain str segments are text)."""
+def check_chat_template_name(name, field: str = "data.chat_template") -> str:
+    """`name` when it is one of CHAT_TEMPLATE_NAMES; else a ValueError naming `field` and the choices."""
+    if name not in CHAT_TEMPLATE_NAMES:
+        raise ValueError(f"{field}={name!r} is not a chat template; choose one of {list(CHAT_TEMPLATE_NAMES)}")
+    return name
 
 
-@dataclass(frozen=True)
-class Rendered:
-    """A rendered message sequence; every array is [L]."""
-    input_ids: np.ndarray      # int32
-    roles: np.ndarray          # int8, ROLE_CODES (the end-of-turn token belongs to its assistant turn)
-    message_index: np.ndarray  # int32, -1 for the format tokens [gMASK]<sop>
-    turn_index: np.ndarray     # int32, -1 for the prefix, k for turn k (assistant + its observations)
-    trainable: np.ndarray      # bool, tokens the model generates: assistant body and end of turn
-
-    def __len__(self) -> int:
-        return int(self.input_ids.shape[0])
-
-
-@dataclass(frozen=True)
-class ParsedAssistant:
-    """The parse of one generated assistant turn; `errors` lists everything malformed in it."""
-    message: Message
-    errors: tuple[str, ...]
-    finished: bool            # ended with an end-of-turn token (False: cut off at max_new_tokens)
-    end_token: str | None
+def detect_chat_template(tokenizer: Tokenizer, field: str = "data.chat_template") -> str:
+    """The template a tokenizer's special tokens call for: "chatml" or "glm45" (ValueError otherwise)."""
+    chatml = all(tokenizer.special_id(t) is not None for t in CHATML_TOKENS)
+    missing_glm = [t for t in TEMPLATE_TOKENS if tokenizer.special_id(t) is None]
+    if chatml and not missing_glm:
+        raise ValueError(f"{tokenizer!r} has the special tokens of both ChatML and GLM-4.5: set {field} to "
+                         "'chatml' or 'glm45'")
+    if chatml:
+        return "chatml"
+    if not missing_glm:
+        return "glm45"
+    raise ValueError(f"{field}='auto': {tokenizer!r} has neither ChatML's special tokens {list(CHATML_TOKENS)} "
+                     f"nor all of GLM-4.5's (missing {missing_glm}); use a tokenizer with one of these sets, or "
+                     f"name the template ({list(CHAT_TEMPLATES)}) to see which tokens it needs")
 
 
-def end_of_turn_token(message: Message) -> str:
-    return OBSERVATION if message.tool_calls else USER
+def make_chat_template(tokenizer: Tokenizer, name: str = "auto", *,
+                       field: str = "data.chat_template") -> ChatTemplate:
+    """The chat template `name` ("auto", "glm45", "chatml") over `tokenizer`; `field` is the config field
+    the name came from, for error messages."""
+    name = check_chat_template_name(name, field)
+    if name == "auto":
+        name = detect_chat_template(tokenizer, field)
+    return CHAT_TEMPLATES[name](tokenizer)
 
 
-def encode_argument(value) -> str:
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-
-
-class ChatTemplate:
-    """Renders and parses the GLM-4.5 chat format with one tokenizer."""
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
-        self.ids = tokenizer.special_ids(TEMPLATE_TOKENS)
-        self._special_by_id = {i: t for t, i in self.ids.items()}
-        self.stop_ids = tuple(self.ids[t] for t in STOP_TOKENS)
-        self.format_prefix_ids = [self.ids[GMASK], self.ids[SOP]]
-        self.generation_prompt_ids = [self.ids[ASSISTANT]]
-        self._text_split_re = re.compile("|".join(re.escape(t) for t in sorted(
-            TEMPLATE_TOKENS, key=len, reverse=True)))
-
-    # ------------------------------------------------------------------------------------------
-    # Rendering
-
-    def _segments(self, message: Message, prev: Message | None) -> list[str]:
-        """Tags (_Special) and text of one message; the first tag is its role token unless the
-        previous message already emitted it (end of an assistant turn, or a run of tool results)."""
-        role_token = _ROLE_TOKEN[message.role]
-        repeated = prev is not None and (
-            (prev.role == "assistant" and end_of_turn_token(prev) == role_token)
-            or (prev.role == "tool" and message.role == "tool"))
-        segs: list[str] = [] if repeated else [_Special(role_token)]
-        if message.role in ("system", "user"):
-            segs.append("\n" + message.content)
-        elif message.role == "tool":
-            segs += ["\n", _Special(TOOL_RESPONSE), "\n" + message.content + "\n",
-                     _Special(END_TOOL_RESPONSE)]
-        else:
-            segs += ["\n", _Special(THINK), message.reasoning or "", _Special(END_THINK)]
-            if message.content:
-                segs.append("\n" + message.content)
-            for call in message.tool_calls:
-                segs += ["\n", _Special(TOOL_CALL), call.name + "\n"]
-                for key, value in call.arguments.items():
-                    segs += [_Special(ARG_KEY), key, _Special(END_ARG_KEY), "\n", _Special(ARG_VALUE),
-                             encode_argument(value), _Special(END_ARG_VALUE), "\n"]
-                segs.append(_Special(END_TOOL_CALL))
-            segs.append(_Special(end_of_turn_token(message)))
-        return segs
-
-    def _encode_segments(self, segs: Sequence[str]) -> list[int]:
-        ids: list[int] = []
-        text = ""
-        for s in segs:
-            if isinstance(s, _Special):
-                if text:
-                    ids += self.tokenizer.encode(text)
-                    text = ""
-                ids.append(self.ids[s])
-            else:
-                text += s
-        if text:
-            ids += self.tokenizer.encode(text)
-        return ids
-
-    def render_message(self, message: Message, prev: Message | None = None
-                       ) -> tuple[list[int], list[bool]]:
-        """(ids, trainable) of one message; `prev` is the message before it (None at the start)."""
-        ids = self._encode_segments(self._segments(message, prev))
-        if message.role != "assistant":
-            return ids, [False] * len(ids)
-        # The role token is the generation prompt (given, not generated); the rest is generated.
-        return ids, [False] + [True] * (len(ids) - 1)
-
-    def render(self, messages: Sequence[Message], *, format_prefix: bool = True) -> Rendered:
-        """The whole conversation, as plain (unsplit) SFT tokenisation would see it."""
-        prefix, turns = split_turns(messages)
-        turn_of = [-1] * len(prefix)
-        for k, turn in enumerate(turns):
-            turn_of += [k] * (1 + len(turn.observations))
-        ids: list[int] = list(self.format_prefix_ids) if format_prefix else []
-        n0 = len(ids)
-        roles = [ROLE_CODES["format"]] * n0
-        msg_idx, turn_idx, trainable = [-1] * n0, [-1] * n0, [False] * n0
-        prev = None
-        for i, m in enumerate(messages):
-            m_ids, m_train = self.render_message(m, prev)
-            ids += m_ids
-            trainable += m_train
-            roles += [ROLE_CODES[m.role]] * len(m_ids)
-            msg_idx += [i] * len(m_ids)
-            turn_idx += [turn_of[i]] * len(m_ids)
-            prev = m
-        return Rendered(np.asarray(ids, np.int32), np.asarray(roles, np.int8),
-                        np.asarray(msg_idx, np.int32), np.asarray(turn_idx, np.int32),
-                        np.asarray(trainable, bool))
-
-    # ------------------------------------------------------------------------------------------
-    # Parsing generated output
-
-    def pieces_from_ids(self, ids: Sequence[int]) -> list[str]:
-        """Tags (_Special) and decoded text runs of a token sequence."""
-        pieces: list[str] = []
-        run: list[int] = []
-        for i in ids:
-            tag = self._special_by_id.get(int(i))
-            if tag is None:
-                run.append(int(i))
-                continue
-            if run:
-                pieces.append(self.tokenizer.decode(run))
-                run = []
-            pieces.append(_Special(tag))
-        if run:
-            pieces.append(self.tokenizer.decode(run))
-        return pieces
-
-    def pieces_from_text(self, text: str) -> list[str]:
-        """Tags and text of a decoded string (from an API that returns text, not ids)."""
-        pieces: list[str] = []
-        pos = 0
-        for m in self._text_split_re.finditer(text):
-            if m.start() > pos:
-                pieces.append(text[pos:m.start()])
-            pieces.append(_Special(m.group()))
-            pos = m.end()
-        if pos < len(text):
-            pieces.append(text[pos:])
-        return pieces
-
-    def parse_assistant(self, ids: Sequence[int], *, arg_types: ArgTypes | None = None,
-                        call_id: Callable[[int], str] = lambda k: f"call_{k}") -> ParsedAssistant:
-        """Parses generated ids (after the `<|assistant|>` prompt; a leading one is skipped).
-        Never raises on model output: problems are listed in `errors`."""
-        return parse_pieces(self.pieces_from_ids(ids), arg_types=arg_types, call_id=call_id)
-
-    def parse_assistant_text(self, text: str, *, arg_types: ArgTypes | None = None,
-                             call_id: Callable[[int], str] = lambda k: f"call_{k}"
-                             ) -> ParsedAssistant:
-        return parse_pieces(self.pieces_from_text(text), arg_types=arg_types, call_id=call_id)
-
-
-# tool name -> argument name -> JSON-schema type ("string", "integer", "number", "boolean", ...)
-ArgTypes = Mapping[str, Mapping[str, str]]
-
-
-def _decode_argument(raw: str, declared: str | None, where: str, errors: list[str]):
-    if declared == "string":
-        return raw
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        if declared is not None:
-            errors.append(f"{where}: expected a JSON {declared}, got {raw[:80]!r}")
-        return raw
-    # Without a declared type, a value that reads as a JSON string stays the raw text.
-    return raw if declared is None and isinstance(value, str) else value
-
-
-def parse_pieces(pieces: Sequence[str], *, arg_types: ArgTypes | None = None,
-                 call_id: Callable[[int], str] = lambda k: f"call_{k}") -> ParsedAssistant:
-    errors: list[str] = []
-    pos = 0
-
-    def peek():
-        return pieces[pos] if pos < len(pieces) else None
-
-    def at(tag: str) -> bool:
-        # Text that spells a tag (a quoted "<tool_call>") is text, not the tag: compare types too.
-        return pos < len(pieces) and isinstance(pieces[pos], _Special) and pieces[pos] == tag
-
-    def take_text() -> str:
-        nonlocal pos
-        if pos < len(pieces) and not isinstance(pieces[pos], _Special):
-            pos += 1
-            return pieces[pos - 1]
-        return ""
-
-    def expect(tag: str, where: str) -> bool:
-        nonlocal pos
-        if at(tag):
-            pos += 1
-            return True
-        errors.append(f"{where}: expected {tag}, got {peek()!r}" if peek() is not None
-                      else f"{where}: expected {tag}, output ended")
-        return False
-
-    if at(ASSISTANT):
-        pos += 1
-    reasoning = None
-    head = take_text()
-    if at(THINK):
-        if head.strip():
-            errors.append(f"text before {THINK}: {head[:80]!r}")
-        pos += 1
-        reasoning = take_text() or None
-        expect(END_THINK, "reasoning")
-        body = take_text()
-    else:
-        body = head
-    calls: list[ToolCall] = []
-    while at(TOOL_CALL):
-        pos += 1
-        k = len(calls)
-        where = f"tool_calls[{k}]"
-        name = take_text().strip()
-        if not name:
-            errors.append(f"{where}: tool call without a name")
-        args: dict = {}
-        types = (arg_types or {}).get(name, {})
-        closed = False
-        while pos < len(pieces):
-            if at(END_TOOL_CALL):
-                pos += 1
-                closed = True
-                break
-            if not at(ARG_KEY):
-                if isinstance(peek(), _Special):
-                    errors.append(f"{where}: unexpected {str(peek())} inside the tool call")
-                    break
-                stray = take_text()
-                if stray.strip():
-                    errors.append(f"{where}: text outside <arg_key>/<arg_value>: {stray[:80]!r}")
-                continue
-            pos += 1
-            key = take_text().strip()
-            if not expect(END_ARG_KEY, f"{where}.{key or '?'}"):
-                break
-            if take_text().strip():
-                errors.append(f"{where}.{key}: text between </arg_key> and <arg_value>")
-            if not expect(ARG_VALUE, f"{where}.{key}"):
-                break
-            raw = take_text()
-            if not expect(END_ARG_VALUE, f"{where}.{key}"):
-                break
-            if not key:
-                errors.append(f"{where}: argument with an empty name")
-            elif key in args:
-                errors.append(f"{where}: argument {key!r} given twice")
-            else:
-                args[key] = _decode_argument(raw, types.get(key), f"{where}.{key}", errors)
-        if not closed:
-            errors.append(f"{where}: unclosed tool call (no {END_TOOL_CALL})")
-            break
-        calls.append(ToolCall(call_id(k), name, args))
-        between = take_text()
-        if between.strip():
-            errors.append(f"text after tool call {k}: {between[:80]!r}")
-    end_token = None
-    tag = peek()
-    if any(at(t) for t in STOP_TOKENS):
-        end_token = str(tag)
-        pos += 1
-    elif tag is not None:
-        errors.append(f"unexpected {'token ' + repr(str(tag)) if isinstance(tag, _Special) else 'text'}"
-                      f" at piece {pos}")
-    if pos < len(pieces) and end_token is not None:
-        errors.append(f"{len(pieces) - pos} piece(s) after the end-of-turn token {end_token}")
-    # Content: the renderer writes "\n" + content after </think>, and "\n" before each tool call.
-    if calls and body.endswith("\n"):
-        body = body[:-1]
-    content = body[1:] if body.startswith("\n") else body
-    message = Message("assistant", content, reasoning, tuple(calls))
-    return ParsedAssistant(message, tuple(errors), end_token is not None, end_token)
+__all__ = ["CHAT_TEMPLATES", "CHAT_TEMPLATE_NAMES", "ChatMLTemplate", "ChatTemplate", "Glm45Template",
+           "ParsedAssistant", "ROLE_CODES", "Rendered", "check_chat_template_name", "default_system_message",
+           "detect_chat_template", "make_chat_template"]

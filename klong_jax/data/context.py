@@ -1,14 +1,16 @@
 """ContextPolicy: what the model sees when it writes turn j. One object for inference and training.
 
-The context for turn j is `prefix + turns[s..j-1] + <|assistant|>` (klong_method.md). The prefix is
-`[gMASK]<sop>` and every message before the first assistant message (the system messages and the
-task). A turn is an assistant message and the messages answering it (tool results, nudges).
+The context for turn j is `prefix + turns[s..j-1] + generation prompt` (klong_method.md; the prompt is
+the template's `generation_prompt_ids`: GLM's `<|assistant|>`, ChatML's `\n<|im_start|>assistant\n`).
+The prefix is the template's format prefix (GLM's `[gMASK]<sop>`) and every message before the first
+assistant message (the system messages and the task). A turn is an assistant message and the messages
+answering it (tool results, nudges). Any chat template works (template_base.py's contract).
 
 Rules, all exact in tokens of the chat template:
 - Fit: the start s is kept while `P + H(s, j) + need <= C`, with P the prefix tokens, H the tokens of
   turns s..j-1 and need = max(reserve_tokens, tokens of turn j's assistant message when known). The
   agent does not know the next message, so it asks with the reserve and generates at most
-  `C - P - H - 1` tokens; the splitter knows it. For an episode this policy produced, both give the
+  `C - P - H - g` tokens (g: the generation prompt's length); the splitter knows it. For an episode this policy produced, both give the
   same starts, so replaying a recorded rollout reproduces the agent's contexts exactly.
 - Drop: while it does not fit, s advances by the oldest `drop_fraction` of the history (of its turns,
   or of its tokens with drop_unit="tokens"), at least one turn. s never moves back.
@@ -33,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from klong_jax.config_mapping import known_items
-from klong_jax.data.chat_template import ASSISTANT, ROLE_CODES, ChatTemplate
+from klong_jax.data.template_base import ROLE_CODES, ChatTemplate
 from klong_jax.data.trajectory import Message, split_turns
 
 DROP_UNITS = ("turns", "tokens")
@@ -46,8 +48,8 @@ class ContextOverflow(ValueError):
 @dataclass(frozen=True)
 class ContextConfig:
     budget_tokens: int                      # C: the model's context budget
-    reserve_tokens: int = 1024              # room kept for the next assistant message (role token,
-                                            # body, end of turn)
+    reserve_tokens: int = 1024              # room kept for the next assistant message (generation
+                                            # prompt, body, end of turn)
     drop_fraction: float = 0.3              # share of the history dropped when it overflows
     drop_unit: str = "turns"                # "turns" or "tokens"
     max_tool_result_tokens: int | None = None   # cap on one rendered tool result (None: only fit)
@@ -85,11 +87,11 @@ class Truncation:
 
 @dataclass(frozen=True)
 class ContextView:
-    """The context for turn `turn`: prefix + turns[start..turn-1] + <|assistant|>."""
+    """The context for turn `turn`: prefix + turns[start..turn-1] + the generation prompt."""
     turn: int
     start: int
     dropped: bool             # the start moved forward for this turn: a new window begins
-    context_tokens: int       # prompt length, the <|assistant|> role token included
+    context_tokens: int       # prompt length, the generation prompt included
     max_new_tokens: int       # what the assistant message may still use (its end of turn included)
     truncations: tuple[Truncation, ...]   # in effect inside turns[start..turn-1]
 
@@ -101,7 +103,7 @@ class RenderedTurn:
     ids: np.ndarray                 # int32 [n]
     trainable: np.ndarray           # bool [n]: generated tokens (assistant body and end of turn)
     roles: np.ndarray               # int8 [n]
-    action_len: int                 # tokens of the assistant message, its role token included
+    action_len: int                 # tokens of the assistant message, its generation prompt included
     truncations: tuple[Truncation, ...]
 
     def __len__(self) -> int:
@@ -178,7 +180,8 @@ class Episode:
             raise ContextOverflow(f"turn {j}: the assistant message has {need} tokens; with the "
                                   f"{P}-token prefix it exceeds budget_tokens={cfg.budget_tokens}")
         truncations = tuple(t for turn in self.turns[s:j] for t in turn.truncations)
-        view = ContextView(j, s, s > self._start, used + 1, cfg.budget_tokens - used - 1, truncations)
+        g = len(self.template.generation_prompt_ids)
+        view = ContextView(j, s, s > self._start, used + g, cfg.budget_tokens - used - g, truncations)
         self._pending = view
         return view
 
@@ -190,7 +193,7 @@ class Episode:
         return view
 
     def prompt_ids(self, view: ContextView | None = None) -> np.ndarray:
-        """prefix + turns[start..j-1] + <|assistant|>: what the model is given for turn j."""
+        """prefix + turns[start..j-1] + generation prompt: what the model is given for turn j."""
         view = self._current(view)
         parts = [self.prefix_ids] + [t.ids for t in self.turns[view.start:view.turn]]
         parts.append(np.asarray(self.template.generation_prompt_ids, np.int32))
@@ -207,20 +210,20 @@ class Episode:
 
     def add_turn(self, assistant: Message, observations: Sequence[Message] = (), *,
                  action_ids: Sequence[int] | None = None) -> RenderedTurn:
-        """Records turn j. `action_ids`: the ids the sampler generated after <|assistant|> (its end
-        of turn included); without them the message is rendered by the template."""
+        """Records turn j. `action_ids`: the ids the sampler generated after the generation prompt (its
+        end of turn included); without them the message is rendered by the template."""
         if assistant.role != "assistant" or any(m.role == "assistant" for m in observations):
             raise ValueError("a turn is one assistant message and the non-assistant messages after it")
         cfg, j = self.config, len(self.turns)
         if action_ids is None:
             a_ids, a_train = self.template.render_message(assistant, None)
         else:
-            a_ids = [self.template.ids[ASSISTANT]] + [int(i) for i in action_ids]
-            a_train = [False] + [True] * len(action_ids)
+            a_ids, a_train = self.template.assistant_ids(action_ids)
+        generated = len(a_ids) - len(self.template.generation_prompt_ids)
         view = self._pending if self._pending is not None and self._pending.turn == j else None
-        if view is None or len(a_ids) - 1 > view.max_new_tokens:
+        if view is None or generated > view.max_new_tokens:
             if view is not None and action_ids is not None:
-                raise ContextOverflow(f"turn {j}: {len(a_ids) - 1} generated tokens exceed the "
+                raise ContextOverflow(f"turn {j}: {generated} generated tokens exceed the "
                                       f"view's max_new_tokens={view.max_new_tokens}")
             view = self.view(len(a_ids))
         self._start = view.start

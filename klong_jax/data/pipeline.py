@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import grain
 
 from klong_jax.config_mapping import known_items
-from klong_jax.data.chat_template import ChatTemplate
+from klong_jax.data.chat_template import check_chat_template_name, make_chat_template
 from klong_jax.data.context import ContextConfig, ContextOverflow, ContextPolicy
 from klong_jax.data.packing import PACK_MODES, PackStats, make_docs, pack_docs
 from klong_jax.data.renaming import RenameWords, word_ids
@@ -37,7 +37,7 @@ SOURCE_KINDS = ("jsonl", "tfds")
 
 @dataclass(frozen=True)
 class DataConfig:
-    tokenizer: str                          # .model (SentencePiece) or tokenizer.json
+    tokenizer: str                          # .model (SentencePiece), tokenizer.json or .gguf
     context: ContextConfig
     seq_len: int                            # T, row length (>= context.budget_tokens)
     batch_size: int
@@ -61,9 +61,11 @@ class DataConfig:
     drop_remainder: bool = True
     rename_words: tuple[str, ...] = ()      # words renamed consistently per trajectory (renaming.py)
     rename_prob: float = 0.0                # share of trajectories renamed
+    chat_template: str = "auto"             # "auto" | "glm45" | "chatml" (chat_template.make_chat_template)
 
     def __post_init__(self):
         check_on_error(self.on_error)
+        check_chat_template_name(self.chat_template, "data.chat_template")
         if self.packing not in PACK_MODES:
             raise ValueError(f"packing={self.packing!r}; choose one of {PACK_MODES}")
         if self.source not in SOURCE_KINDS:
@@ -112,8 +114,9 @@ class TrajectoryToWindows:
     """Map transform: one raw record -> its windows (or Skipped under on_error='skip')."""
 
     def __init__(self, tokenizer: Tokenizer | str, context: ContextConfig, *, on_error: str = "raise",
-                 train_overlap: bool = False, end_tools: Sequence[str] = END_TOOLS):
+                 train_overlap: bool = False, end_tools: Sequence[str] = END_TOOLS, chat_template: str = "auto"):
         check_on_error(on_error)
+        self.chat_template = check_chat_template_name(chat_template, "data.chat_template")
         self.tokenizer = tokenizer
         self.context = context
         self.on_error = on_error
@@ -130,7 +133,7 @@ class TrajectoryToWindows:
     def policy(self) -> ContextPolicy:
         if self._policy is None:
             tok = load_tokenizer(self.tokenizer) if isinstance(self.tokenizer, str) else self.tokenizer
-            self._policy = ContextPolicy(ChatTemplate(tok), self.context)
+            self._policy = ContextPolicy(make_chat_template(tok, self.chat_template), self.context)
         return self._policy
 
     def __call__(self, record: RawRecord) -> SplitRecord | Skipped:
@@ -294,7 +297,7 @@ def _rows(config: DataConfig, tokenizer: Tokenizer | None):
         ds = ds.repeat(config.num_epochs)
     ds = ds.map(TrajectoryToWindows(config.tokenizer if tokenizer is None else tok, config.context,
                                     on_error=config.on_error, train_overlap=config.train_overlap,
-                                    end_tools=config.end_tools))
+                                    end_tools=config.end_tools, chat_template=config.chat_template))
     if config.rename_prob > 0:
         ds = ds.random_map(RenameWords(word_ids(tok, config.rename_words), tok.vocab_size, config.rename_prob))
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,

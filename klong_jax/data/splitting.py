@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from klong_jax.data.chat_template import ChatTemplate
+from klong_jax.data.template_base import ChatTemplate
 from klong_jax.data.context import ContextPolicy, Episode
 from klong_jax.data.trajectory import Message, Trajectory
 

@@ -1,5 +1,6 @@
-"""One Tokenizer interface, two backends: SentencePiece (.model, the tiny models) and Hugging Face
-`tokenizer.json` (what GLM-4.5-Air ships).
+"""One Tokenizer interface, three backends: SentencePiece (.model, the tiny models), Hugging Face
+`tokenizer.json` (what GLM-4.5-Air ships) and the tokenizer stored in a GGUF file's `tokenizer.ggml.*`
+metadata (SmolLM2-135M-Instruct, a byte-level BPE), rebuilt as a `tokenizers.Tokenizer`.
 
 `encode(text)` treats text as text: a special-token string inside it (a paper that quotes
 `<|user|>`) is encoded as ordinary characters, never as the special id. Only the chat template puts
@@ -37,6 +38,11 @@ class Tokenizer(abc.ABC):
     @abc.abstractmethod
     def special_id(self, token: str) -> int | None:
         """The single id of a special token, or None when the vocabulary has no such special token."""
+
+    @property
+    def chat_template(self) -> str | None:
+        """The model's own Jinja chat template when the tokenizer file carries one (GGUF), else None."""
+        return None
 
     def special_ids(self, tokens: Sequence[str]) -> dict[str, int]:
         """Ids of the given special tokens; a clear error names every one that is missing."""
@@ -143,7 +149,9 @@ class HuggingFaceTokenizer(Tokenizer):
         self._tok = _HFTokenizer.from_str(json_str)
         # Not saved in tokenizer.json: without it, added-token strings inside text become special ids.
         self._tok.encode_special_tokens = True
-        self._special = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()}
+        # Added tokens that are not special (e.g. a `<think>` marked normal) are matched inside text by
+        # `encode`, so they are ordinary text here, not special ids.
+        self._special = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
         pad_token = self._pad_token or ("<|endoftext|>" if "<|endoftext|>" in self._special else None)
         if pad_token is not None and pad_token not in self._special:
             raise ValueError(f"pad_token {pad_token!r} is not an added token of {self._path}")
@@ -180,11 +188,176 @@ class HuggingFaceTokenizer(Tokenizer):
         return self._special.get(token)
 
 
+# ------------------------------------------------------------------------------------------------
+# GGUF
+
+GGUF_TOKEN_NORMAL, GGUF_TOKEN_UNKNOWN, GGUF_TOKEN_CONTROL, GGUF_TOKEN_USER_DEFINED = 1, 2, 3, 4
+# `tokenizer.ggml.pre` values whose text split is the GPT-2 one (what `pre_tokenizers.ByteLevel(use_regex=True)`
+# does). transformers builds exactly this for every `pre` it has no regex of its own for; llama.cpp's "smollm"
+# also splits digits one by one first, which gives the same ids for SmolLM2 because its merges never join digits.
+GGUF_GPT2_SPLIT_PRES = ("default", "gpt-2", "gpt2", "smollm")
+
+
+def read_gguf_metadata(path: str, prefix: str = "") -> dict:
+    """The metadata fields of a GGUF file whose key starts with `prefix`, as Python values (strings
+    decoded as UTF-8, arrays as lists). Reads the header only; tensors stay on disk."""
+    import gguf
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"GGUF file {path!r} does not exist")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:   # a truncated or non-GGUF file: say which
+        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    return {key: field.contents() for key, field in reader.fields.items() if key.startswith(prefix)}
+
+
+def byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> character map of byte-level BPE: printable Latin-1 bytes stand for themselves,
+    the other 68 bytes (controls, space, 0x7f-0xa0, 0xad) for the characters 256, 257, ... in byte order."""
+    keep = [b for b in range(256) if 0x21 <= b <= 0x7E or 0xA1 <= b <= 0xAC or 0xAE <= b <= 0xFF]
+    table = {b: chr(b) for b in keep}
+    for n, b in enumerate(b for b in range(256) if b not in table):
+        table[b] = chr(256 + n)
+    return table
+
+
+def gguf_tokenizer_json(fields: dict, *, source: str = "<gguf>") -> str:
+    """A `tokenizer.json` string equivalent to the byte-level BPE tokenizer described by a GGUF's
+    `tokenizer.ggml.*` fields (the same tokenizer transformers builds for `from_pretrained(dir, gguf_file=...)`):
+
+    - model: BPE over `tokens` (ids = positions) and `merges` ("left right" strings, best first), no unk
+      token, no continuing-subword prefix; a token written with characters outside the byte alphabet is
+      respelled as the alphabet characters of its UTF-8 bytes;
+    - pre-tokenizer: ByteLevel with the GPT-2 split regex and no prefix space; decoder: ByteLevel;
+    - added tokens: `token_type` CONTROL (3) as special tokens (never produced by `encode`; a control token
+      spelled outside the byte alphabet is a converter's mislabel and is left out, as transformers does),
+      USER_DEFINED (4) as non-special added tokens (matched whole inside text, as llama.cpp does).
+    """
+    from tokenizers import AddedToken, Tokenizer as _HFTokenizer, decoders, models, pre_tokenizers
+
+    def need(key):
+        if key not in fields:
+            raise ValueError(f"{source}: no metadata field {key!r}; a byte-level BPE GGUF tokenizer needs "
+                             "tokenizer.ggml.tokens and tokenizer.ggml.merges")
+        return fields[key]
+
+    kind = fields.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise ValueError(f"{source}: tokenizer.ggml.model = {kind!r}; only byte-level BPE ('gpt2') GGUF "
+                         "tokenizers are supported: load the model's tokenizer.json instead")
+    pre = fields.get("tokenizer.ggml.pre", "default")
+    if pre not in GGUF_GPT2_SPLIT_PRES:
+        raise ValueError(f"{source}: tokenizer.ggml.pre = {pre!r} splits text with its own regex, which is not "
+                         f"implemented (supported: {list(GGUF_GPT2_SPLIT_PRES)}): load the model's "
+                         "tokenizer.json instead")
+    tokens = list(need("tokenizer.ggml.tokens"))
+    merges = list(need("tokenizer.ggml.merges"))
+    types = list(fields.get("tokenizer.ggml.token_type") or [GGUF_TOKEN_NORMAL] * len(tokens))
+    if len(types) != len(tokens):
+        raise ValueError(f"{source}: tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens")
+    alphabet = byte_alphabet()
+    letters = set(alphabet.values())
+    spelled = [t if set(t) <= letters else "".join(alphabet[b] for b in t.encode("utf-8")) for t in tokens]
+    vocab: dict[str, int] = {}
+    for i, t in enumerate(spelled):
+        vocab.setdefault(t, i)
+    pairs = []
+    for k, m in enumerate(merges):
+        parts = m.split(" ")
+        if len(parts) != 2:
+            raise ValueError(f"{source}: tokenizer.ggml.merges[{k}] = {m!r} is not two tokens separated by a space")
+        pairs.append((parts[0], parts[1]))
+    tok = _HFTokenizer(models.BPE(vocab=vocab, merges=pairs, dropout=None, continuing_subword_prefix="",
+                                  end_of_word_suffix="", fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    control = [AddedToken(t, normalized=False, special=True) for t, kind in zip(tokens, types)
+               if kind == GGUF_TOKEN_CONTROL and set(t) <= letters]
+    if control:
+        tok.add_special_tokens(control)
+    user = [AddedToken(t, normalized=False, special=False) for t, kind in zip(tokens, types)
+            if kind == GGUF_TOKEN_USER_DEFINED and t in vocab]
+    if user:
+        tok.add_tokens(user)
+    return tok.to_str()
+
+
+class GGUFTokenizer(HuggingFaceTokenizer):
+    """The tokenizer of a GGUF file (`tokenizer.ggml.*`), as a `tokenizers.Tokenizer` built by
+    `gguf_tokenizer_json`. Special tokens are the CONTROL tokens; `pad_id` is `padding_token_id` (else
+    `eos_token_id`, else 0); `bos_id`/`eos_id`/`unk_id` are the file's ids (None when absent);
+    `chat_template` is `tokenizer.chat_template` (None when absent). The file's `add_bos_token` is kept as
+    `add_bos_token`: `encode` never adds one (the chat template decides what a sequence starts with)."""
+
+    def __init__(self, path: str | None = None, *, fields: dict | None = None):
+        if (path is None) == (fields is None):
+            raise ValueError("give exactly one of path, fields")
+        if fields is None:
+            fields = read_gguf_metadata(path, "tokenizer.")
+        source = path or "<gguf fields>"
+        json_str = gguf_tokenizer_json(fields, source=source)
+        n = len(fields["tokenizer.ggml.tokens"])
+        ids = {}
+        for name in ("bos", "eos", "unknown", "padding"):
+            value = fields.get(f"tokenizer.ggml.{name}_token_id")
+            if value is not None and not 0 <= int(value) < n:
+                raise ValueError(f"{source}: tokenizer.ggml.{name}_token_id = {value} is outside the "
+                                 f"{n}-token vocabulary")
+            ids[name] = None if value is None else int(value)
+        self._meta = {"ids": ids, "chat_template": fields.get("tokenizer.chat_template"),
+                      "add_bos_token": bool(fields.get("tokenizer.ggml.add_bos_token", False))}
+        self._path = path
+        self._pad_token = None
+        self._load(json_str)
+
+    def _load(self, json_str: str) -> None:
+        from tokenizers import Tokenizer as _HFTokenizer
+        self._json = json_str
+        self._tok = _HFTokenizer.from_str(json_str)
+        self._tok.encode_special_tokens = True
+        self._special = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        ids = self._meta["ids"]
+        self._pad = next((i for i in (ids["padding"], ids["eos"]) if i is not None), 0)
+
+    def __getstate__(self):
+        return {"path": self._path, "json": self._json, "meta": self._meta}
+
+    def __setstate__(self, state):
+        self._path = state["path"]
+        self._meta = state["meta"]
+        self._pad_token = None
+        self._load(state["json"])
+
+    def __repr__(self) -> str:
+        return f"GGUFTokenizer({self._path or '<fields>'}, vocab={self.vocab_size})"
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._meta["chat_template"]
+
+    @property
+    def add_bos_token(self) -> bool:
+        return self._meta["add_bos_token"]
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._meta["ids"]["bos"]
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._meta["ids"]["eos"]
+
+    @property
+    def unk_id(self) -> int | None:
+        return self._meta["ids"]["unknown"]
+
+
 _CACHE: dict[str, Tokenizer] = {}
 
 
 def load_tokenizer(path: str, *, cache: bool = True) -> Tokenizer:
-    """`*.model` -> SentencePiece; `*.json` or a directory holding tokenizer.json -> Hugging Face."""
+    """`*.model` -> SentencePiece; `*.json` or a directory holding tokenizer.json -> Hugging Face;
+    `*.gguf` -> the GGUF file's own tokenizer (GGUFTokenizer)."""
     if os.path.isdir(path):
         path = os.path.join(path, "tokenizer.json")
     path = os.path.abspath(path)
@@ -194,9 +367,11 @@ def load_tokenizer(path: str, *, cache: bool = True) -> Tokenizer:
         tok: Tokenizer = SentencePieceTokenizer(path)
     elif path.endswith(".json"):
         tok = HuggingFaceTokenizer(path)
+    elif path.endswith(".gguf"):
+        tok = GGUFTokenizer(path)
     else:
-        raise ValueError(f"tokenizer {path!r}: expected a SentencePiece .model, a tokenizer.json, or a "
-                         "directory holding tokenizer.json")
+        raise ValueError(f"tokenizer {path!r}: expected a SentencePiece .model, a tokenizer.json, a "
+                         "directory holding tokenizer.json, or a .gguf model file")
     if cache:
         _CACHE[path] = tok
     return tok

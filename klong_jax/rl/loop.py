@@ -18,7 +18,7 @@ from flax import nnx
 
 from klong_jax.agent import AgentConfig, run_episodes
 from klong_jax.agent.sampler_policy import SamplerPolicy
-from klong_jax.data.chat_template import ChatTemplate
+from klong_jax.data.chat_template import ChatTemplate, make_chat_template
 from klong_jax.data.tokenizer import load_tokenizer
 from klong_jax.models.from_config import model_config_from, upcycle_config_from
 from klong_jax.rl.advantages import advantage_stats, group_advantages
@@ -114,7 +114,8 @@ def setup_stage(cfg, data_paths: dict) -> StageSetup:
                          "full tempered distribution (top_k=0, top_p=1.0)")
     update_fn, old_fn = jit_rl_fns(graphdef, tx, rl, lr_schedule, state_sh, rest_sh, mesh,
                                    temperature=agent_cfg.temperature)
-    return StageSetup(model_cfg=model_cfg, mesh=mesh, tokenizer=tokenizer, template=ChatTemplate(tokenizer),
+    template = make_chat_template(tokenizer, cfg.data.get("chat_template", "auto"))
+    return StageSetup(model_cfg=model_cfg, mesh=mesh, tokenizer=tokenizer, template=template,
                       tasks=load_tasks(data_paths["train_tasks"]), agent_cfg=agent_cfg, tx=tx,
                       graphdef=graphdef, abs_params=abs_params, abs_rest=abs_rest, state_sh=state_sh,
                       rest_sh=rest_sh, update_fn=update_fn, old_fn=old_fn,

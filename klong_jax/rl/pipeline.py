@@ -11,7 +11,7 @@ import numpy as np
 from klong_jax.agent import AgentConfig, ScriptedPolicy, evaluate
 from klong_jax.agent.evaluate import SUMMARY_FILE
 from klong_jax.agent.sampler_policy import SamplerPolicy
-from klong_jax.data.chat_template import ChatTemplate
+from klong_jax.data.chat_template import make_chat_template
 from klong_jax.data.tokenizer import load_tokenizer
 from klong_jax.data.trajectory import read_jsonl
 from klong_jax.models.from_config import model_config_from, upcycle_config_from
@@ -46,7 +46,7 @@ def evaluate_checkpoints(cfg, workdir, data_paths) -> dict:
     init_from upcycled as configured) and of every stage's final checkpoint."""
     model_cfg = model_config_from(cfg.sft.model)
     mesh = make_mesh(dict(cfg.sft.mesh.shape))
-    template = ChatTemplate(load_tokenizer(data_paths["tokenizer"]))
+    template = make_chat_template(load_tokenizer(data_paths["tokenizer"]), cfg.sft.data.get("chat_template", "auto"))
     tasks = load_tasks(data_paths["heldout_tasks"], cfg.eval.n_tasks)
     agent_cfg = AgentConfig.from_mapping(cfg.eval.agent, context=cfg.sft.data.pipeline.context)
     table = {}
@@ -83,7 +83,7 @@ def achievable_by_stage(cfg, workdir, data_paths) -> dict:
     """Held-out score of the scripted expert's recorded trajectories replayed through the agent under each
     stage's budget (timeout, turns, tokens): what a stage's budget lets a policy achieve at best. A stage
     whose budget ends an episode before the work is done caps the score its rollouts can earn."""
-    template = ChatTemplate(load_tokenizer(data_paths["tokenizer"]))
+    template = make_chat_template(load_tokenizer(data_paths["tokenizer"]), cfg.sft.data.get("chat_template", "auto"))
     tasks = load_tasks(data_paths["heldout_tasks"], cfg.eval.n_tasks)
     wanted = {t.task_id for t in tasks}
     experts = [t for path in data_paths["eval"] for t in read_jsonl(path) if t.task_id in wanted]

@@ -23,7 +23,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from klong_jax.data.chat_template import ChatTemplate
+from klong_jax.data.chat_template import make_chat_template
 from klong_jax.serving import openai_api
 from klong_jax.serving.batching import BatchQueue
 
@@ -32,11 +32,12 @@ class ChatEngine:
     """Turns chat-completions request bodies into batched sampler calls and back."""
 
     def __init__(self, sampler, tokenizer=None, *, model_name: str = "klong-jax", batch_window_ms: float = 5.0,
-                 max_batch: int = 32, default_max_tokens: int = 512):
+                 max_batch: int = 32, default_max_tokens: int = 512, chat_template: str = "auto"):
+        """chat_template: "auto" | "glm45" | "chatml" (klong_jax.data.chat_template.make_chat_template)."""
         tokenizer = tokenizer if tokenizer is not None else sampler.tokenizer
         if tokenizer is None:
             raise ValueError("ChatEngine needs a tokenizer (pass one, or build the Sampler with one)")
-        self.template = ChatTemplate(tokenizer)
+        self.template = make_chat_template(tokenizer, chat_template, field="chat_template")
         self.sampler, self.model_name, self.default_max_tokens = sampler, model_name, default_max_tokens
         self.queue = BatchQueue(sampler.generate, window_s=batch_window_ms / 1000.0, max_batch=max_batch)
 

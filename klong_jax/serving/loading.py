@@ -35,5 +35,5 @@ def resolve_tokenizer(tokenizer: str | None, hf_dir: str | None = None) -> Token
         return load_tokenizer(tokenizer)
     if hf_dir and os.path.exists(os.path.join(hf_dir, "tokenizer.json")):
         return load_tokenizer(hf_dir)
-    raise ValueError("no tokenizer: pass --tokenizer (a SentencePiece .model or a tokenizer.json)"
+    raise ValueError("no tokenizer: pass --tokenizer (a SentencePiece .model, a tokenizer.json or a .gguf)"
                      + (f"; {hf_dir} has no tokenizer.json" if hf_dir else ""))

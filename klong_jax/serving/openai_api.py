@@ -1,8 +1,9 @@
-"""OpenAI chat-completions requests <-> the project's chat format (GLM-4.5 template) and sampler.
+"""OpenAI chat-completions requests <-> the project's chat format (the configured chat template: GLM-4.5 or
+ChatML) and sampler.
 
 Requests: `messages` (system/developer, user, assistant with optional `tool_calls` and the non-standard
 `reasoning_content`, tool with `tool_call_id`), `tools` (function schemas, rendered into a system
-message before the conversation, as GLM-4.5's template does), `tool_choice` ("none" hides the tools;
+message before the conversation by the template's `tools_system_text`, as GLM-4.5's and Qwen's templates do), `tool_choice` ("none" hides the tools;
 anything else leaves the choice to the model: decoding is not constrained), `max_tokens` /
 `max_completion_tokens`, `temperature`, `top_p`, `top_k` (extension), `n`, `stop`, `seed`, `logprobs`.
 Responses carry `content`, `reasoning_content` and `tool_calls` parsed from the generated ids by the
@@ -14,7 +15,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from klong_jax.data.chat_template import ChatTemplate
+from klong_jax.data.template_base import ChatTemplate
 from klong_jax.data.trajectory import Message, ToolCall
 from klong_jax.sampling.types import Completion, SamplingParams
 
@@ -102,16 +103,9 @@ def parse_tools(raw: Any) -> list[dict]:
     return tools
 
 
-def tools_system_text(tools: Sequence[dict]) -> str:
-    """The tool schemas and the call format, as a system message (GLM-4.5's layout)."""
-    schemas = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
-    return ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
-            "You are provided with function signatures within <tools></tools> XML tags:\n"
-            f"<tools>\n{schemas}\n</tools>\n\n"
-            "For each function call, output the function name and arguments within the following XML "
-            "format:\n<tool_call>{function-name}\n<arg_key>{arg-key-1}</arg_key>\n"
-            "<arg_value>{arg-value-1}</arg_value>\n<arg_key>{arg-key-2}</arg_key>\n"
-            "<arg_value>{arg-value-2}</arg_value>\n...\n</tool_call>")
+def tools_system_text(template: ChatTemplate, tools: Sequence[dict]) -> str:
+    """The tool schemas and the template's call format, as a system message."""
+    return template.tools_system_text(tools)
 
 
 def argument_types(tools: Sequence[dict]) -> dict[str, dict[str, str]]:
@@ -125,10 +119,10 @@ def argument_types(tools: Sequence[dict]) -> dict[str, dict[str, str]]:
 
 
 def prompt_ids(template: ChatTemplate, messages: Sequence[Message], tools: Sequence[dict]) -> list[int]:
-    """The rendered conversation followed by the generation prompt `<|assistant|>`."""
+    """The rendered conversation followed by the template's generation prompt."""
     if tools:
-        messages = [Message("system", tools_system_text(tools))] + list(messages)
-    return template.render(messages).input_ids.tolist() + list(template.generation_prompt_ids)
+        messages = [Message("system", tools_system_text(template, tools))] + list(messages)
+    return template.conversation_ids(messages, add_generation_prompt=True)
 
 
 def _number(body: Mapping, key: str, default, kind, low=None, high=None):

@@ -49,7 +49,7 @@ class _Preemption:
 def data_config(cfg, *, split: str, paths, tokenizer_path: str, batch_size: int) -> DataConfig:
     section = dict(cfg.data.pipeline.to_dict())
     section.update(tokenizer=tokenizer_path, paths=tuple(paths), seq_len=cfg.train.seq_len, batch_size=batch_size,
-                   seed=cfg.seed, split=split)
+                   seed=cfg.seed, split=split, chat_template=cfg.data.get("chat_template", "auto"))
     if split != "train":
         section.update(shuffle=False, num_epochs=1, drop_remainder=False, rename_prob=0.0)
     elif section.get("rename_prob") and not section.get("rename_words") and not cfg.data.get("train_paths"):

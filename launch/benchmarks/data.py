@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import time
 
-from klong_jax.data.chat_template import ChatTemplate
+from klong_jax.data.chat_template import make_chat_template
 from klong_jax.data.context import ContextConfig
 from klong_jax.data.pipeline import DataConfig, make_dataset, make_rows
 from klong_jax.data.synthetic import synthetic_corpus, texts_of
@@ -71,7 +71,7 @@ def _measure(path: str, tokenizer: str, args, packing: str, trajectory_tokens: i
 def _dataset_report(name: str, path: str, tokenizer: str, args) -> dict:
     trajectories = list(read_jsonl(path))
     turns = [sum(m.role == "assistant" for m in t.messages) for t in trajectories]
-    template = ChatTemplate(load_tokenizer(tokenizer))
+    template = make_chat_template(load_tokenizer(tokenizer))
     lengths = [len(template.render(t.messages)) for t in trajectories]
     prefixes = [len(template.render(split_turns(t.messages)[0])) for t in trajectories]
     shared = _measure(path, tokenizer, args, "shared_prefix", sum(lengths) * args.epochs)
