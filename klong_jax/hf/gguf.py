@@ -419,9 +419,14 @@ class GGUFTensorReader:
                 if f.types and f.types[0] != gguf.GGUFValueType.ARRAY}
 
 
-def gguf_config(path_or_reader, **runtime):
-    """The ModelConfig of a llama GGUF file: `ModelConfig.from_hf_dict(reader.hf_config, **runtime)`."""
-    from klong_jax.models.config import ModelConfig
+def gguf_config(path_or_reader, *, param_dtype=None, compute_dtype=None, **runtime):
+    """The ModelConfig of a llama GGUF file: `ModelConfig.from_hf_dict(reader.hf_config, **runtime)`.
+
+    param_dtype: parameter storage (default float32); compute_dtype: activations and matmuls (default
+    bfloat16); runtime: the other ModelConfig runtime fields (`dtype=` and unknown names: TypeError).
+    """
+    from klong_jax.models.config import ModelConfig, runtime_overrides
+    runtime = runtime_overrides("load_gguf", dict(runtime, param_dtype=param_dtype, compute_dtype=compute_dtype))
     reader = path_or_reader if isinstance(path_or_reader, GGUFTensorReader) else GGUFTensorReader(path_or_reader)
     try:
         return ModelConfig.from_hf_dict(reader.hf_config, **runtime)
@@ -429,17 +434,18 @@ def gguf_config(path_or_reader, **runtime):
         raise ValueError(f"{reader.path}: {e}") from e
 
 
-def load_gguf(path: str, *, mesh=None, rules=None, **runtime):
-    """Loads a llama GGUF file into a (sharded) model: config from the metadata, weights streamed through
-    `klong_jax.hf.load_from_reader` (each device shard filled from the dequantized HF tensors it covers).
+def load_gguf(path: str, *, mesh=None, rules=None, param_dtype=None, compute_dtype=None, **runtime):
+    """Loads a llama GGUF file into a (sharded) model: config from the metadata (`gguf_config`), weights
+    streamed through `klong_jax.hf.load_from_reader` (each device shard filled from the dequantized HF
+    tensors it covers; each tensor dequantized once, see GGUFTensorReader).
 
-    runtime: ModelConfig runtime fields (compute_dtype, param_dtype, attention_impl, moe_impl, remat_policy,
-    scan_layers, moe_token_chunk). mesh=None: one device.
+    param_dtype / compute_dtype / runtime: ModelConfig runtime fields (compute_dtype, param_dtype,
+    attention_impl, moe_impl, remat_policy, scan_layers, moe_token_chunk). mesh=None: one device.
     """
     from klong_jax.hf import load_from_reader
     t0 = time.time()
     reader = GGUFTensorReader(path)
-    cfg = gguf_config(reader, **runtime)
+    cfg = gguf_config(reader, param_dtype=param_dtype, compute_dtype=compute_dtype, **runtime)
     model = load_from_reader(reader, cfg, mesh=mesh, rules=rules, source=reader.path)
     log.info("loaded %s (%d tensors dequantized) in %.1fs", path, reader.dequantized, time.time() - t0)
     return model
