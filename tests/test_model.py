@@ -146,3 +146,57 @@ def test_moe_token_chunking_gives_the_same_logits_and_grads(mesh_shape):
             ref, got = grads(graphdef), grads(chunked_gd)
     np.testing.assert_allclose(got[0], ref[0], rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got[1], ref[1])
+
+
+def test_smollm2_preset_counts_and_config_checks():
+    cfg = preset("smollm2_135m")
+    # embed 49152*576 + 30 layers * (q 576*576 + k,v 2*576*192 + o 576*576 + mlp 3*576*1536 + norms 2*576)
+    # + final norm 576; tied: no lm_head.
+    per_layer = 576 * 576 + 2 * 576 * 192 + 576 * 576 + 3 * 576 * 1536 + 2 * 576
+    counts = count_params(cfg)
+    assert counts["total_params"] == 49152 * 576 + 30 * per_layer + 576 == 134_515_008
+    assert counts["active_params_per_token"] == 30 * per_layer + 576
+    assert (cfg.architecture, cfg.num_moe_layers, cfg.rotary_dim) == ("LlamaForCausalLM", 0, 64)
+    with pytest.raises(ValueError, match=r"model_type='llama' .* first_k_dense_replace=30 \(got 29\)"):
+        preset("smollm2_135m", first_k_dense_replace=29)
+    with pytest.raises(ValueError, match=r"attention_bias=False \(got True\)"):
+        preset("smollm2_135m", attention_bias=True)
+    with pytest.raises(ValueError, match="model_type='gpt2'"):
+        preset("smollm2_135m", model_type="gpt2")
+
+
+def test_tied_embeddings_are_one_matrix_for_input_and_output():
+    cfg = CFG.replace(tie_word_embeddings=True)
+    model = init_model(cfg, seed=1)
+    state = nnx.state(model, nnx.Param)
+    assert "lm_head" not in state
+    ids = _ids()
+    h, _ = model.hidden_states(ids)
+    E = state["embed_tokens"].get_value()
+    np.testing.assert_allclose(model(ids), np.einsum("btd,vd->btv", h, E), rtol=1e-5, atol=1e-5)
+    # The gradient of the embedding has both parts: rows of the input tokens, and every row via the logits.
+    gd, params, rest = nnx.split(model, nnx.Param, ...)
+    grad = jax.grad(lambda p: jnp.mean(jax.nn.log_softmax(nnx.merge(gd, p, rest)(ids))[..., 3]))(params)
+    g = np.asarray(grad["embed_tokens"].get_value())
+    unused = np.setdiff1d(np.arange(cfg.vocab_size), np.asarray(ids))
+    assert np.abs(g[unused]).max() > 0          # output side reaches tokens never in the input
+    assert count_params(cfg)["total_params"] == count_params(CFG)["total_params"] - cfg.vocab_size * cfg.hidden_size
+
+
+def test_tied_llama_prefill_and_decode_match_the_forward():
+    """The KV-cache path (prefill 6 tokens, then 1 at a time) of an all-dense tied llama gives the forward's
+    logits at every position: no MoE stack, no lm_head."""
+    cfg = CFG.replace(model_type="llama", first_k_dense_replace=CFG.num_hidden_layers, attention_bias=False,
+                      partial_rotary_factor=1.0, tie_word_embeddings=True)
+    model = init_model(cfg, seed=2)
+    ids = _ids(B=1, T=10)
+    ref = np.asarray(model(ids))[0]
+    h, cache, routed = model.prefill(ids[:, :6], cache_len=10)
+    assert routed is None and cache["moe"] is None
+    outs = [np.asarray(model.logits(h))[0]]
+    valid = jnp.ones((1, 10), bool)
+    for t in range(6, 10):
+        logits, cache, _ = model.decode_step(ids[:, t:t + 1], cache, positions_BT=jnp.full((1, 1), t),
+                                             write_index=t, kv_valid_BS=valid)
+        outs.append(np.asarray(logits)[0])
+    np.testing.assert_allclose(np.concatenate(outs), ref, atol=1e-4, rtol=0)
