@@ -4,6 +4,7 @@ The invariant every test leans on: in an upcycled layer all E experts equal the 
 weights are renormalised (sum_x w_x = 1), so y = sum_x w_x FFN(h) = FFN(h) and the upcycled model's
 logits equal the dense model's whatever the random router picks.
 """
+import json
 import os
 
 import jax
@@ -159,3 +160,59 @@ def test_config_sections_carry_the_upcycle_subsection():
     # A run config saved before the rename holds the compute dtype as "dtype".
     legacy = {k: v for k, v in final_cfg.__dict__.items() if k != "compute_dtype"}
     assert model_config_from({**legacy, "dtype": "float32"}).compute_dtype == "float32"
+
+
+def _llama_to_gguf(case_dir: str, path: str) -> str:
+    """The safetensors llama fixture as an F32 GGUF file in llama.cpp's layout (Q/K rows of each head
+    reordered for its interleaved rotary: [2, H/2] -> [H/2, 2]), as its converter writes SmolLM2."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    hf = json.load(open(os.path.join(case_dir, "config.json")))
+    t = load_file(os.path.join(case_dir, "model.safetensors"))
+    N, K = hf["num_attention_heads"], hf["num_key_value_heads"]
+
+    def interleave(w_OD, heads):
+        return w_OD.reshape(heads, 2, w_OD.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(w_OD.shape)
+
+    w = gguf.GGUFWriter(path, "llama")
+    for k, v in {"block_count": hf["num_hidden_layers"], "context_length": hf["max_position_embeddings"],
+                 "embedding_length": hf["hidden_size"], "feed_forward_length": hf["intermediate_size"],
+                 "attention.head_count": N, "attention.head_count_kv": K, "rope.dimension_count": hf["head_dim"],
+                 "vocab_size": hf["vocab_size"]}.items():
+        w.add_uint32(f"llama.{k}", v)
+    w.add_float32("llama.rope.freq_base", hf["rope_parameters"]["rope_theta"])
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", hf["rms_norm_eps"])
+    for name, token in (("bos", 1), ("eos", 2), ("padding", 2)):
+        w.add_uint32(f"tokenizer.ggml.{name}_token_id", token)
+    w.add_tensor("token_embd.weight", t["model.embed_tokens.weight"])
+    for i in range(hf["num_hidden_layers"]):
+        p, q = f"blk.{i}.", f"model.layers.{i}."
+        for ours, theirs in (("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm"),
+                             ("attn_v", "self_attn.v_proj"), ("attn_output", "self_attn.o_proj"),
+                             ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"), ("ffn_down", "mlp.down_proj")):
+            w.add_tensor(p + ours + ".weight", t[q + theirs + ".weight"])
+        w.add_tensor(p + "attn_q.weight", interleave(t[q + "self_attn.q_proj.weight"], N))
+        w.add_tensor(p + "attn_k.weight", interleave(t[q + "self_attn.k_proj.weight"], K))
+    w.add_tensor("output_norm.weight", t["model.norm.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_initial_model_upcycles_a_gguf_file(tmp_path):
+    """GGUF (tied llama, as SmolLM2 ships) -> load_gguf -> upcycle: still transformers' dense logits."""
+    tied = os.path.join(os.path.dirname(LLAMA), "llama_tied")
+    path = _llama_to_gguf(tied, str(tmp_path / "tied.gguf"))
+    up = UpcycleConfig(layers=2, experts=4, top_k=2, router_std=1.0, seed=0)
+    final_cfg = upcycled_config(load_config(tied, compute_dtype="float32"), up)
+    mesh = make_mesh({"fsdp": 2, "expert": 4})
+    model = initial_model(final_cfg, mesh, init_from=path, seed=0, upcycle=up)
+    assert (model.cfg.num_moe_layers, model.cfg.tie_word_embeddings) == (2, True)
+    ids = np.load(os.path.join(tied, "inputs.npy"))
+    graphdef, state = nnx.split(model)
+    with jax.set_mesh(mesh):
+        out = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x))(state, ids)
+    np.testing.assert_allclose(np.asarray(out), np.load(os.path.join(tied, "logits.npy")), atol=1e-4, rtol=0)
