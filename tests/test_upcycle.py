@@ -216,3 +216,23 @@ def test_initial_model_upcycles_a_gguf_file(tmp_path):
     with jax.set_mesh(mesh):
         out = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x))(state, ids)
     np.testing.assert_allclose(np.asarray(out), np.load(os.path.join(tied, "logits.npy")), atol=1e-4, rtol=0)
+
+
+@pytest.mark.skipif(not os.environ.get("KLONG_HF_PYTHON"), reason="set KLONG_HF_PYTHON to a Python with transformers")
+def test_transformers_runs_the_upcycled_model(tmp_path):
+    """An upcycled tied llama saves as a Glm4MoeForCausalLM (no shared expert, tied head) that transformers
+    loads and runs to the dense model's logits."""
+    import subprocess
+
+    from klong_jax.hf import save_pretrained
+    tied = os.path.join(os.path.dirname(LLAMA), "llama_tied")
+    model = upcycle(load_pretrained(tied, compute_dtype="float32"),
+                    UpcycleConfig(layers=1, experts=4, top_k=2, router_std=1.0))
+    save_pretrained(model, str(tmp_path / "hf"))
+    assert json.load(open(tmp_path / "hf" / "config.json"))["architectures"] == ["Glm4MoeForCausalLM"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([os.environ["KLONG_HF_PYTHON"], os.path.join(root, "tools", "hf_reference.py"), "logits",
+                    str(tmp_path / "hf"), os.path.join(tied, "inputs.npy"), str(tmp_path / "logits.npy")],
+                   check=True, capture_output=True)
+    np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), np.load(os.path.join(tied, "logits.npy")),
+                               atol=1e-4, rtol=0)
