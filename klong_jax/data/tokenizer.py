@@ -287,7 +287,14 @@ class GGUFTokenizer(HuggingFaceTokenizer):
     `gguf_tokenizer_json`. Special tokens are the CONTROL tokens; `pad_id` is `padding_token_id` (else
     `eos_token_id`, else 0); `bos_id`/`eos_id`/`unk_id` are the file's ids (None when absent);
     `chat_template` is `tokenizer.chat_template` (None when absent). The file's `add_bos_token` is kept as
-    `add_bos_token`: `encode` never adds one (the chat template decides what a sequence starts with)."""
+    `add_bos_token`: `encode` never adds one (the chat template decides what a sequence starts with).
+
+    A byte whose alphabet character is not in the vocabulary cannot be encoded: BPE without an unknown
+    token drops it, as transformers does for the same file (mapping it to `unk_id` would put a special id
+    into text). `missing_bytes` lists them; SmolLM2 lacks 21 of the 256: 0x04 0x06 0x13 0x14 0x16 0x1d,
+    0xc0 0xc1 (never in UTF-8) and 0xf1 0xf2 0xf5..0xff (lead bytes of planes 4-15 and invalid ones), so
+    `decode(encode(text)) == text` for any text without those control characters or plane 4-11 characters.
+    """
 
     def __init__(self, path: str | None = None, *, fields: dict | None = None):
         if (path is None) == (fields is None):
@@ -334,6 +341,12 @@ class GGUFTokenizer(HuggingFaceTokenizer):
     @property
     def chat_template(self) -> str | None:
         return self._meta["chat_template"]
+
+    @property
+    def missing_bytes(self) -> tuple[int, ...]:
+        """Bytes the vocabulary has no token for (dropped by `encode`)."""
+        vocab = self._tok.get_vocab(with_added_tokens=False)
+        return tuple(b for b, c in sorted(byte_alphabet().items()) if c not in vocab)
 
     @property
     def add_bos_token(self) -> bool:
