@@ -189,6 +189,7 @@ def test_llama_config_reads_and_writes_llama_fields():
     ("rope_scaling", {"rope_type": "llama3", "factor": 8.0}, "rope_scaling=.*llama3"),
     ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e5}, "rope_parameters.rope_type='yarn'"),
     ("model_type", "mistral", "model_type='mistral'"),
+    ("layer_types", ["full_attention", "sliding_attention"], r"layer_types has \[.sliding_attention.\]"),
 ])
 def test_llama_config_errors_name_the_field(tmp_path, field, value, match):
     d = _copy_fixture(tmp_path, LLAMA_TIED)
@@ -282,8 +283,9 @@ def test_orbax_checkpoint_with_the_old_dtype_key_still_loads(tmp_path):
 
 
 @pytest.mark.skipif(not HF_PYTHON, reason="set KLONG_HF_PYTHON to a Python with transformers (.ci/run does)")
-@pytest.mark.parametrize("case_dir", [LLAMA_TIED, LLAMA_UNTIED], ids=["tied", "untied"])
-def test_transformers_loads_our_llama_checkpoint(tmp_path, case_dir):
+@pytest.mark.parametrize("case", ["llama_tied", "llama_untied_headdim", "qwen2_bias_tied", "qwen3_qknorm"])
+def test_transformers_loads_our_llama_family_checkpoint(tmp_path, case):
+    case_dir = os.path.join(FIXTURES, case)
     model = load_pretrained(case_dir, mesh=make_mesh({"fsdp": 8}))
     save_pretrained(model, str(tmp_path / "out"))
     subprocess.run([HF_PYTHON, os.path.join(ROOT, "tools", "hf_reference.py"), "logits", str(tmp_path / "out"),

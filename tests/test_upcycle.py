@@ -160,6 +160,7 @@ def test_config_sections_carry_the_upcycle_subsection():
     # A run config saved before the rename holds the compute dtype as "dtype".
     legacy = {k: v for k, v in final_cfg.__dict__.items() if k != "compute_dtype"}
     assert model_config_from({**legacy, "dtype": "float32"}).compute_dtype == "float32"
+    assert model_config_from({**legacy, "dtype": "float32", "compute_dtype": "bfloat16"}).compute_dtype == "bfloat16"
 
 
 def _llama_to_gguf(case_dir: str, path: str) -> str:

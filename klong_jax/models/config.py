@@ -211,6 +211,9 @@ class ModelConfig:
                                  "(on o_proj too) is not supported; it must be false")
             if d.get("mlp_bias", False):
                 raise ValueError(f"mlp_bias={d['mlp_bias']!r}: MLP biases are not supported; it must be false")
+            full = [t for t in d.get("layer_types") or () if t != "full_attention"]
+            if full:
+                raise ValueError(f"layer_types has {sorted(set(full))}: only full_attention layers are supported")
             if d.get("use_sliding_window", False):
                 raise ValueError(f"use_sliding_window={d['use_sliding_window']!r}: sliding-window attention is "
                                  "not supported; it must be false")

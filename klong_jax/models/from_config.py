@@ -16,15 +16,14 @@ def _as_dict(section) -> dict:
 def model_config_from(section) -> ModelConfig:
     """The ModelConfig of a config.model section (its `upcycle` sub-section ignored).
 
-    Run configs saved before the compute dtype was renamed hold it as "dtype"; it is read as compute_dtype.
+    Run configs saved before the compute dtype was renamed hold it as "dtype"; it is read as compute_dtype
+    unless a compute_dtype is given too (launch/eval.py lays the current runtime fields over a saved section).
     """
     d = _as_dict(section)
     d.pop("upcycle", None)
     if "dtype" in d:
-        if "compute_dtype" in d:
-            raise ValueError(f"config.model has both dtype={d['dtype']!r} and compute_dtype={d['compute_dtype']!r};"
-                             " keep compute_dtype (dtype is the name used before the rename)")
-        d["compute_dtype"] = d.pop("dtype")
+        legacy = d.pop("dtype")
+        d.setdefault("compute_dtype", legacy)  # a compute_dtype given beside it (a runtime override) wins
     valid = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = set(d) - valid
     if unknown:
