@@ -319,6 +319,9 @@ def test_config_from_metadata(tiny_files):
         "attention_bias": False, "mlp_bias": False, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2,
         "pad_token_id": 0}
     assert not GGUFTensorReader(tiny_files[False][0]).hf_config["tie_word_embeddings"]
+    meta = r.metadata()
+    assert meta["general.architecture"] == "llama" and meta["llama.block_count"] == 2
+    assert meta["tokenizer.ggml.eos_token_id"] == 2
     assert expected_hf_shapes(r.hf_config)["model.layers.1.self_attn.k_proj.weight"] == (2 * 64, 256)
 
 
