@@ -1,7 +1,8 @@
 """The agent loop, end to end with real sandboxes, tools, the ContextPolicy and rubric grading: the
 scripted policy replays expert trajectories (rendered by the chat template, parsed back by the agent)
 and must reproduce the experts' scores; recorded windows equal the splitter's; budgets end episodes;
-malformed output becomes error observations; many episodes share batched generate calls."""
+malformed output becomes error observations; many episodes share batched generate calls. The suite runs with
+the GLM-4.5 template (SentencePiece) and with ChatML (a byte-level BPE tokenizer.json with ChatML's tokens)."""
 import dataclasses
 
 import numpy as np
@@ -9,11 +10,11 @@ import pytest
 
 from klong_jax.agent import (ARG_TYPES, AgentConfig, ScriptedPolicy, parse_turn, rollout_windows,
                              run_episodes)
-from klong_jax.data.chat_template import ChatTemplate, Glm45Template
+from klong_jax.data.chat_template import ChatMLTemplate, ChatTemplate, Glm45Template
 from klong_jax.data.context import ContextConfig, ContextPolicy
 from klong_jax.data.splitting import split
-from klong_jax.data.tokenizer import SentencePieceTokenizer
-from klong_jax.data.train_tokenizer import train_sentencepiece, trajectory_texts
+from klong_jax.data.tokenizer import HuggingFaceTokenizer, SentencePieceTokenizer
+from klong_jax.data.train_tokenizer import train_hf_tokenizer_json, train_sentencepiece, trajectory_texts
 from klong_jax.data.trajectory import Message, ToolCall, parse_trajectory, split_turns, validate_trajectory
 from klong_jax.sandbox import SandboxPool
 from klong_jax.tasks import generate_task, solve_task
@@ -27,21 +28,26 @@ class Suite:
     template: ChatTemplate
 
 
-def make_suite(directory) -> Suite:
-    """Two embedded tasks, their expert trajectories (with mistakes) and a tokenizer trained on them."""
+def make_suite(directory, kind: str = "glm45") -> Suite:
+    """Two embedded tasks, their expert trajectories (with mistakes) and a tokenizer trained on them; kind:
+    "glm45" (SentencePiece with GLM's tokens) or "chatml" (tokenizer.json with ChatML's tokens)."""
     tasks = [generate_task(i, seed=5, difficulty=2, length=10) for i in range(2)]
     experts = [solve_task(t, directory / f"expert{i}", mistake_prob=0.3, seed=1)
                for i, t in enumerate(tasks)]
     n_actions = len(tasks[0].expert_plan()) // 2
     half = solve_task(tasks[0], directory / "half", mistake_prob=0.0, max_actions=n_actions)
     texts = list(trajectory_texts(parse_trajectory(t) for t in experts + [half]))
+    if kind == "chatml":
+        path = train_hf_tokenizer_json(texts, str(directory / "chatml.json"), vocab_size=500,
+                                       special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>"))
+        return Suite(tasks, experts, half, ChatMLTemplate(HuggingFaceTokenizer(path)))
     sp = train_sentencepiece(texts, str(directory / "sp.model"), vocab_size=500)
     return Suite(tasks, experts, half, Glm45Template(SentencePieceTokenizer(sp)))
 
 
-@pytest.fixture(scope="module")
-def suite(tmp_path_factory):
-    return make_suite(tmp_path_factory.mktemp("suite"))
+@pytest.fixture(scope="module", params=["glm45", "chatml"])
+def suite(request, tmp_path_factory):
+    return make_suite(tmp_path_factory.mktemp("suite"), request.param)
 
 
 def agent_config(budget=4096, **kw) -> AgentConfig:
@@ -73,7 +79,7 @@ def test_parse_turn_round_trips_every_tool(suite):
              ("submit", {"end_message": "done"})]
     for k, (name, args) in enumerate(calls):
         message = Message("assistant", "content\nline", f"why {k}", (ToolCall("x", name, args),))
-        ids = t.render_message(message, None)[0][1:]
+        ids = t.completion_ids(message)
         turn = parse_turn(t, ids, turn=7)
         got = turn.parsed.message
         assert not turn.parsed.errors and turn.canonical and turn.n_forced == 0
@@ -83,7 +89,7 @@ def test_parse_turn_round_trips_every_tool(suite):
         assert set(args) <= set(ARG_TYPES[name])
     # Cut off mid-call: the complete part parses, the end-of-turn token is appended, not sampled.
     message = Message("assistant", "", "r", (ToolCall("x", "bash", {"cmd": "echo hi"}),))
-    ids = t.render_message(message, None)[0][1:]
+    ids = t.completion_ids(message)
     turn = parse_turn(t, ids[:-4], turn=0)
     assert not turn.parsed.finished and turn.n_forced == 1 and not turn.canonical
     assert turn.action_ids[:-1] == ids[:-4] and turn.action_ids[-1] in t.stop_ids
@@ -91,6 +97,8 @@ def test_parse_turn_round_trips_every_tool(suite):
 
 
 def test_malformed_output_becomes_error_observations(suite, tmp_path):
+    if suite.template.name != "glm45":
+        pytest.skip("GLM-4.5 output; ChatML's: test_malformed_chatml_output_becomes_error_observations")
     task = suite.tasks[0]
     script = [
         # The end of turn arrives inside the call: unclosed.
@@ -137,6 +145,54 @@ def test_malformed_output_becomes_error_observations(suite, tmp_path):
     assert first.ids[first.action_len - 1] != r.turns[0].sampled_ids[-1]
     assert len(r.turns[0].sampled_ids) == first.action_len - 2
     assert r.turns[0].parse_errors and not r.turns[0].canonical
+    assert validate_trajectory(r.trajectory().to_dict()) == []
+
+
+def test_malformed_chatml_output_becomes_error_observations(suite, tmp_path):
+    if suite.template.name != "chatml":
+        pytest.skip("ChatML output; GLM-4.5's: test_malformed_output_becomes_error_observations")
+    task, t = suite.tasks[0], suite.template
+    script = [
+        # The end of turn arrives inside the call: unclosed, and no call ran.
+        '<think>list</think>\n<tool_call>{"name": "bash", "arguments": {"cmd": "ls"}<|im_end|>',
+        '<tool_call>{"name": "nosuchtool", "arguments": {"a": 1}}</tool_call><|im_end|>',
+        '<think>read</think>\n<tool_call>{"name": "read_file_chunk", "arguments": {"file": "x.txt", '
+        '"start_line": "abc"}}</tool_call><|im_end|>',
+        "I am done thinking.<|im_end|>",
+        "<think>x</think>\nNo call.<|endoftext|>",      # another stop token: <|im_end|> is appended
+        Message("assistant", "", "Stop here.", (ToolCall("c", "submit", {"end_message": "bye"}),)),
+    ]
+    policy = ScriptedPolicy(t, {task.task_id: script})
+    [r] = run_episodes([task], policy, n_per_task=1, template=t, config=agent_config(), pool=SandboxPool(1),
+                       workdir=str(tmp_path))
+    assert r.finish_reason == "submit" and len(r.turns) == 6
+    assert r.reward == 0.0 and r.grade_valid
+    feedback, j = {}, None
+    for m in r.messages:
+        if m.role == "assistant":
+            j = len(feedback)
+            feedback[j] = []
+        elif j is not None:
+            feedback[j].append(m)
+    first = [m.content for m in feedback[0]]
+    assert len(first) == 1 and "malformed" in first[0] and "unclosed tool call" in first[0]
+    assert "did not call a tool" in first[0] and t.format_hint in first[0]
+    assert feedback[1][0].role == "tool" and "unknown tool 'nosuchtool'" in feedback[1][0].content
+    assert "start_line must be an integer" in feedback[2][0].content
+    assert "expected a JSON integer" in feedback[2][1].content
+    assert [m.content for m in feedback[3]] == [agent_config().nudge_message]
+    assert [m.content for m in feedback[4]] == [agent_config().nudge_message]
+    assert all(t.finish == "stop" for t in r.turns)
+    # Turn 4 stopped at <|endoftext|>: <|im_end|> is appended (not sampled) and the next message opens with
+    # "\n<|im_start|>user\n" after it.
+    assert [turn.n_forced for turn in r.turns] == [0, 0, 0, 0, 1, 0]
+    fifth = r.context.turns[4]
+    assert fifth.ids[fifth.action_len - 2:fifth.action_len].tolist() == \
+        [t.ids["<|endoftext|>"], t.ids["<|im_end|>"]]
+    assert len(r.turns[4].sampled_ids) == fifth.action_len - len(t.generation_prompt_ids) - 1
+    after = fifth.ids[fifth.action_len:].tolist()
+    assert t.tokenizer.decode(after).startswith("\n<|im_start|>user\n")
+    assert not r.turns[4].canonical and r.turns[5].canonical
     assert validate_trajectory(r.trajectory().to_dict()) == []
 
 
@@ -242,7 +298,7 @@ def test_timeout_ends_the_episode_and_grades_what_was_done(suite, tmp_path):
 
 def test_max_tokens_cuts_the_last_turn_and_ends_the_episode(suite, tmp_path):
     expert = assistant_turns(suite.experts[1])
-    lengths = [len(suite.template.render_message(m, None)[0]) - 1 for m in expert]
+    lengths = [len(suite.template.completion_ids(m)) for m in expert]
     budget = sum(lengths[:3]) + 5
     policy = ScriptedPolicy.from_trajectories(suite.template, [suite.experts[1]])
     [r] = run_episodes([suite.tasks[1]], policy, n_per_task=1, template=suite.template,
@@ -269,8 +325,9 @@ def test_per_turn_token_cap_cuts_every_turn(suite, tmp_path):
     assert [len(t.sampled_ids) for t in r.turns] == [6, 6, 6]
     assert all(t.finish == "length" and t.n_forced == 1 for t in r.turns)
     # The context holds the sampled ids plus the appended end-of-turn token, nothing else.
+    g = len(suite.template.generation_prompt_ids)
     for t, rendered in zip(r.turns, r.context.turns):
-        np.testing.assert_array_equal(rendered.ids[1:rendered.action_len - 1], t.sampled_ids)
+        np.testing.assert_array_equal(rendered.ids[g:rendered.action_len - 1], t.sampled_ids)
         assert rendered.ids[rendered.action_len - 1] in suite.template.stop_ids
 
 

@@ -1,19 +1,24 @@
 """ContextPolicy: budget, prefix rule, dropping the oldest history, middle-truncation of tool results,
-and the agent's view/add_turn loop giving the same contexts as the splitter's replay."""
+and the agent's view/add_turn loop giving the same contexts as the splitter's replay. Every test runs with the
+GLM-4.5 template and with ChatML (a multi-token generation prompt; separators owned by the next message)."""
 import math
 
 import numpy as np
 import pytest
 
-from klong_jax.data.chat_template import Glm45Template
+from klong_jax.data.chat_template import ChatMLTemplate, Glm45Template
 from klong_jax.data.context import ContextConfig, ContextOverflow, ContextPolicy
 from klong_jax.data.synthetic import build_tokenizers, random_text, synthetic_trajectory
 from klong_jax.data.trajectory import Message, ToolCall, split_turns
 
 
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    return Glm45Template(build_tokenizers(str(tmp_path_factory.mktemp("tok")))["sp"])
+@pytest.fixture(scope="module", params=["glm45", "chatml"])
+def template(request, tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("tok"))
+    if request.param == "chatml":
+        from tokenizer_helpers import chatml_tokenizer
+        return ChatMLTemplate(chatml_tokenizer(directory))
+    return Glm45Template(build_tokenizers(directory)["sp"])
 
 
 def _trajectory(seed=0, n_turns=20, **kw):
@@ -131,7 +136,7 @@ def test_agent_loop_sees_what_the_splitter_replays(template):
         msgs = agent.context_messages(view)     # the same context, for a chat-API model
         assert template.render(msgs).input_ids.tolist() + template.generation_prompt_ids == \
             prompt.tolist()
-        generated = template.render_message(turn.assistant)[0][1:]   # the "sampled" ids
+        generated = template.completion_ids(turn.assistant)   # the "sampled" ids
         assert len(generated) <= view.max_new_tokens
         agent.add_turn(turn.assistant, turn.observations, action_ids=generated)
         prompts.append(prompt)

@@ -57,6 +57,26 @@ def test_batches_hold_every_trajectory(data):
     assert sum(int(b["loss_mask"].sum()) for b in batches) == _expected_loss_tokens(d, corpus)
 
 
+def test_chat_template_is_configurable(data, tmp_path):
+    """data.chat_template picks the template the windows are rendered with: ChatML with a ChatML tokenizer (the
+    same loss tokens as splitting by hand), and a name that does not fit the tokenizer is an error."""
+    from klong_jax.data.chat_template import ChatMLTemplate
+    from tokenizer_helpers import chatml_tokenizer
+    d, corpus = data
+    tok = chatml_tokenizer(str(tmp_path))
+    cfg = _config(d, tokenizer=tok._path, chat_template="chatml", drop_remainder=False)
+    batches = _batches(cfg)
+    expected = sum(int(w.loss_mask.sum()) for t in corpus for w in split(t, ContextPolicy(ChatMLTemplate(tok),
+                                                                                       CONTEXT)))
+    assert sum(int(b["loss_mask"].sum()) for b in batches) == expected
+    first = batches[0]["input_ids"][0]
+    assert tok.decode(first[:20]).startswith("<|im_start|>system\nYou are a research agent.")
+    assert sum(int(b["loss_mask"].sum()) for b in _batches(_config(d, tokenizer=tok._path, drop_remainder=False))) \
+        == expected                                   # "auto" finds ChatML's tokens
+    with pytest.raises(ValueError, match=r"no special token\(s\) \['\[gMASK\]'"):
+        _batches(_config(d, tokenizer=tok._path, chat_template="glm45"), 1)
+
+
 def test_seeded_shuffle_is_deterministic(data):
     d, _ = data
     a, b = _batches(_config(d, seed=1), 3), _batches(_config(d, seed=1), 3)

@@ -1,11 +1,12 @@
-"""Trajectory splitting, property-tested over random trajectories and policies (hypothesis)."""
+"""Trajectory splitting, property-tested over random trajectories and policies (hypothesis), with the GLM-4.5
+template (SentencePiece and tokenizer.json backends) and with ChatML."""
 from collections import Counter
 
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from klong_jax.data.chat_template import ROLE_CODES, Glm45Template
+from klong_jax.data.chat_template import ROLE_CODES, ChatMLTemplate, Glm45Template
 from klong_jax.data.context import ContextConfig, ContextPolicy
 from klong_jax.data.splitting import sft_example, split
 from klong_jax.data.synthetic import build_tokenizers, synthetic_trajectory
@@ -14,8 +15,10 @@ from klong_jax.data.trajectory import split_turns
 
 @pytest.fixture(scope="module")
 def templates(tmp_path_factory):
-    toks = build_tokenizers(str(tmp_path_factory.mktemp("tok")))
-    return {k: Glm45Template(t) for k, t in toks.items()}
+    from tokenizer_helpers import chatml_tokenizer
+    directory = str(tmp_path_factory.mktemp("tok"))
+    templates = {k: Glm45Template(t) for k, t in build_tokenizers(directory).items()}
+    return templates | {"chatml": ChatMLTemplate(chatml_tokenizer(directory))}
 
 
 @st.composite
@@ -27,7 +30,7 @@ def cases(draw):
         reasoning_words=(0, draw(st.integers(1, 30))), p_nudge=draw(st.floats(0, 0.5)),
         p_long_tool=draw(st.sampled_from([0.0, 0.1])), long_tool_words=400,
         submit=draw(st.booleans()))
-    return dict(traj=traj, kind=draw(st.sampled_from(["sp", "hf"])),
+    return dict(traj=traj, kind=draw(st.sampled_from(["sp", "hf", "chatml"])),
                 reserve=draw(st.integers(1, 150)), slack=draw(st.integers(0, 600)),
                 drop_fraction=draw(st.sampled_from([0.0, 0.1, 0.3, 0.5, 1.0])),
                 drop_unit=draw(st.sampled_from(["turns", "tokens"])),
@@ -69,7 +72,7 @@ def test_window_invariants(templates, case):
     prompts = _agent_prompts(policy, messages)
     trained_in = Counter()
     covered = []
-    assistant_id = template.ids["<|assistant|>"]
+    g = len(template.generation_prompt_ids)
     for k, w in enumerate(windows):
         L = len(w)
         assert w.index == k and L <= C
@@ -78,9 +81,13 @@ def test_window_invariants(templates, case):
         assert w.input_ids[:w.prefix_len].tolist() == prefix_ids.tolist()
         assert w.positions.tolist() == list(range(L))
         assert w.targets[:-1].tolist() == w.input_ids[1:].tolist() and w.loss_mask[-1] == 0
-        # Loss only on generated assistant tokens (never the <|assistant|> prompt, prefix, tools).
-        nxt_roles, nxt_ids = w.roles[1:][w.loss_mask[:-1] == 1], w.input_ids[1:][w.loss_mask[:-1] == 1]
-        assert (nxt_roles == ROLE_CODES["assistant"]).all() and (nxt_ids != assistant_id).all()
+        # Loss only on generated assistant tokens (never the generation prompt, prefix, tools).
+        nxt_roles = w.roles[1:][w.loss_mask[:-1] == 1]
+        assert (nxt_roles == ROLE_CODES["assistant"]).all()
+        for j in range(w.start_turn, w.end_turn + 1):
+            first = int(np.flatnonzero(w.turn_ids == j)[0])   # turn j opens with its generation prompt
+            assert w.input_ids[first:first + g].tolist() == template.generation_prompt_ids
+            assert not w.loss_mask[first - 1:first - 1 + g].any()   # no prompt token is a target
         trained_turns = set(w.turn_ids[1:][w.loss_mask[:-1] == 1].tolist())
         assert trained_turns == set(w.trained_turns)
         assert set(w.generated_turns) <= trained_turns
@@ -91,7 +98,7 @@ def test_window_invariants(templates, case):
         for j in w.generated_turns:
             # Its causal context is exactly the agent's prompt for turn j.
             first = int(np.flatnonzero(w.turn_ids == j)[0])
-            assert w.input_ids[:first + 1].tolist() == prompts[j].tolist()
+            assert w.input_ids[:first + g].tolist() == prompts[j].tolist()
         for j in w.trained_turns:
             trained_in[j] += 1
             # All of turn j's generated tokens carry loss here.

@@ -90,6 +90,18 @@ def test_missing_template_tokens_are_named(tmp_path):
         Glm45Template(HuggingFaceTokenizer(path))
 
 
+def test_only_special_added_tokens_are_special(toks, tmp_path):
+    """An added token marked special=False (Qwen's `<think>`) is text: `encode` matches it inside text (as
+    transformers does), so it is not a special id; special added tokens stay out of encoded text."""
+    from tokenizers import AddedToken, Tokenizer
+    tok = Tokenizer.from_str(toks["hf"]._json)
+    tok.add_tokens([AddedToken("<note>", special=False, normalized=False)])
+    hf = HuggingFaceTokenizer(json_str=tok.to_str())
+    note = tok.token_to_id("<note>")
+    assert hf.special_id("<note>") is None and hf.encode("a<note>b").count(note) == 1
+    assert hf.special_id("<|user|>") is not None and hf.special_id("<|user|>") not in hf.encode("a<|user|>b")
+
+
 def test_atomic_words_keep_one_id_whatever_precedes_them(tmp_path):
     """A task word copied from a spec ("`logs`", "logs/x") into a command ("mkdir -p logs") is the same
     id in both places, so copying it is copying an id; tag tokens in text are still not forged."""

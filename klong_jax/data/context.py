@@ -10,8 +10,9 @@ Rules, all exact in tokens of the chat template:
 - Fit: the start s is kept while `P + H(s, j) + need <= C`, with P the prefix tokens, H the tokens of
   turns s..j-1 and need = max(reserve_tokens, tokens of turn j's assistant message when known). The
   agent does not know the next message, so it asks with the reserve and generates at most
-  `C - P - H - g` tokens (g: the generation prompt's length); the splitter knows it. For an episode this policy produced, both give the
-  same starts, so replaying a recorded rollout reproduces the agent's contexts exactly.
+  `C - P - H - g` tokens (g: the generation prompt's length); the splitter knows it. For an episode
+  this policy produced, both give the same starts, so replaying a recorded rollout reproduces the
+  agent's contexts exactly.
 - Drop: while it does not fit, s advances by the oldest `drop_fraction` of the history (of its turns,
   or of its tokens with drop_unit="tokens"), at least one turn. s never moves back.
 - Truncate: when a turn is added, its tool results are middle-truncated (head and tail kept, a marker

@@ -3,8 +3,9 @@ ChatML) and sampler.
 
 Requests: `messages` (system/developer, user, assistant with optional `tool_calls` and the non-standard
 `reasoning_content`, tool with `tool_call_id`), `tools` (function schemas, rendered into a system
-message before the conversation by the template's `tools_system_text`, as GLM-4.5's and Qwen's templates do), `tool_choice` ("none" hides the tools;
-anything else leaves the choice to the model: decoding is not constrained), `max_tokens` /
+message before the conversation by the template's `tools_system_text`, as GLM-4.5's and Qwen's
+templates do), `tool_choice` ("none" hides the tools; anything else leaves the choice to the model:
+decoding is not constrained), `max_tokens` /
 `max_completion_tokens`, `temperature`, `top_p`, `top_k` (extension), `n`, `stop`, `seed`, `logprobs`.
 Responses carry `content`, `reasoning_content` and `tool_calls` parsed from the generated ids by the
 chat template's parser.
