@@ -132,6 +132,11 @@ def main(_):
     from klong_jax.sharding import make_mesh
     from klong_jax.tasks import load_task
 
+    if _CHAT_TEMPLATE.value:   # fail before loading anything
+        try:
+            check_chat_template_name(_CHAT_TEMPLATE.value, "--chat_template")
+        except ValueError as e:
+            raise app.UsageError(str(e)) from None
     tasks = [load_task(d) for d in load_task_dirs(_TASKS.value)]
     if _MAX_TASKS.value:
         tasks = tasks[:_MAX_TASKS.value]

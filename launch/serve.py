@@ -49,6 +49,10 @@ def main(_):
     from klong_jax.sharding import make_mesh
 
     try:
+        check_chat_template_name(_CHAT_TEMPLATE.value, "--chat_template")
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    try:
         overrides = json.loads(_MODEL_OVERRIDES.value)
     except json.JSONDecodeError as e:
         raise app.UsageError(f"--model_overrides is not JSON: {e}") from None
@@ -64,7 +68,6 @@ def main(_):
     sampler = Sampler(model, tokenizer, mesh=mesh, decode_chunk=_DECODE_CHUNK.value,
                       max_batch=_MAX_BATCH.value, seed=_SEED.value)
     try:
-        check_chat_template_name(_CHAT_TEMPLATE.value, "--chat_template")
         engine = ChatEngine(sampler, model_name=_MODEL_NAME.value, batch_window_ms=_BATCH_WINDOW_MS.value,
                             max_batch=_MAX_BATCH.value, default_max_tokens=_MAX_TOKENS.value,
                             chat_template=_CHAT_TEMPLATE.value)
