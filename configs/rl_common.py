@@ -9,16 +9,39 @@ STAGES = {
     # The embedded tiny tasks take the expert ~13 turns: stage 1's budget stops short of that, so the curriculum
     # starts on truncated episodes; stage 2's fits the work, stage 3's leaves room to repair mistakes.
     "tiny": {1: (30.0, 8, 1200), 2: (60.0, 16, 2400), 3: (120.0, 24, 4800)},
+    # The same tasks for the 135M model, whose turns take seconds to sample on 2 CPU cores: the turn budgets bind
+    # as for tiny, the timeouts leave room for the slower model.
+    "smol": {1: (300.0, 8, 1200), 2: (600.0, 16, 2400), 3: (1200.0, 24, 4800)},
     "small": {1: (600.0, 50, 20_000), 2: (1800.0, 150, 60_000), 3: (3600.0, 300, 120_000)},
     # GLM-4.5-Air agent runs of hours, as in KLong: 2 h, 6 h, 12 h.
     "glm45_air": {1: (7200.0, 400, 400_000), 2: (21600.0, 1000, 1_000_000), 3: (43200.0, 2000, 2_000_000)},
 }
 
 
+# Per variant: optimizer, RL loop sizes and agent sampling limits (stage-independent).
+OPTIMIZER = {"tiny": dict(lr=1e-4), "smol": dict(lr=1e-6), "small": dict(lr=1e-6), "glm45_air": dict(lr=1e-6)}
+LOOP = {
+    "tiny": dict(steps=4, tasks_per_step=2, group_size=4, ppo_epochs=2, seq_len_factor=2, max_concurrent_episodes=8),
+    "smol": dict(steps=4, tasks_per_step=2, group_size=4, ppo_epochs=1, seq_len_factor=2, max_concurrent_episodes=8),
+    "small": dict(steps=200, tasks_per_step=64, group_size=16, ppo_epochs=1, seq_len_factor=1,
+                  max_concurrent_episodes=64),
+    "glm45_air": dict(steps=200, tasks_per_step=64, group_size=16, ppo_epochs=1, seq_len_factor=1,
+                      max_concurrent_episodes=64),
+}
+# max_new_tokens_per_turn (None: the episode's token budget); disk_mib: episode directory space (tiny tasks write a
+# few KiB; an ML experiment writes data and checkpoints); eval_tasks: held-out tasks per stage evaluation.
+AGENT = {
+    "tiny": dict(max_new_tokens_per_turn=160, disk_mib=64, eval_tasks=8),
+    "smol": dict(max_new_tokens_per_turn=160, disk_mib=64, eval_tasks=8),
+    "small": dict(max_new_tokens_per_turn=None, disk_mib=200 * 1024, eval_tasks=32),
+    "glm45_air": dict(max_new_tokens_per_turn=None, disk_mib=200 * 1024, eval_tasks=32),
+}
+
+
 def rl_config(stage: int, variant: str) -> ConfigDict:
     base = sft_config(variant)
-    tiny = variant == "tiny"
     timeout_s, max_turns, max_tokens = STAGES[variant][stage]
+    loop, agent = LOOP[variant], AGENT[variant]
     c = ConfigDict()
     c.kind = "rl"
     c.stage = stage
@@ -29,23 +52,20 @@ def rl_config(stage: int, variant: str) -> ConfigDict:
     c.model = base.model
     c.mesh = base.mesh
     c.data = base.data
-    c.optimizer = ConfigDict(dict(lr=1e-4 if tiny else 1e-6, warmup_steps=0, final_lr_fraction=1.0, b1=0.9, b2=0.99,
+    c.optimizer = ConfigDict(dict(**OPTIMIZER[variant], warmup_steps=0, final_lr_fraction=1.0, b1=0.9, b2=0.99,
                                   eps=1e-8, weight_decay=0.0, clip_norm=1.0))
     c.rl = ConfigDict(dict(
-        steps=4 if tiny else 200, tasks_per_step=2 if tiny else 64, group_size=4 if tiny else 16,
+        steps=loop["steps"], tasks_per_step=loop["tasks_per_step"], group_size=loop["group_size"],
         advantage="grpo",              # grpo | dr_grpo | rloo
         eps_low=0.2, eps_high=0.28,    # asymmetric clipping
         kl_coef=0.0,                   # k3 KL to the frozen stage-start policy (0: off)
         tis_cap=2.0,                   # truncated importance weight cap (0: off)
         routing_replay=True,           # force the sampler's experts in the training forward pass
-        ppo_epochs=2 if tiny else 1,
-        seq_len=base.train.seq_len * (2 if tiny else 1), batch_rows=base.train.global_batch,
-        packing="shared_prefix", max_concurrent_episodes=8 if tiny else 64))
+        ppo_epochs=loop["ppo_epochs"],
+        seq_len=base.train.seq_len * loop["seq_len_factor"], batch_rows=base.train.global_batch,
+        packing="shared_prefix", max_concurrent_episodes=loop["max_concurrent_episodes"]))
     c.agent = ConfigDict(dict(timeout_s=timeout_s, max_turns=max_turns, max_total_tokens=max_tokens,
-                              max_new_tokens_per_turn=160 if tiny else None, temperature=1.0, top_p=1.0, top_k=0,
-                              reminder_every=10,
-                              # Episode directory space: tiny tasks write a few KiB; an ML experiment writes
-                              # data and checkpoints.
-                              disk_mib=64 if tiny else 200 * 1024))
-    c.eval = ConfigDict(dict(n_tasks=8 if tiny else 32, timeout_s=timeout_s, max_turns=max_turns))
+                              max_new_tokens_per_turn=agent["max_new_tokens_per_turn"], temperature=1.0, top_p=1.0,
+                              top_k=0, reminder_every=10, disk_mib=agent["disk_mib"]))
+    c.eval = ConfigDict(dict(n_tasks=agent["eval_tasks"], timeout_s=timeout_s, max_turns=max_turns))
     return c

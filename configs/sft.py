@@ -1,4 +1,5 @@
-"""Trajectory-splitting SFT. Variants: tiny (CPU, minutes), small (benchmarks), glm45_air (TPU pods).
+"""Trajectory-splitting SFT. Variants: tiny (CPU, minutes, random init), smol (SmolLM2-135M-Instruct upcycled to
+MoE, CPU), small (benchmarks), glm45_air (TPU pods).
 
   python launch/train.py --config=configs/sft.py:tiny --workdir=DIR --config.optimizer.lr=1e-3
 Every value can be overridden from the command line; an unknown key is an error listing the valid ones.
@@ -8,11 +9,24 @@ import dataclasses
 from ml_collections import ConfigDict
 
 from klong_jax.models.config import preset
+from klong_jax.models.upcycle import UpcycleConfig, upcycled_config
 
-VARIANTS = ("tiny", "small", "glm45_air")
+VARIANTS = ("tiny", "smol", "small", "glm45_air")
+
+# The pretrained base each variant starts from ("": random init). `pretrained:NAME` is a base of the registry in
+# klong_jax/hf/pretrained.py, fetched (and checksummed) into ~/.cache/klong_jax on first use.
+INIT_FROM = {"tiny": "", "smol": "pretrained:smollm2-135m-instruct", "small": "", "glm45_air": ""}
+
+# Model preset of klong_jax/models/config.py per variant, and how it is upcycled to MoE (layers 0: not at all).
+# smol: SmolLM2-135M-Instruct (30 dense layers) with its last 4 FFNs upcycled to 4 experts, top 2 (each token
+# runs 2 expert copies of the FFN in those layers: 1.13x the dense model's FLOPs; measured in BUILD_NOTES.md).
+PRESET = {"tiny": "tiny", "smol": "smollm2_135m", "small": "small", "glm45_air": "glm45_air"}
+UPCYCLE = {"tiny": {}, "smol": dict(layers=4, experts=4, top_k=2, router_std=0.02, seed=0), "small": {},
+           "glm45_air": {}}
 
 MESHES = {
     "tiny": {"data": 1, "fsdp": -1, "expert": 1, "context": 1, "tensor": 1},
+    "smol": {"data": 1, "fsdp": -1, "expert": 1, "context": 1, "tensor": 1},
     "small": {"data": 1, "fsdp": -1, "expert": 1, "context": 1, "tensor": 1},
     # Experts over 8 devices (16 experts each), everything else FSDP over all devices.
     "glm45_air": {"data": 1, "fsdp": -1, "expert": 8, "context": 1, "tensor": 1},
@@ -20,20 +34,58 @@ MESHES = {
 
 RUNTIME = {
     "tiny": dict(compute_dtype="float32", param_dtype="float32", attention_impl="blockwise"),
+    # fp32 on a CPU: bf16 matmuls are slower there (shared/notes/smollm2_gguf.md).
+    "smol": dict(compute_dtype="float32", param_dtype="float32", attention_impl="blockwise"),
     "small": dict(compute_dtype="bfloat16", param_dtype="float32", attention_impl="blockwise"),
     "glm45_air": dict(compute_dtype="bfloat16", param_dtype="float32", remat_policy="full", attention_impl="pallas",
                       moe_token_chunk=4096),
 }
 
+# Training schedule per variant. seq_len is also the context budget of the ContextPolicy (tokens per window).
+# smol: a pretrained model needs tens of small-lr steps, not hundreds (shared/notes/smollm2_gguf.md: 20 AdamW
+# steps at lr 5e-5 take its held-out assistant loss from 1.03 to 0.25); one 1,024-token SFT step of the 135M
+# model takes seconds on 2 CPU cores.
+TRAIN = {
+    "tiny": dict(steps=300, global_batch=4, seq_len=1024, log_every=10, eval_every=50, eval_batches=8,
+                 loss_chunk=0, checkpoint_every=50),
+    "smol": dict(steps=24, global_batch=2, seq_len=1024, log_every=1, eval_every=12, eval_batches=4,
+                 loss_chunk=0, checkpoint_every=12),
+    "small": dict(steps=2000, global_batch=64, seq_len=8192, log_every=50, eval_every=500, eval_batches=8,
+                  loss_chunk=4096, checkpoint_every=500),
+    "glm45_air": dict(steps=2000, global_batch=256, seq_len=131072, log_every=50, eval_every=500, eval_batches=8,
+                      loss_chunk=4096, checkpoint_every=500),
+}
+OPTIMIZER = {
+    "tiny": dict(lr=3e-3, warmup_steps=20, weight_decay=0.1),
+    "smol": dict(lr=5e-5, warmup_steps=2, weight_decay=0.0),
+    "small": dict(lr=3e-4, warmup_steps=200, weight_decay=0.1),
+    "glm45_air": dict(lr=3e-4, warmup_steps=200, weight_decay=0.1),
+}
+# The embedded task suite per variant. vocab_size: of the SentencePiece tokenizer trained on it (0: none is trained,
+# the variant brings its own tokenizer in data.tokenizer). Tiny and smol: two-section tasks (length 6, ~13 expert
+# turns); the others: three-section tasks (length 16, ~26 turns).
+EMBEDDED = {
+    "tiny": dict(n_train=512, n_heldout=8, length=6, vocab_size=2048),
+    "smol": dict(n_train=256, n_heldout=8, length=6, vocab_size=0),
+    "small": dict(n_train=256, n_heldout=32, length=16, vocab_size=32000),
+    "glm45_air": dict(n_train=256, n_heldout=32, length=16, vocab_size=151552),
+}
+TOKENIZER = {"tiny": "", "smol": "pretrained:smollm2-135m-instruct", "small": "", "glm45_air": ""}
+
 
 def model_section(variant: str) -> ConfigDict:
-    return ConfigDict(dataclasses.asdict(preset(variant, **RUNTIME[variant])))
+    """config.model: the FINAL architecture's ModelConfig fields, plus the `upcycle` sub-section saying how it
+    is reached from the dense base (klong_jax/models/upcycle.py)."""
+    dense = preset(PRESET[variant], **RUNTIME[variant])
+    up = UpcycleConfig(**UPCYCLE[variant])
+    section = ConfigDict(dataclasses.asdict(upcycled_config(dense, up) if up.enabled else dense))
+    section.upcycle = ConfigDict(dataclasses.asdict(up))
+    return section
 
 
 def get_config(variant: str = "tiny") -> ConfigDict:
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {VARIANTS}")
-    tiny = variant == "tiny"
     c = ConfigDict()
     c.kind = "sft"
     c.variant = variant
@@ -42,31 +94,35 @@ def get_config(variant: str = "tiny") -> ConfigDict:
     # emulating more devices than a laptop has cores only adds collectives (tiny step on 2 cores: 8 devices
     # 8.0 s, 2 devices 1.4 s; BUILD_NOTES.md). The tests use the 8-device mesh.
     c.cpu_devices = 2
-    c.init_from = ""           # a Hugging Face directory or an Orbax model checkpoint
+    # A Hugging Face directory, a .gguf file, an Orbax model checkpoint, or pretrained:NAME ("": random init).
+    c.init_from = INIT_FROM[variant]
     c.model = model_section(variant)
     c.mesh = ConfigDict({"shape": MESHES[variant]})
 
-    budget = {"tiny": 1024, "small": 8192, "glm45_air": 131072}[variant]
+    t = TRAIN[variant]
+    budget = t["seq_len"]
     c.train = ConfigDict(dict(
-        steps=300 if tiny else 2000, global_batch=4 if tiny else 64 if variant == "small" else 256,
-        micro_batches=1, seq_len=budget, log_every=10 if tiny else 50, eval_every=50 if tiny else 500,
-        eval_batches=8, z_loss=0.0, max_nonfinite_steps=5,
-        loss_chunk=0 if tiny else 4096))  # tokens per logits chunk (0: whole row)
-    c.optimizer = ConfigDict(dict(lr=3e-3 if tiny else 3e-4, warmup_steps=20 if tiny else 200,
-                                  final_lr_fraction=0.1, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1,
+        steps=t["steps"], global_batch=t["global_batch"], micro_batches=1, seq_len=budget, log_every=t["log_every"],
+        eval_every=t["eval_every"], eval_batches=t["eval_batches"], z_loss=0.0, max_nonfinite_steps=5,
+        loss_chunk=t["loss_chunk"]))  # tokens per logits chunk (0: whole row)
+    c.optimizer = ConfigDict(dict(**OPTIMIZER[variant], final_lr_fraction=0.1, b1=0.9, b2=0.95, eps=1e-8,
                                   clip_norm=1.0))
-    c.checkpoint = ConfigDict(dict(every=50 if tiny else 500, keep_last=2, keep_every=0, async_save=True))
+    c.checkpoint = ConfigDict(dict(every=t["checkpoint_every"], keep_last=2, keep_every=0, async_save=True))
+    # How launch/eval.py runs this config's model as an agent: greedy, with the budgets of the last RL stage.
+    from configs.rl_common import STAGES, AGENT
+    timeout_s, max_turns, max_tokens = STAGES[variant][3]
+    c.agent = ConfigDict(dict(timeout_s=timeout_s, max_turns=max_turns, max_total_tokens=max_tokens,
+                              max_new_tokens_per_turn=AGENT[variant]["max_new_tokens_per_turn"], temperature=0.0,
+                              disk_mib=AGENT[variant]["disk_mib"]))
 
     c.data = ConfigDict()
     # Trajectory JSONL files (comma-separated globs); empty: the embedded task suite below.
     c.data.train_paths = ""
     c.data.eval_paths = ""
-    c.data.tokenizer = ""      # SentencePiece .model or tokenizer.json; empty: trained on the embedded suite
+    # SentencePiece .model, tokenizer.json, a .gguf file or pretrained:NAME; empty: trained on the embedded suite.
+    c.data.tokenizer = TOKENIZER[variant]
     c.data.chat_template = "auto"   # "auto" (from the tokenizer's special tokens) | "glm45" | "chatml"
-    # Tiny: two-section tasks (length 6, ~13 expert turns) that a 4-layer model learns to carry out on a CPU; the
-    # others: three-section tasks (length 16, ~26 turns).
-    c.data.embedded = ConfigDict(dict(n_train=512 if tiny else 256, n_heldout=8 if tiny else 32, seed=0, difficulty=1,
-                                      length=6 if tiny else 16, mistake_prob=0.1, vocab_size=c.model.vocab_size))
+    c.data.embedded = ConfigDict(dict(**EMBEDDED[variant], seed=0, difficulty=1, mistake_prob=0.1))
     # rename_prob: share of training trajectories whose names are renamed consistently (data/renaming.py), so that
     # only copying them from the context is right; rename_words: comma list ("" with the embedded suite: its task
     # words). Off by default: on the tiny model it did not start copying (BUILD_NOTES.md, session 5).

@@ -2,14 +2,19 @@
 
   python launch/eval.py --config=configs/sft.py:tiny --checkpoint=CKPT --tasks=DIR --workdir=OUT \
       [--tokenizer=PATH --n_per_task=1 --timeout_s=1800 --max_turns=100 --temperature=1.0 ...]
+  python launch/eval.py --config=configs/sft.py:smol --checkpoint=base    # the pretrained base, zero-shot
 
---checkpoint: a training workdir (its latest checkpoints/<step>: params and router bias of the
+--checkpoint: `base` (what the config's run starts from: its init_from, e.g. a pretrained GGUF base,
+upcycled as config.model.upcycle says; random init when init_from is empty), a `.gguf` file or
+`pretrained:NAME`, a training workdir (its latest checkpoints/<step>: params and router bias of the
 trainer's {"train": {"params", ...}, "rest"}; the model section of the workdir's config.json, and its
 data.tokenizer / data.chat_template, the run's own), an
 Orbax model directory (klong_jax.model_checkpoint), or a Hugging Face directory (config.json +
 safetensors). --config gives the model's runtime fields (dtypes, kernels), the mesh, the context
 policy (data.pipeline.context) and an `agent` section when it has one; flags override.
---tasks: a task directory, a directory of them, or a generated set (DIR/tasks/<task_id>).
+--tasks: a task directory, a directory of them, or a generated set (DIR/tasks/<task_id>); default: the
+held-out tasks of the config's embedded suite (generated into the cache if needed).
+--workdir: default /tmp/klong_eval/<checkpoint name>.
 Writes OUT/eval_summary.json and OUT/episodes.jsonl (klong_jax.agent.evaluate) and prints the table.
 """
 import json
@@ -22,9 +27,11 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/sft.py:tiny")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "training workdir, Orbax model dir or HF dir")
-_TASKS = flags.DEFINE_string("tasks", None, "task directory, or a directory of task directories")
-_WORKDIR = flags.DEFINE_string("workdir", None, "output directory")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "base (the config's init_from), a training workdir, Orbax "
+                                  "model dir, HF dir, .gguf file or pretrained:NAME")
+_TASKS = flags.DEFINE_string("tasks", "", "task directory, or a directory of task directories (default: the "
+                             "config's embedded held-out tasks)")
+_WORKDIR = flags.DEFINE_string("workdir", "", "output directory (default: /tmp/klong_eval/<checkpoint name>)")
 _TOKENIZER = flags.DEFINE_string("tokenizer", "", "tokenizer (default: the config's / checkpoint's)")
 _CHAT_TEMPLATE = flags.DEFINE_string("chat_template", "", "auto | glm45 | chatml (default: the checkpoint's "
                                      "data.chat_template, else the config's)")
@@ -72,6 +79,8 @@ def agent_config(cfg):
 def load_model(checkpoint: str, cfg, mesh):
     """(model, the tokenizer path the checkpoint knows of or "", its chat template name or "")."""
     from klong_jax.models.from_config import model_config_from
+    if checkpoint == "base" or checkpoint.endswith(".gguf") or checkpoint.startswith("pretrained:"):
+        return _load_base(checkpoint, cfg, mesh, model_config_from), "", ""
     if not os.path.isdir(checkpoint):
         raise app.UsageError(f"--checkpoint={checkpoint}: no such directory")
     runtime = {k: cfg.model[k] for k in RUNTIME_FIELDS if k in cfg.model}
@@ -85,6 +94,21 @@ def load_model(checkpoint: str, cfg, mesh):
             tokenizer if os.path.isfile(tokenizer) else "", ""
     from klong_jax.model_checkpoint import load_model as load_orbax_model
     return load_orbax_model(checkpoint, mesh, **runtime), "", ""
+
+
+def _load_base(checkpoint, cfg, mesh, model_config_from):
+    """What a run of `cfg` starts from (checkpoint `base`: cfg.init_from; or the given .gguf / pretrained:NAME),
+    upcycled as cfg.model.upcycle says, checked against cfg.model's architecture."""
+    from klong_jax.models.from_config import upcycle_config_from
+    from klong_jax.training.state import initial_model
+    init_from = cfg.get("init_from", "") if checkpoint == "base" else checkpoint
+    if checkpoint == "base" and init_from and not init_from.startswith("pretrained:") \
+            and not os.path.exists(init_from):
+        raise app.UsageError(f"--checkpoint=base: the config's init_from={init_from!r} does not exist here "
+                             "(an RL stage's init_from is relative to its pipeline workdir: give that path)")
+    print(f"base model: {init_from or 'random init (config has no init_from)'}", flush=True)
+    return initial_model(model_config_from(cfg.model), mesh, init_from=init_from, seed=cfg.get("seed", 0),
+                         upcycle=upcycle_config_from(cfg.model))
 
 
 def _load_training_workdir(workdir, cfg, mesh, runtime, model_config_from):
@@ -137,7 +161,13 @@ def main(_):
             check_chat_template_name(_CHAT_TEMPLATE.value, "--chat_template")
         except ValueError as e:
             raise app.UsageError(str(e)) from None
-    tasks = [load_task(d) for d in load_task_dirs(_TASKS.value)]
+    tasks_dir = _TASKS.value
+    if not tasks_dir:
+        from klong_jax.training.embedded_data import prepare_embedded
+        tasks_dir = prepare_embedded(cfg.data.embedded)["heldout_tasks"]
+    workdir = _WORKDIR.value or os.path.join(
+        "/tmp/klong_eval", os.path.basename(os.path.normpath(_CHECKPOINT.value)).replace(":", "_") or "base")
+    tasks = [load_task(d) for d in load_task_dirs(tasks_dir)]
     if _MAX_TASKS.value:
         tasks = tasks[:_MAX_TASKS.value]
     config = agent_config(cfg)
@@ -158,18 +188,19 @@ def main(_):
     if config.context.budget_tokens > model.cfg.max_position_embeddings:
         raise app.UsageError(f"context budget_tokens={config.context.budget_tokens} exceeds the "
                              f"model's max_position_embeddings={model.cfg.max_position_embeddings}")
-    print(f"eval: {len(tasks)} task(s) x {_N_PER_TASK.value}, {jax.device_count()} "
-          f"{jax.default_backend()} device(s), checkpoint {_CHECKPOINT.value}", flush=True)
+    print(f"eval: {len(tasks)} task(s) from {tasks_dir} x {_N_PER_TASK.value}, {jax.device_count()} "
+          f"{jax.default_backend()} device(s), checkpoint {_CHECKPOINT.value}, output {workdir}", flush=True)
     concurrent = min(_MAX_CONCURRENT.value, len(tasks) * _N_PER_TASK.value)
+    ckpt_ref = os.path.abspath(_CHECKPOINT.value) if os.path.exists(_CHECKPOINT.value) else _CHECKPOINT.value
     policy = SamplerPolicy.from_model(model, mesh, seed=_SEED.value,
                                       **SamplerPolicy.rollout_buckets(config, concurrent))
     evaluate(tasks, policy, template=template, config=config,
-             workdir=_WORKDIR.value, n_per_task=_N_PER_TASK.value,
+             workdir=workdir, n_per_task=_N_PER_TASK.value,
              pool=SandboxPool(max_concurrent=_MAX_CONCURRENT.value), keep_dirs=_KEEP.value,
-             extra={"checkpoint": os.path.abspath(_CHECKPOINT.value),
+             extra={"checkpoint": ckpt_ref,
                     "tokenizer": os.path.abspath(tokenizer_path)})
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config", "checkpoint", "tasks", "workdir"])
+    flags.mark_flags_as_required(["config", "checkpoint"])
     app.run(main)

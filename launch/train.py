@@ -21,15 +21,20 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "output directory (checkpoints, 
 
 def resolve_data(cfg) -> dict:
     """Trajectory files and tokenizer from the config, or the embedded suite when none are given."""
+    from klong_jax.hf.pretrained import resolve_source
     from klong_jax.training.embedded_data import prepare_embedded
     if cfg.data.train_paths:
         if not cfg.data.tokenizer:
             raise app.UsageError("--config.data.train_paths needs --config.data.tokenizer")
         return {"train": cfg.data.train_paths.split(","),
-                "eval": (cfg.data.eval_paths or cfg.data.train_paths).split(","), "tokenizer": cfg.data.tokenizer}
+                "eval": (cfg.data.eval_paths or cfg.data.train_paths).split(","),
+                "tokenizer": resolve_source(cfg.data.tokenizer)}
     paths = prepare_embedded(cfg.data.embedded)
     if cfg.data.tokenizer:
-        paths["tokenizer"] = cfg.data.tokenizer
+        paths["tokenizer"] = resolve_source(cfg.data.tokenizer)
+    if not paths["tokenizer"]:
+        raise app.UsageError("config.data.embedded.vocab_size=0 trains no tokenizer: set config.data.tokenizer "
+                             "(a .model, tokenizer.json, .gguf file or pretrained:NAME)")
     return paths
 
 

@@ -96,10 +96,22 @@ def test_parse_turn_round_trips_every_tool(suite):
     assert any("unclosed" in e for e in turn.parsed.errors)
 
 
+def _after_each_assistant_turn(messages) -> dict[int, list]:
+    """turn k -> the messages (tool results, feedback) between assistant turn k and the next."""
+    feedback, j = {}, None
+    for m in messages:
+        if m.role == "assistant":
+            j = len(feedback)
+            feedback[j] = []
+        elif j is not None:
+            feedback[j].append(m)
+    return feedback
+
+
 def test_malformed_output_becomes_error_observations(suite, tmp_path):
     if suite.template.name != "glm45":
         pytest.skip("GLM-4.5 output; ChatML's: test_malformed_chatml_output_becomes_error_observations")
-    task = suite.tasks[0]
+    task, t = suite.tasks[0], suite.template
     script = [
         # The end of turn arrives inside the call: unclosed.
         "<think>list</think>\n<tool_call>bash\n<arg_key>cmd</arg_key>\n<arg_value>ls<|observation|>",
@@ -117,20 +129,15 @@ def test_malformed_output_becomes_error_observations(suite, tmp_path):
                        config=agent_config(), pool=SandboxPool(1), workdir=str(tmp_path))
     assert r.finish_reason == "submit" and len(r.turns) == 6
     assert r.reward == 0.0 and r.grade_valid
-    feedback, j = {}, None
-    for m in r.messages:
-        if m.role == "assistant":
-            j = len(feedback)
-            feedback[j] = []
-        elif j is not None:
-            feedback[j].append(m)
+    feedback = _after_each_assistant_turn(r.messages)
     first = [m.content for m in feedback[0]]
     assert len(first) == 1 and "malformed" in first[0] and "unclosed tool call" in first[0]
     assert "did not call a tool" in first[0]
     assert feedback[1][0].role == "tool" and "unknown tool 'nosuchtool'" in feedback[1][0].content
     assert "start_line must be an integer" in feedback[2][0].content
     assert "expected a JSON integer" in feedback[2][1].content
-    assert [m.content for m in feedback[3]] == [agent_config().nudge_message]
+    # A turn with no call: the nudge, and the template's call syntax after it.
+    assert [m.content for m in feedback[3]] == [agent_config().nudge_message + "\n" + t.format_hint]
     assert "malformed" in feedback[4][0].content and "unexpected token" in feedback[4][0].content
     # Every scripted turn ended with an end-of-turn token: nothing was cut off.
     assert all(t.finish == "stop" for t in r.turns)
@@ -167,21 +174,16 @@ def test_malformed_chatml_output_becomes_error_observations(suite, tmp_path):
                        workdir=str(tmp_path))
     assert r.finish_reason == "submit" and len(r.turns) == 6
     assert r.reward == 0.0 and r.grade_valid
-    feedback, j = {}, None
-    for m in r.messages:
-        if m.role == "assistant":
-            j = len(feedback)
-            feedback[j] = []
-        elif j is not None:
-            feedback[j].append(m)
+    feedback = _after_each_assistant_turn(r.messages)
     first = [m.content for m in feedback[0]]
     assert len(first) == 1 and "malformed" in first[0] and "unclosed tool call" in first[0]
     assert "did not call a tool" in first[0] and t.format_hint in first[0]
     assert feedback[1][0].role == "tool" and "unknown tool 'nosuchtool'" in feedback[1][0].content
     assert "start_line must be an integer" in feedback[2][0].content
     assert "expected a JSON integer" in feedback[2][1].content
-    assert [m.content for m in feedback[3]] == [agent_config().nudge_message]
-    assert [m.content for m in feedback[4]] == [agent_config().nudge_message]
+    # A turn with no call: the nudge, and the template's call syntax after it.
+    assert [m.content for m in feedback[3]] == [agent_config().nudge_message + "\n" + t.format_hint]
+    assert [m.content for m in feedback[4]] == [agent_config().nudge_message + "\n" + t.format_hint]
     assert all(t.finish == "stop" for t in r.turns)
     # Turn 4 stopped at <|endoftext|>: <|im_end|> is appended (not sampled) and the next message opens with
     # "\n<|im_start|>user\n" after it.

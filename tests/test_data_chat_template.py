@@ -11,6 +11,7 @@ from klong_jax.data.chat_template import (ROLE_CODES, TEMPLATE_TOKENS, Glm45Temp
                                           parse_pieces)
 from klong_jax.data.synthetic import build_tokenizers
 from klong_jax.data.trajectory import Message, ToolCall
+from tokenizer_helpers import CONVERSATION
 
 
 @pytest.fixture(scope="module")
@@ -19,18 +20,6 @@ def templates(tmp_path_factory):
     return {k: Glm45Template(t) for k, t in toks.items()}
 
 
-CONVERSATION = [
-    Message("system", "You are an agent."),
-    Message("user", "Reproduce the paper."),
-    Message("assistant", "Let me look.", "List files first.",
-            (ToolCall("c1", "bash", {"cmd": "ls -la", "timeout": 30}),
-             ToolCall("c2", "read_file_chunk", {"file": "p.md", "flags": ["a", 1]}))),
-    Message("tool", "a.py\nb.py", tool_call_id="c1"),
-    Message("tool", "# Title", tool_call_id="c2"),
-    Message("assistant", "Nothing to call."),
-    Message("user", "Continue."),
-    Message("assistant", "", None, (ToolCall("c3", "submit", {"end_message": "done"}),)),
-]
 GLM_TEXT = (
     "[gMASK]<sop><|system|>\nYou are an agent.<|user|>\nReproduce the paper.<|assistant|>\n"
     "<think>List files first.</think>\nLet me look.\n"

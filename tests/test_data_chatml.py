@@ -17,7 +17,7 @@ from klong_jax.data.tokenizer import load_tokenizer
 from klong_jax.data.trajectory import Message, ToolCall
 from klong_jax.serving import openai_api
 from klong_jax.sampling.types import Completion
-from tokenizer_helpers import (CONVERSATIONS, chatml_tokenizer, smollm2_path, smollm2_reference,
+from tokenizer_helpers import (CONVERSATION, CONVERSATIONS, chatml_tokenizer, smollm2_path, smollm2_reference,
                                write_tiny_gguf)
 
 
@@ -41,18 +41,6 @@ def smollm2_tpl():
     return make_chat_template(load_tokenizer(smollm2_path()))
 
 
-CONVERSATION = [
-    Message("system", "You are an agent."),
-    Message("user", "Reproduce the paper."),
-    Message("assistant", "Let me look.", "List files first.",
-            (ToolCall("c1", "bash", {"cmd": "ls -la", "timeout": 30}),
-             ToolCall("c2", "read_file_chunk", {"file": "p.md", "flags": ["a", 1]}))),
-    Message("tool", "a.py\nb.py", tool_call_id="c1"),
-    Message("tool", "# Title", tool_call_id="c2"),
-    Message("assistant", "Nothing to call."),
-    Message("user", "Continue."),
-    Message("assistant", "", None, (ToolCall("c3", "submit", {"end_message": "done"}),)),
-]
 CHATML_TEXT = (
     "<|im_start|>system\nYou are an agent.<|im_end|>"
     "\n<|im_start|>user\nReproduce the paper.<|im_end|>"

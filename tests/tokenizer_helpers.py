@@ -9,6 +9,8 @@ import tempfile
 
 import pytest
 
+from klong_jax.data.trajectory import Message, ToolCall
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HF_PYTHON = os.environ.get("KLONG_HF_PYTHON")   # a Python with transformers + gguf (see .ci/run)
 CHATML_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -153,3 +155,19 @@ CONVERSATIONS = [
 def smollm2_reference() -> dict:
     """The reference for the real file, the mixed corpus and the conversations (one subprocess per session)."""
     return run_reference(smollm2_path(), MIXED_CORPUS, CONVERSATIONS)
+
+
+# One conversation with reasoning, two tool calls, two results, a plain answer and a final call: rendered by
+# both templates' tests (GLM-4.5 and ChatML).
+CONVERSATION = [
+    Message("system", "You are an agent."),
+    Message("user", "Reproduce the paper."),
+    Message("assistant", "Let me look.", "List files first.",
+            (ToolCall("c1", "bash", {"cmd": "ls -la", "timeout": 30}),
+             ToolCall("c2", "read_file_chunk", {"file": "p.md", "flags": ["a", 1]}))),
+    Message("tool", "a.py\nb.py", tool_call_id="c1"),
+    Message("tool", "# Title", tool_call_id="c2"),
+    Message("assistant", "Nothing to call."),
+    Message("user", "Continue."),
+    Message("assistant", "", None, (ToolCall("c3", "submit", {"end_message": "done"}),)),
+]

@@ -67,7 +67,7 @@ def parse_turn(template: ChatTemplate, sampled_ids: Sequence[int], turn: int) ->
 def feedback_message(turn: ParsedTurn, *, reminder: str | None, nudge: str,
                      format_hint: str) -> Message | None:
     """The user message after the tool results: format errors (with the template's `format_hint`),
-    the nudge, the time reminder."""
+    the nudge (with the hint too when the turn called no tool), the time reminder."""
     parsed = turn.parsed
     parts = []
     if turn.cut_off:
@@ -76,7 +76,8 @@ def feedback_message(turn: ParsedTurn, *, reminder: str | None, nudge: str,
         listed = "\n".join(f"- {e}" for e in parsed.errors)
         parts.append(f"Your last message was malformed:\n{listed}\n{format_hint}")
     if not parsed.message.tool_calls:
-        parts.append(nudge)
+        # A turn with no call at all may not know the syntax: say it (once, when no error above already did).
+        parts.append(nudge if parsed.errors else f"{nudge}\n{format_hint}")
     if reminder:
         parts.append(reminder)
     return Message("user", "\n\n".join(parts)) if parts else None

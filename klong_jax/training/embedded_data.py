@@ -24,7 +24,10 @@ def embedded_key(section) -> str:
 
 
 def prepare_embedded(section, cache_root: str | None = None) -> dict:
-    """Returns {"train": [jsonl], "eval": [jsonl], "tokenizer": path, "dir": dir, "train_tasks": dir, ...}."""
+    """Returns {"train": [jsonl], "eval": [jsonl], "tokenizer": path, "dir": dir, "train_tasks": dir, ...}.
+
+    section.vocab_size: of the SentencePiece tokenizer trained on the train split (0: none is trained and
+    "tokenizer" is "": the run's data.tokenizer, e.g. a pretrained base's, is used instead)."""
     cache_root = cache_root or os.environ.get("KLONG_CACHE", os.path.expanduser("~/.cache/klong_jax"))
     root = os.path.join(cache_root, "embedded", embedded_key(section))
     os.makedirs(root, exist_ok=True)
@@ -33,7 +36,7 @@ def prepare_embedded(section, cache_root: str | None = None) -> dict:
              "eval": [os.path.join(root, "heldout", "trajectories.jsonl")],
              "train_tasks": os.path.join(root, "train", "tasks"),
              "heldout_tasks": os.path.join(root, "heldout", "tasks"),
-             "tokenizer": os.path.join(root, "tokenizer.model")}
+             "tokenizer": os.path.join(root, "tokenizer.model") if section.vocab_size else ""}
     done = os.path.join(root, "DONE")
     with open(os.path.join(root, ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -45,8 +48,9 @@ def prepare_embedded(section, cache_root: str | None = None) -> dict:
                                      split="train", **common)
             held = generate_dataset(os.path.join(root, "heldout"), section.n_heldout, seed=section.seed,
                                     split="heldout", **common)
-            train_sentencepiece(texts_of_file(paths["train"][0]), paths["tokenizer"],
-                                vocab_size=section.vocab_size, atomic_words=vocab.TASK_WORDS)
+            if section.vocab_size:  # 0: the run brings its own tokenizer (e.g. a pretrained base's)
+                train_sentencepiece(texts_of_file(paths["train"][0]), paths["tokenizer"],
+                                    vocab_size=section.vocab_size, atomic_words=vocab.TASK_WORDS)
             with open(done, "w") as f:
                 json.dump({"train": train, "heldout": held}, f, indent=1)
         fcntl.flock(lock, fcntl.LOCK_UN)
@@ -57,10 +61,12 @@ def prepare_embedded(section, cache_root: str | None = None) -> dict:
 
 def tokenizer_of(data_section) -> str:
     """The tokenizer a config's data section trains with: its `tokenizer`, else the one trained on its embedded
-    suite (found again from the same knobs, generated if the cache lacks it); "" when it names neither."""
+    suite (found again from the same knobs, generated if the cache lacks it); "" when it names neither.
+    `pretrained:NAME` resolves to the base's (fetched, verified) GGUF file, which holds its tokenizer."""
+    from klong_jax.hf.pretrained import resolve_source
     data = dict(data_section.to_dict() if hasattr(data_section, "to_dict") else data_section)
     if data.get("tokenizer"):
-        return data["tokenizer"]
+        return resolve_source(data["tokenizer"])
     if data.get("embedded"):
         from ml_collections import ConfigDict
         return prepare_embedded(ConfigDict(data["embedded"]))["tokenizer"]

@@ -48,7 +48,8 @@ def _unflatten(flat: dict) -> dict:
 
 def initial_model(model_cfg, mesh, *, init_from: str, seed: int, upcycle=None):
     """The model a run starts from: random init of `model_cfg`, or the weights of `init_from` (a Hugging
-    Face directory, a `*.gguf` file, or an Orbax model checkpoint) loaded with model_cfg's runtime fields.
+    Face directory, a `*.gguf` file, an Orbax model checkpoint, or `pretrained:NAME`, a registered base fetched
+    on first use: klong_jax/hf/pretrained.py) loaded with model_cfg's runtime fields.
 
     upcycle (UpcycleConfig): when it is on and the loaded model is still dense, its last `upcycle.layers`
     layers are upcycled into MoE layers (models/upcycle.py); a checkpoint that already has MoE layers (e.g.
@@ -58,6 +59,8 @@ def initial_model(model_cfg, mesh, *, init_from: str, seed: int, upcycle=None):
     up = upcycle if upcycle is not None else UpcycleConfig()
     if not init_from:
         return init_model(model_cfg, mesh, seed=seed)
+    from klong_jax.hf.pretrained import resolve_source
+    init_from = resolve_source(init_from)  # pretrained:NAME -> the fetched, verified file
     runtime = {k: getattr(model_cfg, k) for k in RUNTIME_FIELDS}
     if init_from.endswith(".gguf"):
         from klong_jax.hf.gguf import load_gguf

@@ -1,6 +1,6 @@
 """Sampler benchmark: greedy decode tokens/s with the KV cache against re-running the full forward pass.
 
-  .venv/bin/python launch/bench.py sampler [--presets=tiny,small] [--batches=1,16] [--prompt_len=32]
+  .venv/bin/python launch/bench.py sampler [--presets=tiny,small,smol] [--batches=1,16] [--prompt_len=32]
                                            [--gen_tokens=tiny:64,small:32] [--compute_dtype=float32] [--repeats=3]
 
 kv_cache: the Sampler's compiled prefill, then its decode loop to the end; decode tokens/s counts the
@@ -52,8 +52,19 @@ def _no_cache_decoder(graphdef, prompt_len, gen):
     return run
 
 
+def _model_cfg(name, compute_dtype):
+    """A model preset (klong_jax/models/config.py), or an SFT config variant whose model is no preset (smol: the
+    upcycled SmolLM2; random weights: the speed does not depend on them)."""
+    from klong_jax.models import PRESETS
+    if name in PRESETS:
+        return preset(name, compute_dtype=compute_dtype, param_dtype="float32")
+    from configs.sft import get_config
+    from klong_jax.models.from_config import model_config_from
+    return model_config_from(get_config(name).model).replace(compute_dtype=compute_dtype, param_dtype="float32")
+
+
 def bench_one(name, batch, prompt_len, gen, compute_dtype, repeats, baseline_repeats):
-    cfg = preset(name, compute_dtype=compute_dtype, param_dtype="float32")
+    cfg = _model_cfg(name, compute_dtype)
     model = init_model(cfg, seed=0)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(2, cfg.vocab_size, prompt_len).tolist() for _ in range(batch)]
@@ -103,7 +114,7 @@ def bench_one(name, batch, prompt_len, gen, compute_dtype, repeats, baseline_rep
 
 def run(argv):
     p = argparse.ArgumentParser(prog="bench.py sampler")
-    p.add_argument("--presets", default="tiny,small")
+    p.add_argument("--presets", default="tiny,small", help="model presets or SFT config variants (smol)")
     p.add_argument("--batches", default="1,16")
     p.add_argument("--prompt_len", type=int, default=32)
     p.add_argument("--gen_tokens", default="tiny:64,small:32", help="preset:tokens,...")

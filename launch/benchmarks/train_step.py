@@ -3,12 +3,15 @@
     .venv/bin/python launch/bench.py train_step [--models=tiny,small --batch=8 --seq_len=1024 --steps=3
                                                  --cpu_devices=8 --packing_seq_len=2048
                                                  --packing_trajectories=8 (0: skip part 2)
-                                                 --attention_impls=blockwise,reference --moe_impls=ragged,dense]
+                                                 --attention_impls=blockwise,reference --moe_impls=ragged,dense
+                                                 --upcycles=config,0,4:4:2,8:8:2]
 
 1. For each model preset: tokens/s and MFU of the real jit'd SFT step (explicit shardings, donated state)
    on a random batch, on an fsdp mesh over the devices. MFU = model FLOPs (klong_jax.training.mfu: 6 x active
    matmul parameters + causal attention, per token) / step time / (devices x per-device peak); on CPU the peak
    is a matmul measured in this process. XLA's cost-analysis count is reported beside it, not used.
+   --upcycles sweeps how a variant whose base is dense (smol) is upcycled: `config` (its config.model), `0` (the
+   dense base), or LAYERS:EXPERTS:TOP_K (the last LAYERS layers become EXPERTS experts, top TOP_K).
 2. Packing: the same prefix-heavy synthetic trajectories, split by the same ContextPolicy, packed with
    shared-prefix packing and with plain window packing; the tiny model trains over all rows of each
    (identical loss tokens), and the ratio of the two wall times is the speedup.
@@ -24,16 +27,33 @@ def _setup(cpu_devices):
     setup_devices(cpu_devices)
 
 
-def _step_for(variant, mesh, B, T, attention_impl="blockwise", moe_impl="ragged"):
+def _model_cfg(variant, upcycle="config"):
+    """The variant's model config; `upcycle` ("config", "0" or LAYERS:EXPERTS:TOP_K) re-derives it from the
+    variant's dense preset with another upcycling."""
+    from configs.sft import PRESET, RUNTIME, get_config
+    from klong_jax.models import preset
+    from klong_jax.models.from_config import model_config_from
+    from klong_jax.models.upcycle import UpcycleConfig, upcycled_config
+    if upcycle == "config":
+        return model_config_from(get_config(variant).model)
+    dense = preset(PRESET[variant], **RUNTIME[variant])
+    if dense.num_moe_layers:
+        raise ValueError(f"--upcycles={upcycle}: variant {variant} is not built from a dense preset")
+    if upcycle == "0":
+        return dense
+    layers, experts, top_k = (int(x) for x in upcycle.split(":"))
+    return upcycled_config(dense, UpcycleConfig(layers=layers, experts=experts, top_k=top_k))
+
+
+def _step_for(variant, mesh, B, T, attention_impl="blockwise", moe_impl="ragged", upcycle="config"):
     import jax
     from configs.sft import get_config
     from klong_jax.models import init_model
-    from klong_jax.models.from_config import model_config_from
     from klong_jax.training.optimizer import learning_rate_schedule, make_optimizer
     from klong_jax.training.state import abstract_layout, new_state, split_model
     from klong_jax.training.step import batch_shardings, jit_train_step, state_shardings
     cfg = get_config(variant)
-    model_cfg = model_config_from(cfg.model).replace(attention_impl=attention_impl, moe_impl=moe_impl)
+    model_cfg = _model_cfg(variant, upcycle).replace(attention_impl=attention_impl, moe_impl=moe_impl)
     tx = make_optimizer(cfg.optimizer, 100)
     graphdef, abs_params, _, param_sh, rest_sh = abstract_layout(model_cfg, mesh)
     state_sh = state_shardings(tx, param_sh, abs_params, mesh)
@@ -58,10 +78,11 @@ def _random_batch(vocab, B, T, shardings):
     return {k: jax.device_put(v, shardings[k]) for k, v in local.items()}
 
 
-def bench_model(variant, mesh, B, T, steps, attention_impl="blockwise", moe_impl="ragged"):
+def bench_model(variant, mesh, B, T, steps, attention_impl="blockwise", moe_impl="ragged", upcycle="config"):
     import jax
+    from klong_jax.models import count_params
     from klong_jax.training.mfu import compiled_flops, device_peak_flops, train_flops_per_token
-    step, state, rest, batch_sh, model_cfg = _step_for(variant, mesh, B, T, attention_impl, moe_impl)
+    step, state, rest, batch_sh, model_cfg = _step_for(variant, mesh, B, T, attention_impl, moe_impl, upcycle)
     batch = _random_batch(model_cfg.vocab_size, B, T, batch_sh)
     with jax.set_mesh(mesh):
         compiled = step.lower(state, rest, batch).compile()
@@ -75,7 +96,10 @@ def bench_model(variant, mesh, B, T, steps, attention_impl="blockwise", moe_impl
     model_flops = train_flops_per_token(model_cfg, T) * B * T
     xla_flops, peak = compiled_flops(compiled), device_peak_flops()
     n = jax.device_count()
-    return {"variant": variant, "attention_impl": attention_impl, "moe_impl": moe_impl, "batch": B, "seq_len": T,
+    counts = count_params(model_cfg)
+    return {"variant": variant, "upcycle": upcycle, "moe_layers": model_cfg.num_moe_layers,
+            "total_params": counts["total_params"], "active_params_per_token": counts["active_params_per_token"],
+            "attention_impl": attention_impl, "moe_impl": moe_impl, "batch": B, "seq_len": T,
             "step_time_s": round(dt, 4),
             "tokens_per_s": round(B * T / dt, 1), "model_flops_per_step": model_flops,
             "xla_cost_analysis_flops_per_device": xla_flops, "peak_flops_per_device": peak,
@@ -136,6 +160,7 @@ def run(argv):
     # baseline; ratios in "speedup_vs_first" per model).
     ap.add_argument("--attention_impls", default="blockwise")
     ap.add_argument("--moe_impls", default="ragged")
+    ap.add_argument("--upcycles", default="config", help="config | 0 | LAYERS:EXPERTS:TOP_K, comma list")
     ap.add_argument("--packing_seq_len", type=int, default=2048)
     ap.add_argument("--packing_budget", type=int, default=1024)
     ap.add_argument("--packing_trajectories", type=int, default=8)
@@ -146,7 +171,8 @@ def run(argv):
     mesh = make_mesh({"fsdp": -1})
     models = []
     for variant in [v for v in args.models.split(",") if v]:
-        runs = [bench_model(variant, mesh, args.batch, args.seq_len, args.steps, a, m)
+        runs = [bench_model(variant, mesh, args.batch, args.seq_len, args.steps, a, m, u)
+                for u in args.upcycles.split(",")
                 for a in args.attention_impls.split(",") for m in args.moe_impls.split(",")]
         for r in runs:
             r["speedup_vs_first"] = round(runs[0]["step_time_s"] / r["step_time_s"], 3)
