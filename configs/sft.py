@@ -19,7 +19,7 @@ INIT_FROM = {"tiny": "", "smol": "pretrained:smollm2-135m-instruct", "small": ""
 
 # Model preset of klong_jax/models/config.py per variant, and how it is upcycled to MoE (layers 0: not at all).
 # smol: SmolLM2-135M-Instruct (30 dense layers) with its last 4 FFNs upcycled to 4 experts, top 2 (each token
-# runs 2 expert copies of the FFN in those layers: 1.13x the dense model's FLOPs; measured in BUILD_NOTES.md).
+# runs 2 expert copies of the FFN in those layers: 116.8M active parameters against 106.2M dense; BUILD_NOTES.md).
 PRESET = {"tiny": "tiny", "smol": "smollm2_135m", "small": "small", "glm45_air": "glm45_air"}
 UPCYCLE = {"tiny": {}, "smol": dict(layers=4, experts=4, top_k=2, router_std=0.02, seed=0), "small": {},
            "glm45_air": {}}

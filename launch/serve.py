@@ -2,6 +2,7 @@
 
   python launch/serve.py --checkpoint=ORBAX_DIR --tokenizer=tok.model [--port=8000]
   python launch/serve.py --hf_dir=HF_DIR                       # tokenizer.json from the directory
+  python launch/serve.py --gguf=pretrained:smollm2-135m-instruct   # a GGUF file and its own tokenizer
   python launch/serve.py --preset=tiny --tokenizer=tok.model   # random weights (smoke tests)
 
 Then e.g. `openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="x").chat.completions.create(...)`.
@@ -19,6 +20,7 @@ from launch.cli import parse_mesh_flag  # noqa: E402
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Orbax model checkpoint directory (model_checkpoint.save_model)")
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "Hugging Face Glm4MoeForCausalLM directory")
+_GGUF = flags.DEFINE_string("gguf", None, "a llama GGUF file or pretrained:NAME (its own tokenizer unless --tokenizer)")
 _PRESET = flags.DEFINE_string("preset", None, "random init of a model preset (tiny, small, glm45_air)")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "SentencePiece .model, tokenizer.json or a .gguf model file")
 _CHAT_TEMPLATE = flags.DEFINE_string("chat_template", "auto",
@@ -58,8 +60,9 @@ def main(_):
         raise app.UsageError(f"--model_overrides is not JSON: {e}") from None
     mesh = make_mesh(parse_mesh_flag(_MESH.value))
     try:
-        tokenizer = resolve_tokenizer(_TOKENIZER.value, _HF_DIR.value)
-        model = load_serving_model(checkpoint=_CHECKPOINT.value, hf_dir=_HF_DIR.value, preset_name=_PRESET.value,
+        tokenizer = resolve_tokenizer(_TOKENIZER.value, _HF_DIR.value, _GGUF.value)
+        model = load_serving_model(checkpoint=_CHECKPOINT.value, hf_dir=_HF_DIR.value, gguf=_GGUF.value,
+                                   preset_name=_PRESET.value,
                                    mesh=mesh, seed=_SEED.value, **overrides)
     except ValueError as e:
         raise app.UsageError(str(e)) from None

@@ -198,6 +198,21 @@ def test_serving_model_from_an_orbax_checkpoint(tmp_path, model):
         load_serving_model(checkpoint=str(tmp_path / "ckpt"), preset_name="tiny")
 
 
+def test_serving_model_and_tokenizer_from_a_gguf():
+    """`--gguf`: the real SmolLM2 file (skipped when not cached) with its own tokenizer, as `pretrained:NAME`."""
+    from klong_jax.hf.pretrained import local_path
+    from klong_jax.serving.loading import resolve_tokenizer
+    if not os.path.isfile(local_path("smollm2-135m-instruct")):
+        pytest.skip("SmolLM2 GGUF not cached (make pretrained)")
+    source = "pretrained:smollm2-135m-instruct"
+    tok = resolve_tokenizer(None, None, source)
+    model = load_serving_model(gguf=source, compute_dtype="float32")
+    assert (model.cfg.model_type, model.cfg.vocab_size, tok.vocab_size) == ("llama", 49152, 49152)
+    assert tok.special_id("<|im_end|>") == 2 == model.cfg.eos_token_id
+    with pytest.raises(ValueError, match="exactly one of checkpoint, hf_dir, gguf, preset"):
+        load_serving_model(gguf=source, preset_name="tiny")
+
+
 def _judge_rubric():
     from klong_jax.rubric import parse_rubric
     return parse_rubric({"id": "root", "requirements": "The method is implemented", "weight": 1,
