@@ -1,6 +1,5 @@
 """GLM-4.5 chat template: exact rendering, per-token roles, render->parse round trips, and a parser
 that reports malformed model output instead of crashing."""
-import dataclasses
 import json
 
 import numpy as np
@@ -11,7 +10,7 @@ from klong_jax.data.chat_template import (ROLE_CODES, TEMPLATE_TOKENS, Glm45Temp
                                           parse_pieces)
 from klong_jax.data.synthetic import build_tokenizers
 from klong_jax.data.trajectory import Message, ToolCall
-from tokenizer_helpers import CONVERSATION
+from tokenizer_helpers import CONVERSATION, arg_types_of as _arg_types, assistant_strategies, normalised as _norm
 
 
 @pytest.fixture(scope="module")
@@ -65,28 +64,8 @@ def test_per_token_roles_turns_and_trainable(templates):
     assert r.input_ids[first_user_tok] != ids["<|user|>"]
 
 
-def _norm(m: Message) -> Message:
-    calls = tuple(dataclasses.replace(c, id=f"call_{k}") for k, c in enumerate(m.tool_calls))
-    return dataclasses.replace(m, reasoning=m.reasoning or None, tool_calls=calls)
-
-
-def _arg_types(m: Message):
-    kinds = {str: "string", bool: "boolean", int: "integer", float: "number", list: "array",
-             dict: "object", type(None): "null"}
-    return {c.name: {k: kinds[type(v)] for k, v in c.arguments.items()} for c in m.tool_calls}
-
-
 text = st.text(max_size=40) | st.sampled_from(["", "\n", "\n\nx\n", "a </tool_call> <|user|>"])
-ident = st.from_regex(r"[a-z_][a-z0-9_]{0,10}", fullmatch=True)
-json_value = st.recursive(
-    st.none() | st.booleans() | st.integers(-10**6, 10**6)
-    | st.floats(allow_nan=False, allow_infinity=False) | text,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(ident, inner, max_size=3),
-    max_leaves=6)
-tool_call = st.builds(ToolCall, id=st.just("x"), name=ident,
-                      arguments=st.dictionaries(ident, json_value, max_size=4))
-assistant = st.builds(Message, role=st.just("assistant"), content=text,
-                      reasoning=st.none() | text, tool_calls=st.lists(tool_call, max_size=3).map(tuple))
+tool_call, assistant = assistant_strategies(text)
 
 
 @pytest.mark.parametrize("kind", ["sp", "hf"])

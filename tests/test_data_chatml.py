@@ -1,7 +1,6 @@
 """ChatML template: exact layout and per-token attribution, the default system message, parity with the model's
 own template through transformers (SmolLM2 GGUF), render -> parse round trips, a parser that reports malformed
 output and never raises, and choosing a template by name."""
-import dataclasses
 import json
 
 import numpy as np
@@ -17,7 +16,8 @@ from klong_jax.data.tokenizer import load_tokenizer
 from klong_jax.data.trajectory import Message, ToolCall
 from klong_jax.serving import openai_api
 from klong_jax.sampling.types import Completion
-from tokenizer_helpers import (CONVERSATION, CONVERSATIONS, chatml_tokenizer, smollm2_path, smollm2_reference,
+from tokenizer_helpers import (CONVERSATION, CONVERSATIONS, arg_types_of as _arg_types, assistant_strategies,
+                               chatml_tokenizer, normalised as _norm, smollm2_path, smollm2_reference,
                                write_tiny_gguf)
 
 
@@ -199,17 +199,6 @@ def test_assistant_body_is_encoded_apart_from_its_prompt(smollm2_tpl):
 # Parsing
 
 
-def _norm(m: Message) -> Message:
-    calls = tuple(dataclasses.replace(c, id=f"call_{k}") for k, c in enumerate(m.tool_calls))
-    return dataclasses.replace(m, reasoning=m.reasoning or None, tool_calls=calls)
-
-
-def _arg_types(m: Message):
-    kinds = {str: "string", bool: "boolean", int: "integer", float: "number", list: "array",
-             dict: "object", type(None): "null"}
-    return {c.name: {k: kinds[type(v)] for k, v in c.arguments.items()} for c in m.tool_calls}
-
-
 def _ambiguous(m: Message) -> bool:
     """Spellings the plain-text format cannot tell apart (module docstring of chatml_template.py)."""
     return (TOOL_CALL in m.content or END_THINK in (m.reasoning or "")
@@ -218,16 +207,7 @@ def _ambiguous(m: Message) -> bool:
 
 text = st.text(max_size=40) | st.sampled_from(["", "\n", "\n\nx\n", "  two", "a </tool_call> <|im_end|> {",
                                                "<think>", "x</think>y", '{"name": 1}'])
-ident = st.from_regex(r"[a-z_][a-z0-9_]{0,10}", fullmatch=True)
-json_value = st.recursive(
-    st.none() | st.booleans() | st.integers(-10**6, 10**6)
-    | st.floats(allow_nan=False, allow_infinity=False) | text,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(ident, inner, max_size=3),
-    max_leaves=6)
-tool_call = st.builds(ToolCall, id=st.just("x"), name=ident,
-                      arguments=st.dictionaries(ident, json_value, max_size=4))
-assistant = st.builds(Message, role=st.just("assistant"), content=text,
-                      reasoning=st.none() | text, tool_calls=st.lists(tool_call, max_size=3).map(tuple))
+tool_call, assistant = assistant_strategies(text)
 
 
 @settings(max_examples=150, deadline=None)

@@ -1,6 +1,7 @@
 """Shared by the GGUF tokenizer and ChatML template tests: a tiny byte-level BPE GGUF written here, a small ChatML
 tokenizer trained here, the real SmolLM2 file (skipped when it is not cached), and the transformers reference
 (tools/tokenizer_reference.py in $KLONG_HF_PYTHON), run once per session for the real file's mixed corpus."""
+import dataclasses
 import functools
 import json
 import os
@@ -8,6 +9,7 @@ import subprocess
 import tempfile
 
 import pytest
+from hypothesis import strategies as st
 
 from klong_jax.data.trajectory import Message, ToolCall
 
@@ -171,3 +173,32 @@ CONVERSATION = [
     Message("user", "Continue."),
     Message("assistant", "", None, (ToolCall("c3", "submit", {"end_message": "done"}),)),
 ]
+
+
+def assistant_strategies(text):
+    """Hypothesis strategies (tool call, assistant message) over the given text strategy: names, JSON argument
+    values nested up to 6 leaves, up to 3 calls; both templates' round-trip and fuzz tests draw from them."""
+    ident = st.from_regex(r"[a-z_][a-z0-9_]{0,10}", fullmatch=True)
+    json_value = st.recursive(
+        st.none() | st.booleans() | st.integers(-10**6, 10**6)
+        | st.floats(allow_nan=False, allow_infinity=False) | text,
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(ident, inner, max_size=3),
+        max_leaves=6)
+    tool_call = st.builds(ToolCall, id=st.just("x"), name=ident,
+                          arguments=st.dictionaries(ident, json_value, max_size=4))
+    assistant = st.builds(Message, role=st.just("assistant"), content=text,
+                          reasoning=st.none() | text, tool_calls=st.lists(tool_call, max_size=3).map(tuple))
+    return tool_call, assistant
+
+
+def normalised(m: Message) -> Message:
+    """m as a parse gives it back: call ids call_0.. in order, empty reasoning as None."""
+    calls = tuple(dataclasses.replace(c, id=f"call_{k}") for k, c in enumerate(m.tool_calls))
+    return dataclasses.replace(m, reasoning=m.reasoning or None, tool_calls=calls)
+
+
+def arg_types_of(m: Message) -> dict:
+    """tool name -> argument name -> the JSON-schema type of m's own argument values (parse hints)."""
+    kinds = {str: "string", bool: "boolean", int: "integer", float: "number", list: "array",
+             dict: "object", type(None): "null"}
+    return {c.name: {k: kinds[type(v)] for k, v in c.arguments.items()} for c in m.tool_calls}
