@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from klong_jax.agent import (ARG_TYPES, AgentConfig, ScriptedPolicy, parse_turn, rollout_windows,
+from klong_jax.agent import (ARG_TYPES, AgentConfig, ScriptedPolicy, evaluate, parse_turn, rollout_windows,
                              run_episodes)
 from klong_jax.data.chat_template import ChatMLTemplate, ChatTemplate, Glm45Template
 from klong_jax.data.context import ContextConfig, ContextPolicy
@@ -343,3 +343,24 @@ def test_episode_limits_take_the_agent_timeouts_and_disk_limit():
     assert episode_limits(pool, AgentConfig(context=ctx)).disk_bytes is None   # 0: the pool's (unbounded)
     with pytest.raises(ValueError, match="disk_mib"):
         AgentConfig(context=ctx, disk_mib=-1)
+
+
+def test_rollout_progress_bounds_the_steps_left():
+    from klong_jax.agent.runner import RolloutProgress
+    # Live episodes at turns 3 and 7 of 10 (7 steps left at most), 5 pending in waves of 2 (3 waves x 10 turns).
+    p = RolloutProgress(step=4, done=1, total=8, live=2, pending=5, max_concurrent=2, max_turns=10,
+                        live_turns=(3, 7), sampled_tokens=400, elapsed_s=20.0)
+    assert p.steps_left_bound() == 7 + 3 * 10
+    # 5 s per step so far: ETA <= 37 x 5 = 185 s; 400 tokens / 20 s.
+    assert p.line() == ("step 4 | episodes 1/8 done, 2 running | sampled 400 tokens, 20.0 tokens/s | "
+                        "elapsed 0m20s | ETA <= 3m05s")
+
+
+def test_evaluate_prints_progress_lines(suite, tmp_path):
+    task = suite.tasks[0]
+    script = [Message("assistant", "", "Stop here.", (ToolCall("c", "submit", {"end_message": "bye"}),))]
+    lines = []
+    evaluate([task], ScriptedPolicy(suite.template, {task.task_id: script}), template=suite.template,
+             config=agent_config(), workdir=str(tmp_path), pool=SandboxPool(1), print_fn=lines.append)
+    progress = [line for line in lines if line.startswith("[eval] step ")]
+    assert progress and "episodes 1/1 done, 0 running" in progress[-1] and "ETA <= 0m00s" in progress[-1]

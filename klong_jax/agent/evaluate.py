@@ -105,7 +105,8 @@ def evaluate(tasks: Sequence[Task], policy: Policy, *, template: ChatTemplate, c
 
         results = run_episodes(tasks, policy, n_per_task=n_per_task, template=template,
                                config=config, pool=pool, workdir=os.path.join(workdir, "episodes"),
-                               tag=tag, keep_dirs=keep_dirs, on_result=write)
+                               tag=tag, keep_dirs=keep_dirs, on_result=write,
+                               on_step=None if print_fn is None else lambda p: print_fn(f"[eval] {p.line()}"))
     report = summarize(results, tasks)
     report["config"] = config.to_dict()
     report["n_per_task"] = n_per_task

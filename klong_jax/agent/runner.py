@@ -43,6 +43,40 @@ class _Live:
     sandbox_cm: contextlib.AbstractContextManager
 
 
+@dataclasses.dataclass(frozen=True)
+class RolloutProgress:
+    """Where a `run_episodes` call stands after a batched step (one generate for every live episode)."""
+    step: int                      # batched steps so far
+    done: int                      # episodes finished (and graded)
+    total: int
+    live: int                      # episodes running now
+    pending: int                   # episodes not started yet
+    max_concurrent: int
+    max_turns: int
+    live_turns: tuple[int, ...]    # assistant turns each live episode has taken
+    sampled_tokens: int            # tokens generated so far, all episodes
+    elapsed_s: float
+
+    def steps_left_bound(self) -> int:
+        """At most this many batched steps remain: the longest live episode's turns left, then the pending
+        episodes in waves of max_concurrent, each up to max_turns (episodes may end sooner: submit, timeout)."""
+        live_left = max((self.max_turns - t for t in self.live_turns), default=0)
+        waves = -(-self.pending // self.max_concurrent)
+        return live_left + waves * self.max_turns
+
+    def line(self) -> str:
+        rate = self.sampled_tokens / max(self.elapsed_s, 1e-9)
+        eta = self.steps_left_bound() * self.elapsed_s / max(self.step, 1)
+        return (f"step {self.step} | episodes {self.done}/{self.total} done, {self.live} running | sampled "
+                f"{self.sampled_tokens} tokens, {rate:.1f} tokens/s | elapsed {_clock(self.elapsed_s)} | "
+                f"ETA <= {_clock(eta)}")
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}h{m % 60:02d}m{s:02d}s" if m >= 60 else f"{m}m{s:02d}s"
+
+
 def generation_params(config: AgentConfig, template: ChatTemplate, max_new_tokens: int, *,
                       return_routing: bool = False, return_prompt_routing: bool = False
                       ) -> GenerationParams:
@@ -70,7 +104,8 @@ def run_episodes(tasks: Sequence[Task], policy: Policy, *, n_per_task: int, temp
                  return_prompt_routing: bool = False,
                  on_result: Callable[[EpisodeResult], None] | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 timings: dict[str, float] | None = None) -> list[EpisodeResult]:
+                 timings: dict[str, float] | None = None,
+                 on_step: Callable[[RolloutProgress], None] | None = None) -> list[EpisodeResult]:
     """Runs n_per_task episodes of every task; results in (task, group index) order.
 
     Episode ids are `{tag}{task_id}-g{g}`; each runs in `workdir/<episode id>` (which must not hold
@@ -79,7 +114,8 @@ def run_episodes(tasks: Sequence[Task], policy: Policy, *, n_per_task: int, temp
     return_prompt_routing: record the routed experts of sampled / prompt tokens (MoE routing
     replay; see rollout.py). timings: if given, wall seconds of the rollout's phases are added to it:
     `sampling_s` (the policy), `tools_s` (tool calls), `grading_s` (closing each episode's sandbox and
-    grading it); the phases run one after another, so they add up to the rollout's wall time."""
+    grading it); the phases run one after another, so they add up to the rollout's wall time.
+    on_step: called after every batched step with a RolloutProgress (for progress lines)."""
     timings = {} if timings is None else timings
     for phase in ("sampling_s", "tools_s", "grading_s"):
         timings.setdefault(phase, 0.0)
@@ -95,6 +131,7 @@ def run_episodes(tasks: Sequence[Task], policy: Policy, *, n_per_task: int, temp
     order = {f"{tag}{task.task_id}-g{g}": i for i, (task, g) in enumerate(pending)}
     results: dict[str, EpisodeResult] = {}
     live: list[_Live] = []
+    started, steps, sampled = time.perf_counter(), 0, 0
 
     def start(task: Task, g: int) -> _Live:
         episode_id = f"{tag}{task.task_id}-g{g}"
@@ -146,6 +183,8 @@ def run_episodes(tasks: Sequence[Task], policy: Policy, *, n_per_task: int, temp
                                            f"{len(asks)} prompts")
                     list(executor.map(advance, [(item, c) for (item, _), c in zip(asks, completions)]))
                     timings["tools_s"] += time.perf_counter() - t1
+                    steps += 1
+                    sampled += sum(len(c.tokens) for c in completions)
                 done = [item for item in live if item.episode.finished]
                 live = [item for item in live if not item.episode.finished]
                 t0 = time.perf_counter()
@@ -154,6 +193,12 @@ def run_episodes(tasks: Sequence[Task], policy: Policy, *, n_per_task: int, temp
                     if on_result is not None:
                         on_result(result)
                 timings["grading_s"] += time.perf_counter() - t0
+                if on_step is not None and asks:
+                    on_step(RolloutProgress(
+                        step=steps, done=len(results), total=len(order), live=len(live), pending=len(pending),
+                        max_concurrent=pool.max_concurrent, max_turns=config.max_turns,
+                        live_turns=tuple(len(item.episode.turns) for item in live), sampled_tokens=sampled,
+                        elapsed_s=time.perf_counter() - started))
         finally:
             for item in live:   # an exception (policy, interrupt): no sandbox is left running
                 item.sandbox_cm.__exit__(None, None, None)
