@@ -200,3 +200,14 @@ def test_tied_llama_prefill_and_decode_match_the_forward():
                                              write_index=t, kv_valid_BS=valid)
         outs.append(np.asarray(logits)[0])
     np.testing.assert_allclose(np.concatenate(outs), ref, atol=1e-4, rtol=0)
+
+
+def test_profile_scopes_name_the_layers():
+    """jax.named_scope on decoder layers, attention, the MoE block and the dense MLP: a profile (and the lowered
+    program's locations) reads decoder_layer/attention/..., decoder_layer/moe/..., decoder_layer/mlp/...."""
+    cfg = preset("tiny", compute_dtype="float32", vocab_size=64, num_hidden_layers=2, n_routed_experts=4)
+    graphdef, state = nnx.split(init_model(cfg))
+    ids = np.zeros((1, 8), np.int32)
+    text = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, ids).as_text(debug_info=True)
+    for path in ("decoder_layer/attention/", "decoder_layer/moe/", "decoder_layer/mlp/"):
+        assert path in text, path

@@ -53,12 +53,14 @@ class Attention(nnx.Module):
     def output(self, o_BTHD):
         return jnp.einsum("bthk,hkd->btd", o_BTHD.astype(self.dtype), self.o_proj[...].astype(self.dtype))
 
+    @jax.named_scope("attention")
     def __call__(self, x_BTD, cos_BTR, sin_BTR, *, doc_ids_BT=None, window_ids_BT=None):
         q_BTHD, k_BTKD, v_BTKD = self.project_qkv(x_BTD, cos_BTR, sin_BTR)
         o_BTHD = kernels.attention(q_BTHD, k_BTKD, v_BTKD, impl=self.impl, doc_ids=doc_ids_BT,
                                    window_ids=window_ids_BT, causal=True, sm_scale=self.scale)
         return self.output(o_BTHD)
 
+    @jax.named_scope("attention")
     def attend_prefill(self, x_BTD, cos_BTR, sin_BTR, *, doc_ids_BT=None):
         """`__call__` (the configured kernel) that also returns this layer's k/v [B, T, K, hd] for a cache."""
         q_BTHD, k_BTKD, v_BTKD = self.project_qkv(x_BTD, cos_BTR, sin_BTR)
@@ -66,6 +68,7 @@ class Attention(nnx.Module):
                                    causal=True, sm_scale=self.scale)
         return self.output(o_BTHD), k_BTKD, v_BTKD
 
+    @jax.named_scope("attention")
     def attend_cached(self, x_BTD, cos_BTR, sin_BTR, cache_k_BSKD, cache_v_BSKD, write_index, mask_BTS):
         """T new tokens against a KV cache of S slots.
 

@@ -43,6 +43,7 @@ class DecoderLayer(nnx.Module):
                            std=cfg.initializer_range, rngs=rngs)
         self.is_moe = moe
 
+    @jax.named_scope("decoder_layer")
     def __call__(self, x_BTD, cos, sin, doc_ids_BT, window_ids_BT, forced_experts_BTK=None):
         h_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos, sin, doc_ids_BT=doc_ids_BT,
                                        window_ids_BT=window_ids_BT).astype(x_BTD.dtype)
@@ -57,6 +58,7 @@ class DecoderLayer(nnx.Module):
         out_BTD = constrain(h_BTD + y_BTD.astype(h_BTD.dtype), ("batch", "seq", "act_embed"))
         return out_BTD, experts_BTK
 
+    @jax.named_scope("decoder_layer")
     def prefill(self, x_BTD, cos, sin, doc_ids_BT):
         """`__call__` (no windows, no replay) that also returns the layer's k/v [B, T, K, hd]."""
         attn_BTD, k_BTKD, v_BTKD = self.self_attn.attend_prefill(self.input_layernorm(x_BTD), cos, sin,
@@ -64,6 +66,7 @@ class DecoderLayer(nnx.Module):
         out_BTD, experts_BTK = self._ffn(x_BTD + attn_BTD.astype(x_BTD.dtype))
         return out_BTD, experts_BTK, k_BTKD, v_BTKD
 
+    @jax.named_scope("decoder_layer")
     def decode(self, x_BTD, cos, sin, cache_k_BSKD, cache_v_BSKD, write_index, mask_BTS):
         """New tokens against this layer's cache; returns (out, experts, k_new, v_new)."""
         attn_BTD, k_BTKD, v_BTKD = self.self_attn.attend_cached(

@@ -67,6 +67,7 @@ class MLP(nnx.Module):
         self.down_proj = param(rngs, (inter, hidden), ("mlp", "embed"), param_dtype, std=std)
         self.dtype = dtype
 
+    @jax.named_scope("mlp")
     def __call__(self, x_BTD):
         x = x_BTD.astype(self.dtype)
         gate_BTF = x @ self.gate_proj[...].astype(self.dtype)

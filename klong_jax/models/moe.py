@@ -146,6 +146,7 @@ class MoE(nnx.Module):
                           rngs=rngs) if cfg.n_shared_experts else None
         self.cfg, self.dtype = cfg, dtype
 
+    @jax.named_scope("moe")
     def __call__(self, x_BTD, forced_experts_BTK=None):
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D)
