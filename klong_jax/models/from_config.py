@@ -5,7 +5,7 @@ sub-section (UpcycleConfig fields) says how that architecture is reached from a 
 """
 import dataclasses
 
-from klong_jax.models.config import ModelConfig
+from klong_jax.models.config import ModelConfig, upgrade_legacy_fields
 from klong_jax.models.upcycle import UpcycleConfig
 
 
@@ -19,11 +19,8 @@ def model_config_from(section) -> ModelConfig:
     Run configs saved before the compute dtype was renamed hold it as "dtype"; it is read as compute_dtype
     unless a compute_dtype is given too (launch/eval.py lays the current runtime fields over a saved section).
     """
-    d = _as_dict(section)
+    d = upgrade_legacy_fields(_as_dict(section))
     d.pop("upcycle", None)
-    if "dtype" in d:
-        legacy = d.pop("dtype")
-        d.setdefault("compute_dtype", legacy)  # a compute_dtype given beside it (a runtime override) wins
     valid = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = set(d) - valid
     if unknown:
