@@ -21,7 +21,7 @@ from klong_jax.training.step import state_shardings
 from test_agent import agent_config, make_suite
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SUMMARY_KEYS = {"tasks", "episodes", "mean_score", "submit_rate", "timeouts", "finish_reasons",
+SUMMARY_KEYS = {"tasks", "episodes", "mean_score", "score_std", "leaf_pass_rate", "submit_rate", "timeouts", "finish_reasons",
                 "mean_turns", "mean_sampled_tokens", "mean_elapsed_s", "ungraded",
                 "invalid_gradings", "errors"}
 
@@ -37,6 +37,8 @@ def test_evaluate_writes_scores_summary_and_episodes(tmp_path, capsys):
     assert set(summary) == SUMMARY_KEYS
     assert summary["tasks"] == 2 and summary["episodes"] == 4
     assert summary["mean_score"] == 1.0 and summary["submit_rate"] == 1.0
+    # Every episode passes every leaf: no spread, a pass rate of 1 (sum passed / sum graded).
+    assert summary["score_std"] == 0.0 and summary["leaf_pass_rate"] == 1.0
     assert summary["finish_reasons"] == {"submit": 4} and summary["timeouts"] == 0
     assert summary["mean_turns"] == sum(len(r.turns) for r in results) / 4
     assert [t["task_id"] for t in written["per_task"]] == [t.task_id for t in suite.tasks]

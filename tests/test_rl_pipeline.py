@@ -54,7 +54,7 @@ def test_pipeline_resumes_after_sigkill(tmp_path):
     assert f"stage 2: starting from {workdir / 'rl_stage1'} (step 2)" in out
     assert f"stage 3: starting from {workdir / 'rl_stage2'} (step 1)" in out
     results = json.loads((workdir / "results.json").read_text())
-    assert list(results["heldout"]) == ["untrained", "sft", "rl_stage1", "rl_stage2", "rl_stage3"]
+    assert list(results["heldout"]) == ["base", "sft", "rl_stage1", "rl_stage2", "rl_stage3"]
     assert all(0.0 <= row["mean_score"] <= 1.0 for row in results["heldout"].values())
     # The expert's trajectories replayed under each stage's budget: the score that budget allows.
     assert list(results["achievable_by_stage"]) == ["rl_stage1", "rl_stage2", "rl_stage3"]

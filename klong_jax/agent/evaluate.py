@@ -35,12 +35,21 @@ def _mean(values: Sequence[float]) -> float:
 
 def aggregate(results: Sequence[EpisodeResult]) -> dict:
     """Scores and budgets of a set of episodes. An episode whose grading failed scores 0 here and
-    is counted in `ungraded`; `invalid_gradings` counts those with a rubric leaf not graded."""
+    is counted in `ungraded`; `invalid_gradings` counts those with a rubric leaf not graded.
+    score_std: the population standard deviation of the episode scores; leaf_pass_rate: rubric leaves
+    passed / leaves graded, summed over the graded episodes (sum passed / sum graded)."""
     reasons = collections.Counter(r.finish_reason for r in results)
     n = len(results)
+    scores = [r.reward or 0.0 for r in results]
+    graded = [r.grade for r in results if r.grade]
     return {
         "episodes": n,
-        "mean_score": _mean([r.reward or 0.0 for r in results]),
+        "mean_score": _mean(scores),
+        # Spread of the episode scores (population standard deviation: 0 for one episode).
+        "score_std": float(statistics.pstdev(scores)) if scores else 0.0,
+        # Rubric leaves passed over leaves graded, pooled over the graded episodes.
+        "leaf_pass_rate": (sum(g["passed"] for g in graded) / max(sum(g["graded"] for g in graded), 1)
+                           if graded else 0.0),
         "submit_rate": reasons["submit"] / n if n else 0.0,
         "timeouts": reasons["timeout"],
         "finish_reasons": {k: reasons[k] for k in FINISH_REASONS if reasons[k]},
@@ -65,12 +74,13 @@ def summarize(results: Sequence[EpisodeResult], tasks: Sequence[Task]) -> dict:
 
 def format_table(report: dict) -> str:
     """Per-task rows and the overall row, fixed-width."""
-    header = f"{'task':<28} {'eps':>4} {'score':>6} {'submit':>6} {'tmout':>5} {'turns':>7} " \
+    header = f"{'task':<28} {'eps':>4} {'score':>6} {'leaves':>6} {'submit':>6} {'tmout':>5} {'turns':>7} " \
              f"{'tokens':>9} {'secs':>7}"
     lines = [header, "-" * len(header)]
 
     def row(name: str, a: dict) -> str:
-        return (f"{name[:28]:<28} {a['episodes']:>4} {a['mean_score']:>6.3f} {a['submit_rate']:>6.2f} "
+        return (f"{name[:28]:<28} {a['episodes']:>4} {a['mean_score']:>6.3f} {a['leaf_pass_rate']:>6.2f} "
+                f"{a['submit_rate']:>6.2f} "
                 f"{a['timeouts']:>5} {a['mean_turns']:>7.1f} {a['mean_sampled_tokens']:>9.1f} "
                 f"{a['mean_elapsed_s']:>7.1f}")
     lines += [row(t["task_id"], t) for t in report["per_task"]]
