@@ -1,5 +1,5 @@
-"""Shared shape of the progressive RL stage configs (rl_stage1..3): the model, mesh and data sections
-are SFT's; the stage number sets the episode timeout and the turn/token budgets, which grow stage by stage."""
+"""Shared shape of the progressive RL stage configs (rl_stage1..3): the model, mesh, data and trainable
+sections are SFT's; the stage number sets the episode timeout and the turn/token budgets, which grow stage by stage."""
 from ml_collections import ConfigDict
 
 from configs.sft import get_config as sft_config
@@ -52,6 +52,7 @@ def rl_config(stage: int, variant: str) -> ConfigDict:
     c.model = base.model
     c.mesh = base.mesh
     c.data = base.data
+    c.trainable = base.trainable   # what trains: SFT's section (klong_jax/training/trainable.py)
     c.optimizer = ConfigDict(dict(**OPTIMIZER[variant], warmup_steps=0, final_lr_fraction=1.0, b1=0.9, b2=0.99,
                                   eps=1e-8, weight_decay=0.0, clip_norm=1.0))
     c.rl = ConfigDict(dict(

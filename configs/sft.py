@@ -61,6 +61,15 @@ OPTIMIZER = {
     "small": dict(lr=3e-4, warmup_steps=200, weight_decay=0.1),
     "glm45_air": dict(lr=3e-4, warmup_steps=200, weight_decay=0.1),
 }
+# What trains, per variant (klong_jax/training/trainable.py: TrainableConfig; shared by SFT and every RL stage).
+# top_layers: the top N decoder layers and the final norm train (0: every parameter, the default);
+# embeddings: with top_layers, embed_tokens and lm_head (tied or not) train too.
+TRAINABLE = {
+    "tiny": dict(top_layers=0, embeddings=False),
+    "smol": dict(top_layers=0, embeddings=False),
+    "small": dict(top_layers=0, embeddings=False),
+    "glm45_air": dict(top_layers=0, embeddings=False),
+}
 # The embedded task suite per variant. vocab_size: of the SentencePiece tokenizer trained on it (0: none is trained,
 # the variant brings its own tokenizer in data.tokenizer). Tiny and smol: two-section tasks (length 6, ~13 expert
 # turns); the others: three-section tasks (length 16, ~26 turns).
@@ -107,6 +116,8 @@ def get_config(variant: str = "tiny") -> ConfigDict:
         loss_chunk=t["loss_chunk"]))  # tokens per logits chunk (0: whole row)
     c.optimizer = ConfigDict(dict(**OPTIMIZER[variant], final_lr_fraction=0.1, b1=0.9, b2=0.95, eps=1e-8,
                                   clip_norm=1.0))
+    # What trains (TrainableConfig fields, checked when the run starts); RL stages share this section.
+    c.trainable = ConfigDict(dict(TRAINABLE[variant]))
     c.checkpoint = ConfigDict(dict(every=t["checkpoint_every"], keep_last=2, keep_every=0, async_save=True))
     # How launch/eval.py runs this config's model as an agent: greedy, with the budgets of the last RL stage.
     from configs.rl_common import STAGES, AGENT

@@ -134,21 +134,37 @@ class Glm4MoeForCausalLM(nnx.Module):
         return x_BTD, (None if routed[0] is None else jnp.stack(routed))
 
     def hidden_states(self, input_ids_BT, *, positions_BT=None, doc_ids_BT=None, window_ids_BT=None,
-                      forced_experts_LBTK=None):
-        """Final-normed hidden states [B, T, D] and routed experts [L_moe, B, T, k] (None without MoE)."""
+                      forced_experts_LBTK=None, stack_pieces=None):
+        """Final-normed hidden states [B, T, D] and routed experts [L_moe, B, T, k] (None without MoE).
+
+        stack_pieces: optional {"dense": [stack, ...], "moe": [stack, ...]}: a stack given as consecutive
+        pieces along its `layers` axis (modules of the stack's structure holding layers [0, k1), [k1, k2), ...,
+        in order), run piece after piece in place of the model's own stack; forced experts are sliced to each
+        piece and the routing concatenated. The same layers in the same order: the result equals the unsplit
+        stack's. A piece whose variables are constants to a caller's differentiation is thus never
+        differentiated through (each piece is its own scan).
+        """
         cfg = self.cfg
         B, T = input_ids_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        x_BTD = jnp.take(self.embed_tokens[...], input_ids_BT, axis=0).astype(dtype_of(cfg.compute_dtype))
-        x_BTD = constrain(x_BTD, ("batch", "seq", "act_embed"))
-        cos, sin = rope_cos_sin(positions_BT, cfg.rotary_dim, cfg.rope_theta)
+        x_BTD, cos, sin = self._embed(input_ids_BT, positions_BT)
+        pieces = dict(stack_pieces or {})
         if self.dense_layers is not None:
-            x_BTD, _ = self._run_stack(self.dense_layers, x_BTD, cos, sin, doc_ids_BT, window_ids_BT, None)
+            for stack in pieces.get("dense", [self.dense_layers]):
+                x_BTD, _ = self._run_stack(stack, x_BTD, cos, sin, doc_ids_BT, window_ids_BT, None)
         routed_LBTK = None
         if self.moe_layers is not None:
-            x_BTD, routed_LBTK = self._run_stack(self.moe_layers, x_BTD, cos, sin, doc_ids_BT,
-                                                 window_ids_BT, forced_experts_LBTK)
+            routed, lo, stacks = [], 0, pieces.get("moe", [self.moe_layers])
+            for stack in stacks:
+                n = jax.tree.leaves(nnx.state(stack))[0].shape[0]
+                forced = forced_experts_LBTK
+                if forced is not None and len(stacks) > 1:
+                    forced = forced[lo:lo + n]
+                x_BTD, r = self._run_stack(stack, x_BTD, cos, sin, doc_ids_BT, window_ids_BT, forced)
+                routed.append(r)
+                lo += n
+            routed_LBTK = routed[0] if len(routed) == 1 else jnp.concatenate(routed, axis=0)
         return self.norm(x_BTD), routed_LBTK
 
     def logits(self, h_BTD):
@@ -163,11 +179,12 @@ class Glm4MoeForCausalLM(nnx.Module):
         return constrain(logits_BTV.astype(jnp.float32), ("batch", "seq", "act_vocab"))
 
     def __call__(self, input_ids_BT, *, positions_BT=None, doc_ids_BT=None, window_ids_BT=None,
-                 forced_experts_LBTK=None, return_routing: bool = False):
-        """logits_BTV (float32); with return_routing, also the routed expert ids [L_moe, B, T, k]."""
+                 forced_experts_LBTK=None, return_routing: bool = False, stack_pieces=None):
+        """logits_BTV (float32); with return_routing, also the routed expert ids [L_moe, B, T, k].
+        stack_pieces: as in `hidden_states`."""
         h_BTD, routed_LBTK = self.hidden_states(
             input_ids_BT, positions_BT=positions_BT, doc_ids_BT=doc_ids_BT, window_ids_BT=window_ids_BT,
-            forced_experts_LBTK=forced_experts_LBTK)
+            forced_experts_LBTK=forced_experts_LBTK, stack_pieces=stack_pieces)
         logits_BTV = self.logits(h_BTD)
         return (logits_BTV, routed_LBTK) if return_routing else logits_BTV
 

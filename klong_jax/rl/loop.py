@@ -30,9 +30,8 @@ from klong_jax.tasks import load_task
 from klong_jax.training.checkpoint import Checkpointer, abstract_with_shardings
 from klong_jax.training.metrics import MetricsWriter
 from klong_jax.training.optimizer import learning_rate_schedule, make_optimizer
-from klong_jax.training.state import (abstract_layout, abstract_state, initial_model, load_trained_model, new_state,
-                                      split_model)
-from klong_jax.training.step import state_shardings
+from klong_jax.training.state import abstract_layout, initial_model, load_trained_model, split_model
+from klong_jax.training.trainable import TrainLayout, plan_for, trainable_config_from, train_layout
 
 log = logging.getLogger(__name__)
 
@@ -88,18 +87,33 @@ class StageSetup:
     update_fn: object
     old_fn: object
     batch_spec: object
+    layout: TrainLayout = None    # what trains (config.trainable): state["params"] is its trainable subset
+
+    def initial_train_state(self, cfg, workdir):
+        """(state, rest, frozen) at the start of the stage: init_from's weights and a fresh optimizer over the
+        trainable params."""
+        _, params, rest = split_model(initial_policy_model(cfg, workdir, self.model_cfg, self.mesh))
+        state, frozen = self.layout.initial(params, self.tx)
+        return state, jax.device_put(rest, self.rest_sh), frozen
 
     def initial_state(self, cfg, workdir):
-        """(state, rest) at the start of the stage: init_from's weights and a fresh optimizer."""
-        _, params, rest = split_model(initial_policy_model(cfg, workdir, self.model_cfg, self.mesh))
-        return new_state(params, self.tx, self.state_sh), jax.device_put(rest, self.rest_sh)
+        """(state, rest) of `initial_train_state` for a stage where every parameter trains (no frozen part)."""
+        state, rest, frozen = self.initial_train_state(cfg, workdir)
+        if frozen:
+            raise ValueError(f"config.trainable={self.layout.plan.config.spec()} freezes parameters: use "
+                             f"initial_train_state, which returns them")
+        return state, rest
 
-    def policy(self, cfg, state, rest) -> SamplerPolicy:
+    def policy(self, cfg, state, rest, frozen=None) -> SamplerPolicy:
         rl = cfg.rl
         buckets = SamplerPolicy.rollout_buckets(self.agent_cfg,
                                                 min(rl.max_concurrent_episodes, rl.tasks_per_step * rl.group_size))
-        return SamplerPolicy.from_model(nnx.merge(self.graphdef, state["params"], rest), self.mesh, seed=cfg.seed,
-                                        **buckets)
+        params = self.layout.full_params(state, frozen)
+        return SamplerPolicy.from_model(nnx.merge(self.graphdef, params, rest), self.mesh, seed=cfg.seed, **buckets)
+
+    def sync_params(self, state, frozen):
+        """What the sampler gets after an update: the variables that train (a stack cut by the plan whole)."""
+        return self.layout.plan.sync_params(state["params"], frozen)
 
 
 def setup_stage(cfg, data_paths: dict) -> StageSetup:
@@ -109,21 +123,23 @@ def setup_stage(cfg, data_paths: dict) -> StageSetup:
     tokenizer = load_tokenizer(data_paths["tokenizer"])
     tx = make_optimizer(cfg.optimizer, rl.steps)
     lr_schedule = learning_rate_schedule(cfg.optimizer, rl.steps)
+    plan = plan_for(trainable_config_from(cfg.get("trainable")), model_cfg)
     graphdef, abs_params, abs_rest, param_sh, rest_sh = abstract_layout(model_cfg, mesh)
-    state_sh = state_shardings(tx, param_sh, abs_params, mesh)
+    layout = train_layout(plan, abs_params, param_sh, tx, mesh)
+    state_sh = layout.state_sh
     agent_cfg = agent_config(cfg)
     if agent_cfg.top_k or agent_cfg.top_p < 1.0:
         # The trainer reproduces softmax(logits / T), not a truncated distribution.
         raise ValueError(f"agent.top_k={agent_cfg.top_k}, agent.top_p={agent_cfg.top_p}: RL rollouts sample the "
                          "full tempered distribution (top_k=0, top_p=1.0)")
     update_fn, old_fn = jit_rl_fns(graphdef, tx, rl, lr_schedule, state_sh, rest_sh, mesh,
-                                   temperature=agent_cfg.temperature)
+                                   temperature=agent_cfg.temperature, plan=plan, frozen_sh=layout.frozen_sh)
     template = make_chat_template(tokenizer, cfg.data.get("chat_template", "auto"))
     return StageSetup(model_cfg=model_cfg, mesh=mesh, tokenizer=tokenizer, template=template,
                       tasks=load_tasks(data_paths["train_tasks"]), agent_cfg=agent_cfg, tx=tx,
                       graphdef=graphdef, abs_params=abs_params, abs_rest=abs_rest, state_sh=state_sh,
                       rest_sh=rest_sh, update_fn=update_fn, old_fn=old_fn,
-                      batch_spec=logical_to_spec(("batch", "seq"), (rl.batch_rows, rl.seq_len), mesh))
+                      batch_spec=logical_to_spec(("batch", "seq"), (rl.batch_rows, rl.seq_len), mesh), layout=layout)
 
 
 def run_rl(cfg, workdir: str, data_paths: dict) -> dict:
@@ -135,15 +151,17 @@ def run_rl(cfg, workdir: str, data_paths: dict) -> dict:
     start = ckpt.latest_step()
     with jax.set_mesh(st.mesh):
         if start is not None:
-            target = {"train": abstract_state(st.abs_params, st.tx, st.state_sh),
+            st.layout.check_meta(ckpt.meta(start), f"RL checkpoint step {start} of {workdir}")
+            target = {"train": st.layout.abstract_checkpoint_state(st.tx),
                       "rest": abstract_with_shardings(st.abs_rest, st.rest_sh)}
             restored, _ = ckpt.restore(start, target)
-            state, rest = restored["train"], restored["rest"]
+            (state, frozen), rest = st.layout.from_checkpoint(restored["train"]), restored["rest"]
             print(f"stage {cfg.stage}: resumed from step {start}", flush=True)
         else:
-            (state, rest), start = st.initial_state(cfg, workdir), 0
+            (state, rest, frozen), start = st.initial_train_state(cfg, workdir), 0
+        # The KL reference: the stage-start trainable params (the frozen ones are shared and never move).
         ref_params = jax.tree.map(lambda x: x.copy(), state["params"]) if rl.kl_coef else state["params"]
-        policy = st.policy(cfg, state, rest)
+        policy = st.policy(cfg, state, rest, frozen)
         metrics_out = MetricsWriter(workdir, rl.steps, prefix="rl", start_step=start)
         pool = SandboxPool(max_concurrent=rl.max_concurrent_episodes)
         try:
@@ -171,14 +189,15 @@ def run_rl(cfg, workdir: str, data_paths: dict) -> dict:
                 t1 = time.perf_counter()
                 if rows:
                     state, update_metrics = update_policy(st.update_fn, st.old_fn, state, rest, ref_params, rows, rl,
-                                                          st.mesh, st.batch_spec)
+                                                          st.mesh, st.batch_spec, frozen=frozen)
                     metrics.update(update_metrics)
                     metrics["windows"] = stats.windows
-                    policy.update_params(state["params"])
+                    policy.update_params(st.sync_params(state, frozen))
                 metrics.update(rollout_time_s=t_rollout, update_time_s=time.perf_counter() - t1,
                                **{f"rollout_{k}": v for k, v in phases.items()})
                 metrics_out.write(step + 1, metrics)
-                ckpt.save(step + 1, {"train": state, "rest": rest}, meta={"stage": cfg.stage, "step": step + 1},
+                ckpt.save(step + 1, {"train": st.layout.checkpoint_state(state, frozen), "rest": rest},
+                          meta={"stage": cfg.stage, "step": step + 1, "trainable": st.layout.plan.config.spec()},
                           force=True)
         finally:
             ckpt.close()
@@ -204,8 +223,9 @@ def _rollout_metrics(results, rl) -> dict:
     return out
 
 
-def update_policy(update_fn, old_fn, state, rest, ref_params, rows, rl, mesh, batch_spec):
+def update_policy(update_fn, old_fn, state, rest, ref_params, rows, rl, mesh, batch_spec, frozen=None):
     """ppo_epochs passes over the packed rows; returns the new state and the mean update metrics.
+    frozen: the params the run's TrainablePlan freezes ({} / None: every parameter trains).
 
     The trainer's log-probs of the rollout policy ("old", the clipping reference) are computed for every
     batch before the first update: computed batch by batch between updates they would already be those of
@@ -217,10 +237,11 @@ def update_policy(update_fn, old_fn, state, rest, ref_params, rows, rl, mesh, ba
     def put(host_batch):
         return {k: jax.device_put(v, sharding if v.ndim == 2 else routed_sharding) for k, v in host_batch.items()}
 
+    frozen = {} if frozen is None else frozen
     totals = {}
     batches = to_batches(rows, rl.batch_rows)
     for host_batch in batches:
-        with_replay, without = old_fn(state["params"], rest, put(host_batch))
+        with_replay, without = old_fn(state["params"], rest, put(host_batch), frozen)
         host_batch["old_logprobs"] = np.asarray(with_replay if rl.routing_replay else without)
         mask = host_batch["rl_mask"] > 0
         samp = host_batch["sampler_logprobs"]
@@ -229,7 +250,7 @@ def update_policy(update_fn, old_fn, state, rest, ref_params, rows, rl, mesh, ba
                 float(np.abs(np.asarray(logprobs) - samp)[mask].mean()) if mask.any() else 0.0)
     for _ in range(rl.ppo_epochs):
         for host_batch in batches:
-            state, m = update_fn(state, rest, ref_params, put(host_batch))
+            state, m = update_fn(state, rest, ref_params, put(host_batch), frozen)
             for k, v in jax.device_get(m).items():
                 totals.setdefault(k, []).append(float(v))
     return state, {k: float(np.mean(v)) for k, v in totals.items()}

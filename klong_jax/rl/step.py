@@ -4,52 +4,60 @@ optional k3 KL to a frozen reference, one AdamW update; same sharding/donation s
 
 The policy being optimised is the one the sampler draws from: softmax(logits / temperature). The trainer
 therefore divides its logits by the rollout temperature too; otherwise the ratio against the sampler's
-(tempered) log-probs would carry a systematic bias at any temperature other than 1."""
+(tempered) log-probs would carry a systematic bias at any temperature other than 1.
+
+What trains follows the run's TrainablePlan (klong_jax/training/trainable.py): state["params"] and
+`ref_params` are the trainable subset, `frozen` the rest of the parameters ({}: every parameter trains); the
+update itself is the SFT step's (`apply_gradients`)."""
 import functools
 
 import jax
 import jax.numpy as jnp
-import optax
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from klong_jax.rl.objective import policy_loss, token_entropy
 from klong_jax.training.loss import token_losses
+from klong_jax.training.step import apply_gradients
+from klong_jax.training.trainable import bind_model
 
 MODEL_KEYS = ("input_ids", "targets", "positions", "doc_ids", "window_ids")
 
 
-def token_logprobs(graphdef, params, rest, batch, *, routing_replay: bool, temperature: float = 1.0):
-    """log p(target) [B, T] and entropy [B, T] of softmax(logits / temperature) under params; routed
+def token_logprobs(graphdef, params, rest, batch, *, routing_replay: bool, temperature: float = 1.0, frozen=None,
+                   plan=None):
+    """log p(target) [B, T] and entropy [B, T] of softmax(logits / temperature) under (params, frozen); routed
     experts forced when replaying."""
-    model = nnx.merge(graphdef, params, rest)
+    model, pieces = bind_model(graphdef, params, rest, frozen, plan)
     forced = jnp.transpose(batch["routed"], (2, 0, 1, 3)) if routing_replay else None   # [L, B, T, k]
     logits_BTV = model(batch["input_ids"], positions_BT=batch["positions"], doc_ids_BT=batch["doc_ids"],
-                       window_ids_BT=batch["window_ids"], forced_experts_LBTK=forced)
+                       window_ids_BT=batch["window_ids"], forced_experts_LBTK=forced, stack_pieces=pieces)
     if temperature != 1.0:
         logits_BTV = logits_BTV.astype(jnp.float32) / temperature
     loss_BT, _ = token_losses(logits_BTV, batch["targets"])
     return -loss_BT, token_entropy(logits_BTV)
 
 
-def old_logprobs(params, rest, batch, *, graphdef, temperature: float = 1.0):
+def old_logprobs(params, rest, batch, frozen=None, *, graphdef, temperature: float = 1.0, plan=None):
     """Trainer log-probs before the update, with and without routing replay (the mismatch study)."""
-    with_replay, _ = token_logprobs(graphdef, params, rest, batch, routing_replay=True, temperature=temperature)
-    without, _ = token_logprobs(graphdef, params, rest, batch, routing_replay=False, temperature=temperature)
+    kw = dict(temperature=temperature, frozen=frozen, plan=plan)
+    with_replay, _ = token_logprobs(graphdef, params, rest, batch, routing_replay=True, **kw)
+    without, _ = token_logprobs(graphdef, params, rest, batch, routing_replay=False, **kw)
     return with_replay, without
 
 
-def rl_update(state, rest, ref_params, batch, *, graphdef, tx, rl_cfg, lr_schedule, temperature: float = 1.0):
+def rl_update(state, rest, ref_params, batch, frozen=None, *, graphdef, tx, rl_cfg, lr_schedule,
+              temperature: float = 1.0, plan=None):
+    """One update of state["params"] (the trainable subset) on the clipped policy loss; `ref_params`: the
+    trainable subset of the KL reference (its frozen part is `frozen`, which never moves)."""
     mask = batch["rl_mask"]
     total = jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
+    kw = dict(routing_replay=rl_cfg.routing_replay, temperature=temperature, frozen=frozen, plan=plan)
 
     def loss_fn(p):
-        logp_new, entropy = token_logprobs(graphdef, p, rest, batch, routing_replay=rl_cfg.routing_replay,
-                                           temperature=temperature)
+        logp_new, entropy = token_logprobs(graphdef, p, rest, batch, **kw)
         logp_ref = None
         if rl_cfg.kl_coef:
-            logp_ref, _ = token_logprobs(graphdef, ref_params, rest, batch, routing_replay=rl_cfg.routing_replay,
-                                         temperature=temperature)
+            logp_ref, _ = token_logprobs(graphdef, ref_params, rest, batch, **kw)
         loss, metrics = policy_loss(
             logp_new, batch["sampler_logprobs"], batch["advantages"], mask, eps_low=rl_cfg.eps_low,
             eps_high=rl_cfg.eps_high, kl_coef=rl_cfg.kl_coef, logp_ref_BT=logp_ref,
@@ -58,26 +66,23 @@ def rl_update(state, rest, ref_params, batch, *, graphdef, tx, rl_cfg, lr_schedu
         return loss, metrics
 
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt = tx.update(grads, state["opt_state"], state["params"])
-    new_params = optax.apply_updates(state["params"], updates)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-    new_state = {"params": keep(new_params, state["params"]), "opt_state": keep(new_opt, state["opt_state"]),
-                 "step": state["step"] + finite.astype(jnp.int32)}
+    new_state, grad_norm, finite = apply_gradients(state, grads, loss, tx)
     metrics.update(grad_norm=grad_norm, lr=lr_schedule(state["step"]), nonfinite=1 - finite.astype(jnp.int32))
     return new_state, metrics
 
 
-def jit_rl_fns(graphdef, tx, rl_cfg, lr_schedule, state_sh, rest_sh, mesh, temperature: float = 1.0):
-    """(update, old_logprobs), jit'd; `temperature`: the rollout sampling temperature (> 0)."""
+def jit_rl_fns(graphdef, tx, rl_cfg, lr_schedule, state_sh, rest_sh, mesh, temperature: float = 1.0, plan=None,
+               frozen_sh=None):
+    """(update(state, rest, ref_params, batch, frozen), old_logprobs(params, rest, batch, frozen)), jit'd;
+    `temperature`: the rollout sampling temperature (> 0); plan / frozen_sh: what trains (None / {}: all)."""
     if not temperature > 0:
         raise ValueError(f"RL needs a sampling temperature > 0 (greedy rollouts have no policy gradient), "
                          f"got {temperature}")
     replicated = NamedSharding(mesh, P())
+    frozen_sh = {} if frozen_sh is None else frozen_sh
     update = jax.jit(functools.partial(rl_update, graphdef=graphdef, tx=tx, rl_cfg=rl_cfg, lr_schedule=lr_schedule,
-                                       temperature=temperature),
-                     in_shardings=(state_sh, rest_sh, state_sh["params"], None), out_shardings=(state_sh, replicated),
-                     donate_argnums=(0,))
-    old = jax.jit(functools.partial(old_logprobs, graphdef=graphdef, temperature=temperature))
+                                       temperature=temperature, plan=plan),
+                     in_shardings=(state_sh, rest_sh, state_sh["params"], None, frozen_sh),
+                     out_shardings=(state_sh, replicated), donate_argnums=(0,))
+    old = jax.jit(functools.partial(old_logprobs, graphdef=graphdef, temperature=temperature, plan=plan))
     return update, old

@@ -39,6 +39,11 @@ class Checkpointer:
         log.info("restored step %d from %s", step, self.directory)
         return restored["state"], restored["meta"]
 
+    def meta(self, step: int) -> dict:
+        """The JSON meta saved with `step` alone (no state read)."""
+        restored = self.mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(restored["meta"] or {})
+
     def wait(self) -> None:
         self.mgr.wait_until_finished()
 

@@ -22,8 +22,9 @@ from klong_jax.training.data_iter import LookaheadIterator
 from klong_jax.training.metrics import MetricsWriter
 from klong_jax.training.mfu import device_peak_flops, train_flops_per_token
 from klong_jax.training.optimizer import learning_rate_schedule, make_optimizer
-from klong_jax.training.state import abstract_layout, abstract_state, initial_model, new_state, split_model
-from klong_jax.training.step import batch_shardings, eval_step, jit_train_step, state_shardings
+from klong_jax.training.state import abstract_layout, initial_model, split_model
+from klong_jax.training.step import batch_shardings, eval_step, jit_train_step
+from klong_jax.training.trainable import plan_for, trainable_config_from, train_layout
 
 log = logging.getLogger(__name__)
 
@@ -117,13 +118,15 @@ def run_sft(cfg, workdir: str, data_paths: dict) -> dict:
     # --- model, optimizer and their shardings ---
     tx = make_optimizer(cfg.optimizer, tcfg.steps)
     lr_schedule = learning_rate_schedule(cfg.optimizer, tcfg.steps)
+    # What trains (config.trainable, checked here): the state holds the trainable params, `frozen` the others.
+    plan = plan_for(trainable_config_from(cfg.get("trainable")), model_cfg)
     graphdef, abs_params, abs_rest, param_sh, rest_sh = abstract_layout(model_cfg, mesh)
-    state_sh = state_shardings(tx, param_sh, abs_params, mesh)
+    layout = train_layout(plan, abs_params, param_sh, tx, mesh)
     batch_sh = batch_shardings(mesh, (tcfg.global_batch, tcfg.seq_len))
-    step_fn = jit_train_step(graphdef, tx, lr_schedule, state_sh, rest_sh, batch_sh,
+    step_fn = jit_train_step(graphdef, tx, lr_schedule, layout.state_sh, rest_sh, batch_sh,
                              micro_batches=tcfg.micro_batches, z_loss_weight=tcfg.z_loss,
-                             loss_chunk=tcfg.loss_chunk)
-    eval_fn = jax.jit(lambda p, r, b: eval_step(p, r, b, graphdef=graphdef))
+                             loss_chunk=tcfg.loss_chunk, plan=plan, frozen_sh=layout.frozen_sh)
+    eval_fn = jax.jit(lambda p, r, b, f: eval_step(p, r, b, graphdef=graphdef, frozen=f, plan=plan))
 
     # --- data ---
     train_ds = make_dataset(data_config(cfg, split="train", paths=data_paths["train"],
@@ -136,27 +139,32 @@ def run_sft(cfg, workdir: str, data_paths: dict) -> dict:
     start = ckpt.latest_step()
     with jax.set_mesh(mesh):
         if start is not None:
-            # The router bias (`rest`) is saved beside the train state: it is part of the model.
-            target = {"train": abstract_state(abs_params, tx, state_sh),
+            # The router bias (`rest`) is saved beside the train state: it is part of the model. The saved
+            # params are the full model's; the optimizer state is the trainable subset's.
+            layout.check_meta(ckpt.meta(start), f"checkpoint step {start} of {workdir}")
+            target = {"train": layout.abstract_checkpoint_state(tx),
                       "rest": abstract_with_shardings(abs_rest, rest_sh)}
             restored, _ = ckpt.restore(start, target, data_iter=data_iter)
-            state, rest = restored["train"], restored["rest"]
+            (state, frozen), rest = layout.from_checkpoint(restored["train"]), restored["rest"]
             print(f"resumed from step {start} in {workdir}", flush=True)
         else:
             model = initial_model(model_cfg, mesh, init_from=cfg.init_from, seed=cfg.seed,
                                   upcycle=upcycle_config_from(cfg.model))
             _, params, rest = split_model(model)
             del model
-            state = new_state(params, tx, state_sh)
+            state, frozen = layout.initial(params, tx)
+            del params
             rest = jax.device_put(rest, rest_sh)
             start = 0
+        if not plan.all:
+            print(f"trainable={plan.config.spec()}: {layout.describe()}", flush=True)
 
         metrics_out = MetricsWriter(workdir, tcfg.steps, start_step=start)
         preempt = _Preemption()
         summary, step = {}, start
         try:
             step, summary = _train_loop(cfg, workdir, data_paths, step_fn, eval_fn, state, rest, data_iter, batch_sh,
-                                        ckpt, metrics_out, preempt, start, local_bs)
+                                        ckpt, metrics_out, preempt, start, local_bs, frozen, layout)
         finally:
             preempt.restore()
             ckpt.close()
@@ -170,7 +178,7 @@ def run_sft(cfg, workdir: str, data_paths: dict) -> dict:
 
 
 def _train_loop(cfg, workdir, data_paths, step_fn, eval_fn, state, rest, data_iter, batch_sh, ckpt, metrics_out,
-                preempt, start, local_bs):
+                preempt, start, local_bs, frozen, layout):
     tcfg = cfg.train
     summary, step = {}, start
     if start >= tcfg.steps:
@@ -181,7 +189,7 @@ def _train_loop(cfg, workdir, data_paths, step_fn, eval_fn, state, rest, data_it
         return global_batch(local, batch_sh), int(np.sum(local["doc_ids"] != 0)) * jax.process_count()
 
     batch, real_tokens = fetch()
-    compiled = step_fn.lower(state, rest, batch).compile()
+    compiled = step_fn.lower(state, rest, batch, frozen).compile()
     # MFU from model FLOPs of the real (non-padding) tokens over the peak of every device.
     flops_per_token = train_flops_per_token(model_config_from(cfg.model), tcfg.seq_len)
     peak = device_peak_flops() * jax.device_count()
@@ -189,7 +197,7 @@ def _train_loop(cfg, workdir, data_paths, step_fn, eval_fn, state, rest, data_it
     nonfinite_streak = 0
     while step < tcfg.steps:
         t0 = time.perf_counter()
-        state, metrics = compiled(state, rest, batch)
+        state, metrics = compiled(state, rest, batch, frozen)
         data_iter.consumed()
         if pending is not None:
             nonfinite_streak = _log(metrics_out, pending, nonfinite_streak, tcfg)
@@ -202,14 +210,14 @@ def _train_loop(cfg, workdir, data_paths, step_fn, eval_fn, state, rest, data_it
         pending = (step, metrics, {"tokens_per_s": step_tokens / dt, "step_time_s": dt,
                                    "mfu": flops_per_token * step_tokens / dt / peak})
         if step % tcfg.eval_every == 0 or step == tcfg.steps:
-            ev = evaluate(eval_fn, state["params"], rest, cfg, data_paths["eval"], data_paths["tokenizer"],
+            ev = evaluate(lambda p, r, b: eval_fn(p, r, b, frozen), state["params"], rest, cfg, data_paths["eval"], data_paths["tokenizer"],
                           local_bs, batch_sh, tcfg.eval_batches)
             metrics_out.write(step, ev, prefix="eval")
             summary["eval"] = ev
         if (step % cfg.checkpoint.every == 0 or step == tcfg.steps or preempt.requested) \
                 and not int(metrics["nonfinite"]):
-            ckpt.save(step, {"train": state, "rest": rest}, data_iter=data_iter,
-                      meta={"step": step, "config": cfg.variant}, force=True)
+            ckpt.save(step, {"train": layout.checkpoint_state(state, frozen), "rest": rest}, data_iter=data_iter,
+                      meta={"step": step, "config": cfg.variant, "trainable": layout.plan.config.spec()}, force=True)
         if preempt.requested:
             print(f"SIGTERM: checkpointed step {step}, exiting", flush=True)
             break

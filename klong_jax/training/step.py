@@ -1,43 +1,64 @@
 """The jit'd, sharded SFT train step with gradient accumulation and a non-finite guard.
 
-State is a dict {"params": nnx.State of nnx.Param, "opt_state": optax state, "step": int32}; the model's
-non-trainable variables (router bias) travel separately as `rest` and are never updated here.
+State is a dict {"params": pure dict of the TRAINABLE nnx.Params, "opt_state": optax state over them,
+"step": int32}; the model's non-trainable variables (router bias) travel separately as `rest`, and the
+parameters a `TrainablePlan` freezes as `frozen` ({} when every parameter trains); neither is updated here.
+`apply_gradients` is the one update path of the SFT and the RL step.
 """
 import functools
 
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from klong_jax.sharding import constrain, logical_to_spec
 from klong_jax.training.loss import chunked_masked_sums
+from klong_jax.training.trainable import bind_model
 
 BATCH_KEYS = ("input_ids", "targets", "loss_mask", "positions", "doc_ids", "window_ids")
 
 
-def forward_sums(graphdef, params, rest, batch, z_loss_weight=0.0, loss_chunk=0):
-    model = nnx.merge(graphdef, params, rest)
+def forward_sums(graphdef, params, rest, batch, z_loss_weight=0.0, loss_chunk=0, *, frozen=None, plan=None):
+    """Loss sums of `batch` under the model of (params, frozen, rest) (`plan`: klong_jax.training.trainable;
+    None: params are all of them)."""
+    model, pieces = bind_model(graphdef, params, rest, frozen, plan)
     h_BTD, _ = model.hidden_states(batch["input_ids"], positions_BT=batch["positions"],
-                                   doc_ids_BT=batch["doc_ids"], window_ids_BT=batch["window_ids"])
+                                   doc_ids_BT=batch["doc_ids"], window_ids_BT=batch["window_ids"],
+                                   stack_pieces=pieces)
     return chunked_masked_sums(model.logits, h_BTD, batch["targets"], batch["loss_mask"], loss_chunk,
                                z_loss_weight)
 
 
-def train_step(state, rest, batch, *, graphdef, tx, micro_batches: int, z_loss_weight: float,
-               lr_schedule, loss_chunk: int = 0):
+def apply_gradients(state, grads, loss, tx):
+    """The one update path (SFT and RL): g -> tx (clip by ||g||, AdamW) -> params; a non-finite loss or
+    gradient norm leaves params, optimizer state and step untouched. Returns (new_state, grad_norm, finite)."""
+    params = state["params"]
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    new_state = {"params": keep(new_params, params), "opt_state": keep(new_opt, state["opt_state"]),
+                 "step": state["step"] + finite.astype(jnp.int32)}
+    return new_state, grad_norm, finite
+
+
+def train_step(state, rest, batch, frozen=None, *, graphdef, tx, micro_batches: int, z_loss_weight: float,
+               lr_schedule, loss_chunk: int = 0, plan=None):
     """One optimizer update over the global batch, split into `micro_batches` sequential micro-batches.
 
     Loss = sum of token losses / loss tokens of the whole global batch, so accumulation is exact.
-    A non-finite loss or gradient leaves the state untouched (metrics report it).
+    A non-finite loss or gradient leaves the state untouched (metrics report it). Gradients are taken
+    w.r.t. state["params"] only: with a plan, the frozen params are constants (no gradient, no backward
+    pass below the lowest trainable layer).
     """
     params = state["params"]
     total_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
     micro = jax.tree.map(lambda x: x.reshape((micro_batches, x.shape[0] // micro_batches) + x.shape[1:]), batch)
 
     def loss_fn(p, mb):
-        sums = forward_sums(graphdef, p, rest, mb, z_loss_weight, loss_chunk)
+        sums = forward_sums(graphdef, p, rest, mb, z_loss_weight, loss_chunk, frozen=frozen, plan=plan)
         return sums["loss_sum"] / total_tokens, sums
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -54,22 +75,16 @@ def train_step(state, rest, batch, *, graphdef, tx, micro_batches: int, z_loss_w
     (grads, sums), _ = jax.lax.scan(accumulate, (zeros, jax.tree.map(jnp.float32, zero_sums)), micro)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
 
-    grad_norm = optax.tree.norm(grads)
     loss = sums["loss_sum"] / total_tokens
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, new_opt = tx.update(grads, state["opt_state"], params)
-    new_params = optax.apply_updates(params, updates)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-    new_state = {"params": keep(new_params, params), "opt_state": keep(new_opt, state["opt_state"]),
-                 "step": state["step"] + finite.astype(jnp.int32)}
+    new_state, grad_norm, finite = apply_gradients(state, grads, loss, tx)
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_schedule(state["step"]),
                "accuracy": sums["correct_sum"] / total_tokens, "loss_tokens": sums["tokens"],
                "nonfinite": 1 - finite.astype(jnp.int32)}
     return new_state, metrics
 
 
-def eval_step(params, rest, batch, *, graphdef):
-    return forward_sums(graphdef, params, rest, batch)
+def eval_step(params, rest, batch, *, graphdef, frozen=None, plan=None):
+    return forward_sums(graphdef, params, rest, batch, frozen=frozen, plan=plan)
 
 
 def batch_shardings(mesh, batch_shape):
@@ -105,9 +120,13 @@ def state_shardings(tx, param_shardings, abstract_params, mesh):
 
 
 def jit_train_step(graphdef, tx, lr_schedule, state_sh, rest_sh, batch_sh, *, micro_batches, z_loss_weight,
-                   loss_chunk=0):
+                   loss_chunk=0, plan=None, frozen_sh=None):
+    """step(state, rest, batch, frozen) -> (state, metrics), jit'd with donated state. state_sh: over the
+    trainable params (TrainLayout.state_sh); frozen / frozen_sh: the plan's frozen params ({} without a plan
+    or when every parameter trains: the step is then the historical one)."""
     fn = functools.partial(train_step, graphdef=graphdef, tx=tx, micro_batches=micro_batches,
-                           z_loss_weight=z_loss_weight, lr_schedule=lr_schedule, loss_chunk=loss_chunk)
+                           z_loss_weight=z_loss_weight, lr_schedule=lr_schedule, loss_chunk=loss_chunk, plan=plan)
     replicated = NamedSharding(next(iter(jax.tree.leaves(batch_sh))).mesh, P())
-    return jax.jit(fn, in_shardings=(state_sh, rest_sh, batch_sh), out_shardings=(state_sh, replicated),
+    frozen_sh = {} if frozen_sh is None else frozen_sh
+    return jax.jit(fn, in_shardings=(state_sh, rest_sh, batch_sh, frozen_sh), out_shardings=(state_sh, replicated),
                    donate_argnums=(0,))

@@ -4,7 +4,8 @@
                                                  --cpu_devices=8 --packing_seq_len=2048
                                                  --packing_trajectories=8 (0: skip part 2)
                                                  --attention_impls=blockwise,reference --moe_impls=ragged,dense
-                                                 --upcycles=config,0,4:4:2,8:8:2]
+                                                 --upcycles=config,0,4:4:2,8:8:2
+                                                 --trainable=all,top:4,top:4+embeddings]
 
 1. For each model preset: tokens/s and MFU of the real jit'd SFT step (explicit shardings, donated state)
    on a random batch, on an fsdp mesh over the devices. MFU = model FLOPs (klong_jax.training.mfu: 6 x active
@@ -12,6 +13,8 @@
    is a matmul measured in this process. XLA's cost-analysis count is reported beside it, not used.
    --upcycles sweeps how a variant whose base is dense (smol) is upcycled: `config` (its config.model), `0` (the
    dense base), or LAYERS:EXPERTS:TOP_K (the last LAYERS layers become EXPERTS experts, top TOP_K).
+   --trainable sweeps what trains (klong_jax/training/trainable.py): `all`, `top:N` (the top N decoder layers and
+   the final norm) or `top:N+embeddings`; each row reports trainable_params and the optimizer state's size.
 2. Packing: the same prefix-heavy synthetic trajectories, split by the same ContextPolicy, packed with
    shared-prefix packing and with plain window packing; the tiny model trains over all rows of each
    (identical loss tokens), and the ratio of the two wall times is the speedup.
@@ -45,26 +48,32 @@ def _model_cfg(variant, upcycle="config"):
     return upcycled_config(dense, UpcycleConfig(layers=layers, experts=experts, top_k=top_k))
 
 
-def _step_for(variant, mesh, B, T, attention_impl="blockwise", moe_impl="ragged", upcycle="config"):
+def _step_for(variant, mesh, B, T, attention_impl="blockwise", moe_impl="ragged", upcycle="config",
+              trainable="all"):
+    """(step, state, rest, frozen, batch_sh, model_cfg): the jit'd SFT step of the variant's model training
+    `trainable` (a TrainableConfig spec), its initial state and frozen params."""
     import jax
     from configs.sft import get_config
     from klong_jax.models import init_model
     from klong_jax.training.optimizer import learning_rate_schedule, make_optimizer
-    from klong_jax.training.state import abstract_layout, new_state, split_model
-    from klong_jax.training.step import batch_shardings, jit_train_step, state_shardings
+    from klong_jax.training.state import abstract_layout, split_model
+    from klong_jax.training.step import batch_shardings, jit_train_step
+    from klong_jax.training.trainable import TrainableConfig, plan_for, train_layout
     cfg = get_config(variant)
     model_cfg = _model_cfg(variant, upcycle).replace(attention_impl=attention_impl, moe_impl=moe_impl)
+    plan = plan_for(TrainableConfig.from_spec(trainable), model_cfg)
     tx = make_optimizer(cfg.optimizer, 100)
     graphdef, abs_params, _, param_sh, rest_sh = abstract_layout(model_cfg, mesh)
-    state_sh = state_shardings(tx, param_sh, abs_params, mesh)
+    layout = train_layout(plan, abs_params, param_sh, tx, mesh)
     batch_sh = batch_shardings(mesh, (B, T))
-    step = jit_train_step(graphdef, tx, learning_rate_schedule(cfg.optimizer, 100), state_sh, rest_sh, batch_sh,
-                          micro_batches=1, z_loss_weight=0.0)
+    step = jit_train_step(graphdef, tx, learning_rate_schedule(cfg.optimizer, 100), layout.state_sh, rest_sh,
+                          batch_sh, micro_batches=1, z_loss_weight=0.0, plan=plan, frozen_sh=layout.frozen_sh)
     with jax.set_mesh(mesh):
         _, params, rest = split_model(init_model(model_cfg, mesh))
-        state = new_state(params, tx, state_sh)
+        state, frozen = layout.initial(params, tx)
+        del params
         rest = jax.device_put(rest, rest_sh)
-    return step, state, rest, batch_sh, model_cfg
+    return step, state, rest, frozen, batch_sh, model_cfg
 
 
 def _random_batch(vocab, B, T, shardings):
@@ -78,27 +87,31 @@ def _random_batch(vocab, B, T, shardings):
     return {k: jax.device_put(v, shardings[k]) for k, v in local.items()}
 
 
-def bench_model(variant, mesh, B, T, steps, attention_impl="blockwise", moe_impl="ragged", upcycle="config"):
+def bench_model(variant, mesh, B, T, steps, attention_impl="blockwise", moe_impl="ragged", upcycle="config",
+                trainable="all"):
     import jax
     from klong_jax.models import count_params
     from klong_jax.training.mfu import compiled_flops, device_peak_flops, train_flops_per_token
-    step, state, rest, batch_sh, model_cfg = _step_for(variant, mesh, B, T, attention_impl, moe_impl, upcycle)
+    from klong_jax.training.trainable import param_count
+    step, state, rest, frozen, batch_sh, model_cfg = _step_for(variant, mesh, B, T, attention_impl, moe_impl,
+                                                               upcycle, trainable)
     batch = _random_batch(model_cfg.vocab_size, B, T, batch_sh)
     with jax.set_mesh(mesh):
-        compiled = step.lower(state, rest, batch).compile()
-        state, m = compiled(state, rest, batch)
+        compiled = step.lower(state, rest, batch, frozen).compile()
+        state, m = compiled(state, rest, batch, frozen)
         jax.block_until_ready(m)
         t0 = time.perf_counter()
         for _ in range(steps):
-            state, m = compiled(state, rest, batch)
+            state, m = compiled(state, rest, batch, frozen)
         jax.block_until_ready(m)
     dt = (time.perf_counter() - t0) / steps
     model_flops = train_flops_per_token(model_cfg, T) * B * T
     xla_flops, peak = compiled_flops(compiled), device_peak_flops()
     n = jax.device_count()
     counts = count_params(model_cfg)
-    return {"variant": variant, "upcycle": upcycle, "moe_layers": model_cfg.num_moe_layers,
+    return {"variant": variant, "upcycle": upcycle, "trainable": trainable, "moe_layers": model_cfg.num_moe_layers,
             "total_params": counts["total_params"], "active_params_per_token": counts["active_params_per_token"],
+            "trainable_params": param_count(state["params"]), "opt_state_elements": param_count(state["opt_state"]),
             "attention_impl": attention_impl, "moe_impl": moe_impl, "batch": B, "seq_len": T,
             "step_time_s": round(dt, 4),
             "tokens_per_s": round(B * T / dt, 1), "model_flops_per_step": model_flops,
@@ -121,7 +134,7 @@ def bench_packing(mesh, seq_len, budget, batch, n_traj):
     path = os.path.join(tmp, "traj.jsonl")
     write_jsonl(path, corpus)
     tok = train_sentencepiece(texts_of(corpus), os.path.join(tmp, "sp.model"), vocab_size=1024)
-    step, state, rest, batch_sh, _ = _step_for("tiny", mesh, batch, seq_len)
+    step, state, rest, frozen, batch_sh, _ = _step_for("tiny", mesh, batch, seq_len)
     results = {}
     for mode in ("shared_prefix", "standard"):
         cfg = DataConfig(tokenizer=tok, paths=(path,), seq_len=seq_len, batch_size=batch, packing=mode,
@@ -134,12 +147,12 @@ def bench_packing(mesh, seq_len, budget, batch, n_traj):
             batches.append(b)
         trained = int(sum(b["loss_mask"].sum() for b in batches))
         with jax.set_mesh(mesh):
-            compiled = step.lower(state, rest, global_batch(batches[0], batch_sh)).compile()
-            st, m = compiled(jax.tree.map(lambda x: x.copy(), state), rest, global_batch(batches[0], batch_sh))
+            compiled = step.lower(state, rest, global_batch(batches[0], batch_sh), frozen).compile()
+            st, m = compiled(jax.tree.map(lambda x: x.copy(), state), rest, global_batch(batches[0], batch_sh), frozen)
             jax.block_until_ready(m)
             t0 = time.perf_counter()
             for b in batches:
-                st, m = compiled(st, rest, global_batch(b, batch_sh))
+                st, m = compiled(st, rest, global_batch(b, batch_sh), frozen)
             jax.block_until_ready(m)
         results[mode] = {"batches": len(batches), "trained_tokens": trained,
                          "wall_s": round(time.perf_counter() - t0, 3)}
@@ -161,6 +174,7 @@ def run(argv):
     ap.add_argument("--attention_impls", default="blockwise")
     ap.add_argument("--moe_impls", default="ragged")
     ap.add_argument("--upcycles", default="config", help="config | 0 | LAYERS:EXPERTS:TOP_K, comma list")
+    ap.add_argument("--trainable", default="all", help="all | top:N | top:N+embeddings, comma list")
     ap.add_argument("--packing_seq_len", type=int, default=2048)
     ap.add_argument("--packing_budget", type=int, default=1024)
     ap.add_argument("--packing_trajectories", type=int, default=8)
@@ -171,8 +185,8 @@ def run(argv):
     mesh = make_mesh({"fsdp": -1})
     models = []
     for variant in [v for v in args.models.split(",") if v]:
-        runs = [bench_model(variant, mesh, args.batch, args.seq_len, args.steps, a, m, u)
-                for u in args.upcycles.split(",")
+        runs = [bench_model(variant, mesh, args.batch, args.seq_len, args.steps, a, m, u, t)
+                for u in args.upcycles.split(",") for t in args.trainable.split(",")
                 for a in args.attention_impls.split(",") for m in args.moe_impls.split(",")]
         for r in runs:
             r["speedup_vs_first"] = round(runs[0]["step_time_s"] / r["step_time_s"], 3)
