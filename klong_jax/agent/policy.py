@@ -10,6 +10,10 @@ unmodified distribution, and under the tempered/filtered one sampled from), the 
 MoE layers for the generated tokens `[L_moe, n, k]` (each as it was fed to the model) and for the
 prompt `[L_moe, P, k]`, and why it stopped ("stop" or "length"). These are the field names of
 `klong_jax.sampling.Completion`, so a sampler's completions pass through unchanged.
+
+Optional, used by `run_episodes` when present: `end_episode(episode_id)` (the episode has ended: a policy
+that caches its context frees it) and `stats` (a mapping with `prefill_tokens` and `reused_tokens`
+counters, read before and after each generate and added to the rollout's timings).
 """
 from __future__ import annotations
 

@@ -114,11 +114,19 @@ def run_episodes(tasks: Sequence[Task], policy: Policy, *, n_per_task: int, temp
     return_prompt_routing: record the routed experts of sampled / prompt tokens (MoE routing
     replay; see rollout.py). timings: if given, wall seconds of the rollout's phases are added to it:
     `sampling_s` (the policy), `tools_s` (tool calls), `grading_s` (closing each episode's sandbox and
-    grading it); the phases run one after another, so they add up to the rollout's wall time.
+    grading it); the phases run one after another, so they add up to the rollout's wall time. A policy
+    with `stats` (a SamplerPolicy) also adds `prefill_tokens` (prompt tokens the model ran) and
+    `reused_tokens` (prompt tokens whose cached k/v it kept from the episode's previous turn).
+    A policy with `end_episode(episode_id)` is told when an episode ends (its cached context is freed).
     on_step: called after every batched step with a RolloutProgress (for progress lines)."""
     timings = {} if timings is None else timings
     for phase in ("sampling_s", "tools_s", "grading_s"):
         timings.setdefault(phase, 0.0)
+    stats = getattr(policy, "stats", None)
+    if stats is not None:
+        for key in ("prefill_tokens", "reused_tokens"):
+            timings.setdefault(key, 0)
+    end_episode = getattr(policy, "end_episode", None)
     if n_per_task < 1:
         raise ValueError(f"n_per_task must be >= 1, got {n_per_task}")
     ids = [t.task_id for t in tasks]
@@ -173,11 +181,15 @@ def run_episodes(tasks: Sequence[Task], policy: Policy, *, n_per_task: int, temp
                     params = generation_params(
                         config, template, max(r.max_new_tokens for r in requests),
                         return_routing=return_routing, return_prompt_routing=return_prompt_routing)
+                    before = dict(stats) if stats is not None else None
                     t0 = time.perf_counter()
                     completions = policy.generate([prompt for _, (_, prompt) in asks], params,
                                                   requests=requests)
                     t1 = time.perf_counter()
                     timings["sampling_s"] += t1 - t0
+                    if stats is not None:
+                        for key in ("prefill_tokens", "reused_tokens"):
+                            timings[key] += stats.get(key, 0) - before.get(key, 0)
                     if len(completions) != len(asks):
                         raise RuntimeError(f"policy returned {len(completions)} completions for "
                                            f"{len(asks)} prompts")
@@ -187,6 +199,9 @@ def run_episodes(tasks: Sequence[Task], policy: Policy, *, n_per_task: int, temp
                     sampled += sum(len(c.tokens) for c in completions)
                 done = [item for item in live if item.episode.finished]
                 live = [item for item in live if not item.episode.finished]
+                if end_episode is not None:
+                    for item in done:
+                        end_episode(item.episode.episode_id)
                 t0 = time.perf_counter()
                 for result in executor.map(finalize, done):
                     results[result.episode_id] = result
@@ -202,6 +217,8 @@ def run_episodes(tasks: Sequence[Task], policy: Policy, *, n_per_task: int, temp
         finally:
             for item in live:   # an exception (policy, interrupt): no sandbox is left running
                 item.sandbox_cm.__exit__(None, None, None)
+                if end_episode is not None:
+                    end_episode(item.episode.episode_id)
     return sorted(results.values(), key=lambda r: order[r.episode_id])
 
 

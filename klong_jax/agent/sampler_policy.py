@@ -3,7 +3,13 @@
 Each request gets its own SamplingParams: its episode's token limit, the template's end-of-turn
 tokens as the only stop tokens (the model config's eos ids are not turn ends), and a seed derived
 from (seed, episode id, turn), so a rollout is reproducible whatever batch its turns share.
-`update_params` swaps the RL trainer's current weights in.
+`update_params` swaps the RL trainer's current weights in (and drops every cached context).
+
+reuse_cache (default): each episode is a sampler session (klong_jax/sampling/sessions.py) keyed by its
+episode id, so a turn prefills only what its prompt adds to the previous turn's context (tool results,
+template tokens, the next assistant header), from the first token that differs; `end_episode` (called by
+run_episodes when an episode ends) frees its row. Outputs equal those without reuse (up to float rounding).
+`stats`: the sampler's counters (prompt_tokens, prefill_tokens, reused_tokens, compactions, ...).
 """
 from __future__ import annotations
 
@@ -16,17 +22,28 @@ from klong_jax.sampling import Sampler, SamplingParams
 
 
 class SamplerPolicy:
-    def __init__(self, sampler: Sampler, *, seed: int | None = 0):
-        """seed: None draws every request's stream from the sampler's own generator."""
+    def __init__(self, sampler: Sampler, *, seed: int | None = 0, reuse_cache: bool = True):
+        """seed: None draws every request's stream from the sampler's own generator.
+        reuse_cache: keep each episode's KV cache between its turns (requests must then name episodes)."""
         self.sampler = sampler
         self.seed = seed
+        self.reuse_cache = reuse_cache
 
     @classmethod
-    def from_model(cls, model, mesh=None, *, seed: int | None = 0, **sampler_kwargs
+    def from_model(cls, model, mesh=None, *, seed: int | None = 0, reuse_cache: bool = True, **sampler_kwargs
                    ) -> SamplerPolicy:
         """The sampler gets no tokenizer: the agent parses ids itself, and a model vocabulary
         padded past the tokenizer's would make the sampler's text decoding fail."""
-        return cls(Sampler(model, None, mesh, **sampler_kwargs), seed=seed)
+        return cls(Sampler(model, None, mesh, **sampler_kwargs), seed=seed, reuse_cache=reuse_cache)
+
+    @property
+    def stats(self):
+        """The sampler's counters: prompt_tokens asked, prefill_tokens run, reused_tokens kept, ..."""
+        return self.sampler.stats
+
+    def end_episode(self, episode_id: str) -> None:
+        """The episode has ended: its cached context is dropped and its row freed."""
+        self.sampler.end_session(episode_id)
 
     @staticmethod
     def rollout_buckets(config: AgentConfig, max_concurrent: int) -> dict:
@@ -63,4 +80,6 @@ class SamplerPolicy:
                 seed=self.request_seed(request) if request else None,
                 return_routing=params.return_routing,
                 return_prompt_routing=params.return_prompt_routing))
+        if self.reuse_cache and requests is not None:
+            return self.sampler.generate(prompts, per_row, session_ids=[r.episode_id for r in requests])
         return self.sampler.generate(prompts, per_row)

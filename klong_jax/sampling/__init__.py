@@ -1,16 +1,21 @@
 """Batched generation with a KV cache (Sampler) and its compiled building blocks.
 
 High level: `Sampler(model, tokenizer, mesh=None).generate(prompt_token_lists, SamplingParams(...))`
--> list[Completion(tokens, logprobs, routed_experts, finish_reason, ...)]; `Sampler.update_params`.
+-> list[Completion(tokens, logprobs, routed_experts, finish_reason, ...)]; `Sampler.update_params`;
+multi-turn sessions `generate(..., session_ids=[...])` / `Sampler.end_session` (KV cache kept between calls,
+only new tokens prefilled: sessions.py).
 Low level (pure functions of graphdef, params state and a decode-state dict; jit them yourself or use
 the Sampler's `prefill_fn` / `decode_fn` / `feed_fn`): `prefill`, `decode_chunk`, `feed_pending`,
-`sample_tokens`, `filter_top_k_top_p`.
+`sample_tokens`, `filter_top_k_top_p`; for persistent caches `append_chunk`, `start_decode`, `gather_slots`.
 """
 from klong_jax.sampling.buckets import batch_bucket, length_bucket
-from klong_jax.sampling.decode import TRACE_COUNTS, decode_chunk, feed_pending, prefill
+from klong_jax.sampling.decode import (TRACE_COUNTS, append_chunk, decode_chunk, feed_pending, gather_slots, prefill,
+                                       start_decode)
 from klong_jax.sampling.logits import filter_top_k_top_p, sample_tokens
 from klong_jax.sampling.sampler import Sampler
+from klong_jax.sampling.sessions import SessionCache
 from klong_jax.sampling.types import Completion, SamplingParams
 
-__all__ = ["Completion", "Sampler", "SamplingParams", "TRACE_COUNTS", "batch_bucket", "decode_chunk",
-           "feed_pending", "filter_top_k_top_p", "length_bucket", "prefill", "sample_tokens"]
+__all__ = ["Completion", "Sampler", "SamplingParams", "SessionCache", "TRACE_COUNTS", "append_chunk", "batch_bucket",
+           "decode_chunk", "feed_pending", "filter_top_k_top_p", "gather_slots", "length_bucket", "prefill",
+           "sample_tokens", "start_decode"]

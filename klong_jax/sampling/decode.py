@@ -16,6 +16,10 @@ Decode state (a dict pytree, donated between calls):
   temperature_B, top_k_B, top_p_B, seeds_B, stop_ids_BZ (-1 padded), max_new_B   per-row settings
 Generated token i's routing is recorded when it is fed, i.e. in the step that samples token i + 1;
 `feed_pending` feeds the last one after the loop.
+
+Persistent caches (sessions.py: a row's cache kept from call to call): `append_chunk` writes C new tokens
+per row at slots [w, w + C) with explicit positions (decode_step, T = C); `start_decode` builds the decode
+state of such a cache (write index w, no prefill); `gather_slots` moves each row's valid slots to the front.
 """
 import collections
 
@@ -69,6 +73,28 @@ def _feed(model, st: dict):
     return st, logits_BTV[:, 0]
 
 
+def _initial_state(cfg, cache, kv_valid_BS, write_index, batch: dict, *, max_new: int, routing: bool) -> dict:
+    """The decode state before generated token 0 is sampled; generated token i goes to slot write_index + i."""
+    B = kv_valid_BS.shape[0]
+    return {
+        "cache": cache,
+        "kv_valid_BS": kv_valid_BS,
+        "prompt_slots": jnp.asarray(write_index, jnp.int32),
+        "lengths_B": batch["lengths_B"].astype(jnp.int32),
+        "step": jnp.int32(0),
+        "pending_B": jnp.zeros((B,), jnp.int32),
+        "done_B": ~batch["active_B"],
+        "n_gen_B": jnp.zeros((B,), jnp.int32),
+        "tokens_BN": jnp.zeros((B, max_new), jnp.int32),
+        "logprobs_BN": jnp.zeros((B, max_new), jnp.float32),
+        "sampling_logprobs_BN": jnp.zeros((B, max_new), jnp.float32),
+        "routed_LBNK": (jnp.zeros((cfg.num_moe_layers, B, max_new, cfg.num_experts_per_tok),
+                                  routing_dtype(cfg.n_routed_experts))
+                        if routing and cfg.num_moe_layers else None),
+        **{k: batch[k] for k in ("temperature_B", "top_k_B", "top_p_B", "seeds_B", "stop_ids_BZ", "max_new_B")},
+    }
+
+
 def prefill(graphdef, params, batch: dict, *, cache_len: int, max_new: int, routing: bool,
             prompt_routing: bool):
     """Runs the left-padded prompts and samples generated token 0.
@@ -86,26 +112,54 @@ def prefill(graphdef, params, batch: dict, *, cache_len: int, max_new: int, rout
     h_BPD, cache, routed_LBPK = model.prefill(ids_BP, cache_len=cache_len, positions_BT=batch["positions_BP"],
                                               doc_ids_BT=valid_BP.astype(jnp.int32))
     logits_BV = model.logits(h_BPD[:, -1:])[:, 0]
-    has_moe = routed_LBPK is not None
-    r_dtype = routing_dtype(cfg.n_routed_experts)
-    st = {
-        "cache": cache,
-        "kv_valid_BS": jnp.concatenate([valid_BP, jnp.ones((B, cache_len - P), bool)], axis=1),
-        "prompt_slots": jnp.int32(P),
-        "lengths_B": batch["lengths_B"].astype(jnp.int32),
-        "step": jnp.int32(0),
-        "pending_B": jnp.zeros((B,), jnp.int32),
-        "done_B": ~batch["active_B"],
-        "n_gen_B": jnp.zeros((B,), jnp.int32),
-        "tokens_BN": jnp.zeros((B, max_new), jnp.int32),
-        "logprobs_BN": jnp.zeros((B, max_new), jnp.float32),
-        "sampling_logprobs_BN": jnp.zeros((B, max_new), jnp.float32),
-        "routed_LBNK": (jnp.zeros((cfg.num_moe_layers, B, max_new, cfg.num_experts_per_tok), r_dtype)
-                        if routing and has_moe else None),
-        **{k: batch[k] for k in ("temperature_B", "top_k_B", "top_p_B", "seeds_B", "stop_ids_BZ", "max_new_B")},
-    }
-    prompt_routed = routed_LBPK.astype(r_dtype) if prompt_routing and has_moe else None
+    kv_valid_BS = jnp.concatenate([valid_BP, jnp.ones((B, cache_len - P), bool)], axis=1)
+    st = _initial_state(cfg, cache, kv_valid_BS, P, batch, max_new=max_new,
+                        routing=routing and routed_LBPK is not None)
+    prompt_routed = (routed_LBPK.astype(routing_dtype(cfg.n_routed_experts))
+                     if prompt_routing and routed_LBPK is not None else None)
     return _record(st, logits_BV), prompt_routed
+
+
+def append_chunk(graphdef, params, cache, chunk: dict, write_index):
+    """Writes one chunk of C new tokens per row into a persistent cache at slots [write_index, write_index + C).
+
+    chunk: input_ids_BC, positions_BC (each token's RoPE position: its index in its row's context),
+    kv_valid_BS (the row's valid slots once this chunk is written: cached tokens kept plus every new token
+    of this and later chunks; later slots are hidden by the causal slot order anyway). A query at slot s
+    attends the valid slots <= s; a padding column (not valid) with no valid slot before it gets a zero
+    attention output (kernels.reference_attention), so its k/v stay finite and it is never marked valid.
+    Returns (cache, logits_BV of the chunk's last column, routed experts [L_moe, B, C, k] or None).
+    """
+    TRACE_COUNTS["append_chunk"] += 1
+    model = nnx.merge(graphdef, params)
+    logits_BCV, cache, routed_LBCK = model.decode_step(
+        chunk["input_ids_BC"], cache, positions_BT=chunk["positions_BC"], write_index=write_index,
+        kv_valid_BS=chunk["kv_valid_BS"])
+    if routed_LBCK is not None:
+        routed_LBCK = routed_LBCK.astype(routing_dtype(model.cfg.n_routed_experts))
+    return cache, logits_BCV[:, -1], routed_LBCK
+
+
+def start_decode(graphdef, params, cache, logits_BV, batch: dict, write_index, *, max_new: int, routing: bool):
+    """The decode state of a persistent cache whose prompts end just below slot write_index, with generated
+    token 0 sampled from logits_BV (the last prompt token's logits).
+
+    batch: kv_valid_BS (valid slots below write_index), lengths_B (prompt lengths: the RoPE position of
+    generated token 0), active_B and the per-row settings of `prefill`. Slots >= write_index are marked
+    valid: generated token i is written at write_index + i before any query reads it (causal slot order).
+    """
+    TRACE_COUNTS["start_decode"] += 1
+    cfg = nnx.merge(graphdef, params).cfg
+    S = batch["kv_valid_BS"].shape[1]
+    kv_valid_BS = batch["kv_valid_BS"] | (jnp.arange(S, dtype=jnp.int32) >= write_index)[None, :]
+    st = _initial_state(cfg, cache, kv_valid_BS, write_index, batch, max_new=max_new, routing=routing)
+    return _record(st, logits_BV)
+
+
+def gather_slots(cache, src_BS):
+    """Compaction: slot j of row b takes the k/v of slot src_BS[b, j] (a pure copy: exact)."""
+    TRACE_COUNTS["gather_slots"] += 1
+    return jax.tree.map(lambda a: jnp.take_along_axis(a, src_BS[None, :, :, None, None], axis=2), cache)
 
 
 def decode_chunk(graphdef, params, st: dict, stop_at):

@@ -7,9 +7,16 @@ Shapes are bucketed (prompt length P, new-token budget N, batch B; see buckets.p
 other lengths within a bucket reuse the compiled prefill / decode functions. The decode loop runs on
 device in chunks of `decode_chunk` steps; between chunks the host checks stop strings and stops early
 when every row is done.
+
+Sessions (multi-turn contexts that grow by appending): `generate(prompts, params, session_ids=[...])` keeps
+each session's KV cache from call to call and prefills only what its prompt adds to the tokens cached
+(from the first token that differs); `end_session(id)` frees its row; `update_params` invalidates every
+session. Same outputs as without sessions (sessions.py). `stats` counts prompt tokens asked, tokens
+prefilled and tokens reused, in both modes.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import math
@@ -24,6 +31,7 @@ from jax.sharding import NamedSharding
 
 from klong_jax.sampling import decode
 from klong_jax.sampling.buckets import batch_bucket, length_bucket
+from klong_jax.sampling.sessions import SessionCache
 from klong_jax.sampling.stops import find_stop_string
 from klong_jax.sampling.types import Completion, SamplingParams
 from klong_jax.sharding import DEFAULT_RULES, logical_to_spec, state_shardings
@@ -50,11 +58,16 @@ class Sampler:
     min_batch: the smallest batch bucket (rounded to a multiple of the devices the batch spreads over):
       raise it to make small and large calls share one compilation.
     max_batch: larger request lists are generated in consecutive batches of at most this many.
+    session_chunk: C, the tokens per row of one prefill call of a session (sessions.py).
+    session_slots: S, cache slots per session row (None: C * ceil((3/2 min_prompt_bucket + min_new_bucket) / C)
+      + C: a prompt of the prompt bucket, a turn of the new-token bucket, one chunk and half a prompt of room
+      for appends between compactions). Grown (one more compilation) if a request needs more.
     """
 
     def __init__(self, model, tokenizer=None, mesh=None, *, rules=DEFAULT_RULES,
                  default_stop_token_ids=None, decode_chunk: int = 32, min_prompt_bucket: int = 16,
-                 min_new_bucket: int = 16, min_batch: int = 1, max_batch: int = 64, seed: int = 0):
+                 min_new_bucket: int = 16, min_batch: int = 1, max_batch: int = 64, seed: int = 0,
+                 session_chunk: int = 128, session_slots: int | None = None):
         self.cfg = model.cfg
         self.tokenizer = tokenizer
         self.mesh, self.rules = mesh, rules
@@ -62,6 +75,8 @@ class Sampler:
                                                 else default_stop_token_ids)
         if decode_chunk < 1 or max_batch < 1:
             raise ValueError(f"decode_chunk={decode_chunk} and max_batch={max_batch} must be >= 1")
+        if session_chunk < 1:
+            raise ValueError(f"session_chunk={session_chunk}: must be >= 1 (e.g. 128)")
         self.decode_chunk, self.max_batch = decode_chunk, max_batch
         self.min_prompt_bucket, self.min_new_bucket = min_prompt_bucket, min_new_bucket
         self._rng = np.random.default_rng(seed)
@@ -83,6 +98,11 @@ class Sampler:
         self.decode_fn = jax.jit(lambda params, st, stop_at: decode.decode_chunk(g, params, st, stop_at),
                                  donate_argnums=(1,))
         self.feed_fn = jax.jit(lambda params, st: decode.feed_pending(g, params, st), donate_argnums=(1,))
+        # prompt_tokens: tokens of all prompts asked; prefill_tokens: those run through the model (all of them
+        # without sessions); reused_tokens: those whose cached k/v a session kept; prefill_columns: token
+        # columns computed to prefill them, padding included (sessions.py for the rest).
+        self.stats: collections.Counter = collections.Counter()
+        self.sessions = SessionCache(self, chunk=session_chunk, slots=session_slots)
 
     # ------------------------------------------------------------------------------------------
     # Weights
@@ -99,6 +119,7 @@ class Sampler:
         """
         with self._lock:
             self._update_params(params, copy)
+            self.sessions.invalidate_all()     # cached k/v were computed with the old weights
 
     def _update_params(self, params, copy: bool) -> None:
         if isinstance(params, nnx.Module):
@@ -141,8 +162,15 @@ class Sampler:
     # Generation
 
     def generate(self, prompts: Sequence[Sequence[int]],
-                 params: SamplingParams | Sequence[SamplingParams] = SamplingParams()) -> list[Completion]:
-        """One Completion per prompt (token ids), in order. params: one for all, or one per prompt."""
+                 params: SamplingParams | Sequence[SamplingParams] = SamplingParams(), *,
+                 session_ids: Sequence | None = None) -> list[Completion]:
+        """One Completion per prompt (token ids), in order. params: one for all, or one per prompt.
+
+        session_ids: one hashable id per prompt (distinct within a call): each session's KV cache is kept
+        for its next call, whose prompt is prefilled only from the first token that differs from the
+        tokens cached (sessions.py); the outputs are those of a call without sessions (up to float
+        rounding: other summation orders). All requests of a call are then one batch (no max_batch split).
+        """
         prompts = [[int(t) for t in p] for p in prompts]
         per_row = list(params) if not isinstance(params, SamplingParams) else [params] * len(prompts)
         if len(per_row) != len(prompts):
@@ -151,10 +179,19 @@ class Sampler:
             self.check_request(p, sp, index=i)
         out: list[Completion] = []
         with self._lock:
+            if session_ids is not None:
+                return self.sessions.generate(prompts, per_row, list(session_ids))
             for start in range(0, len(prompts), self.max_batch):
                 out += self._generate_batch(prompts[start:start + self.max_batch],
                                             per_row[start:start + self.max_batch])
+            n_tokens = sum(len(p) for p in prompts)
+            self.stats.update(prompt_tokens=n_tokens, prefill_tokens=n_tokens)
         return out
+
+    def end_session(self, session_id) -> None:
+        """Frees a session's row and cache (unknown ids are ignored: ending twice is harmless)."""
+        with self._lock:
+            self.sessions.end(session_id)
 
     def check_request(self, prompt: Sequence[int], sp: SamplingParams, *, index: int = 0) -> None:
         """ValueError (naming prompt `index`) when generate would reject this request."""
@@ -192,24 +229,31 @@ class Sampler:
         return {k: jax.device_put(v, NamedSharding(self.mesh, logical_to_spec(
             ("batch",) + (None,) * (v.ndim - 1), v.shape, self.mesh, self.rules))) for k, v in batch.items()}
 
-    def _host_batch(self, prompts, per_row, stop_ids, B: int, P: int) -> dict:
-        Z = max(4, 1 << (max(len(s) for s in stop_ids) - 1).bit_length()) if any(stop_ids) else 4
-        b = dict(input_ids_BP=np.full((B, P), self.cfg.pad_token_id or 0, np.int32),
-                 valid_BP=np.zeros((B, P), bool), positions_BP=np.zeros((B, P), np.int32),
-                 lengths_B=np.zeros(B, np.int32), active_B=np.zeros(B, bool),
+    def _row_settings(self, rows, B: int) -> dict:
+        """Per-row settings of a batch of B rows; rows: (row index, prompt, SamplingParams, stop ids) of the
+        active rows (the others stay inactive: done from the start)."""
+        Z = max(4, 1 << (max(len(r[3]) for r in rows) - 1).bit_length()) if any(r[3] for r in rows) else 4
+        b = dict(lengths_B=np.zeros(B, np.int32), active_B=np.zeros(B, bool),
                  temperature_B=np.zeros(B, np.float32), top_k_B=np.zeros(B, np.int32),
                  top_p_B=np.ones(B, np.float32), seeds_B=np.zeros(B, np.int32),
                  stop_ids_BZ=np.full((B, Z), -1, np.int32), max_new_B=np.ones(B, np.int32))
-        for i, (p, sp) in enumerate(zip(prompts, per_row)):
+        for i, p, sp, stops in rows:
+            b["lengths_B"][i], b["active_B"][i] = len(p), True
+            b["temperature_B"][i], b["top_k_B"][i], b["top_p_B"][i] = sp.temperature, sp.top_k, sp.top_p
+            b["seeds_B"][i] = sp.seed if sp.seed is not None else self._rng.integers(0, 2**31 - 1)
+            b["stop_ids_BZ"][i, :len(stops)] = stops
+            b["max_new_B"][i] = sp.max_new_tokens
+        return b
+
+    def _host_batch(self, prompts, per_row, stop_ids, B: int, P: int) -> dict:
+        b = dict(input_ids_BP=np.full((B, P), self.cfg.pad_token_id or 0, np.int32),
+                 valid_BP=np.zeros((B, P), bool), positions_BP=np.zeros((B, P), np.int32),
+                 **self._row_settings(list(zip(range(len(prompts)), prompts, per_row, stop_ids)), B))
+        for i, p in enumerate(prompts):
             pad = P - len(p)
             b["input_ids_BP"][i, pad:] = p
             b["valid_BP"][i, pad:] = True
             b["positions_BP"][i, pad:] = np.arange(len(p))
-            b["lengths_B"][i], b["active_B"][i] = len(p), True
-            b["temperature_B"][i], b["top_k_B"][i], b["top_p_B"][i] = sp.temperature, sp.top_k, sp.top_p
-            b["seeds_B"][i] = sp.seed if sp.seed is not None else self._rng.integers(0, 2**31 - 1)
-            b["stop_ids_BZ"][i, :len(stop_ids[i])] = stop_ids[i]
-            b["max_new_B"][i] = sp.max_new_tokens
         return b
 
     def _generate_batch(self, prompts, per_row) -> list[Completion]:
@@ -221,34 +265,49 @@ class Sampler:
         routing = any(sp.return_routing for sp in per_row)
         prompt_routing = any(sp.return_prompt_routing for sp in per_row)
         batch = self._put(self._host_batch(prompts, per_row, stop_ids, B, P))
-        cut: dict[int, tuple[int, str, str]] = {}
-        scanned = [0] * n
+        self.stats["prefill_columns"] += B * P        # token columns the prefill computes, padding included
         with self._mesh_context():
             st, prompt_routed = self.prefill_fn(self.state, batch, P + N, N, routing, prompt_routing)
-            while True:
-                step, done, n_gen = jax.device_get((st["step"], st["done_B"], st["n_gen_B"]))
-                newly = self._scan_stop_strings(st, per_row, n_gen, scanned, cut)
-                if newly:
-                    mark = np.zeros(B, bool)
-                    mark[newly] = True
-                    st["done_B"] = st["done_B"] | jnp.asarray(mark)
-                    done = done | mark
-                if done[:n].all():
-                    break
-                if int(step) >= N:    # cannot happen: every row stops by max_new_tokens <= N
-                    raise RuntimeError(f"decode reached its {N} columns with rows still running")
-                st = self.decode_fn(self.state, st, np.int32(min(int(step) + self.decode_chunk, N)))
-            if routing and st["routed_LBNK"] is not None:
-                st = self.feed_fn(self.state, st)
-            out = jax.device_get({k: st[k] for k in ("tokens_BN", "logprobs_BN", "sampling_logprobs_BN",
-                                                     "n_gen_B", "routed_LBNK")})
+            st, cut, out, _ = self._decode_to_end(st, per_row + [None] * (B - n), N, routing)
             prompt_routed = None if prompt_routed is None else np.asarray(jax.device_get(prompt_routed))
-        return [self._completion(i, prompts[i], per_row[i], stop_ids[i], out, prompt_routed, cut.get(i), P)
+        return [self._completion(i, prompts[i], per_row[i], stop_ids[i], out,
+                                 None if prompt_routed is None else prompt_routed[:, i, P - len(prompts[i]):],
+                                 cut.get(i))
                 for i in range(n)]
+
+    def _decode_to_end(self, st, per_row, N: int, routing: bool):
+        """Decodes until every row is done (per_row: the B rows' SamplingParams, None for inactive rows),
+        then feeds the last sampled tokens when routing is asked for. Returns (state, stop-string cuts by
+        row, the outputs on the host, fed: the columns whose tokens were fed, i.e. written to the cache at
+        slot prompt_slots + column: generated token i of a row has valid k/v iff i < fed)."""
+        B = len(per_row)
+        cut: dict[int, tuple[int, str, str]] = {}
+        scanned = [0] * B
+        while True:
+            step, done, n_gen = jax.device_get((st["step"], st["done_B"], st["n_gen_B"]))
+            newly = self._scan_stop_strings(st, per_row, n_gen, scanned, cut)
+            if newly:
+                mark = np.zeros(B, bool)
+                mark[newly] = True
+                st["done_B"] = st["done_B"] | jnp.asarray(mark)
+                done = done | mark
+            if done.all():        # inactive rows are done from the start
+                break
+            if int(step) >= N:    # cannot happen: every row stops by max_new_tokens <= N
+                raise RuntimeError(f"decode reached its {N} columns with rows still running")
+            st = self.decode_fn(self.state, st, np.int32(min(int(step) + self.decode_chunk, N)))
+        fed = int(step) - 1
+        if routing and st["routed_LBNK"] is not None:
+            st = self.feed_fn(self.state, st)
+            fed += 1
+        out = jax.device_get({k: st[k] for k in ("tokens_BN", "logprobs_BN", "sampling_logprobs_BN",
+                                                 "n_gen_B", "routed_LBNK")})
+        return st, cut, out, fed
 
     def _scan_stop_strings(self, st, per_row, n_gen, scanned, cut) -> list[int]:
         """Rows whose new tokens complete a stop string (recorded in `cut`)."""
-        rows = [i for i, sp in enumerate(per_row) if sp.stop_strings and i not in cut and n_gen[i] > scanned[i]]
+        rows = [i for i, sp in enumerate(per_row)
+                if sp is not None and sp.stop_strings and i not in cut and n_gen[i] > scanned[i]]
         if not rows:
             return []
         tokens = np.asarray(jax.device_get(st["tokens_BN"]))
@@ -262,7 +321,8 @@ class Sampler:
                 newly.append(i)
         return newly
 
-    def _completion(self, i, prompt, sp, stop_ids, out, prompt_routed, cut, P) -> Completion:
+    def _completion(self, i, prompt, sp, stop_ids, out, prompt_routed_LPK, cut) -> Completion:
+        """Row i's Completion; prompt_routed_LPK: the routing of its prompt tokens, or None."""
         n = int(out["n_gen_B"][i]) if cut is None else cut[0]
         tokens = out["tokens_BN"][i, :n].tolist()
         stop = None
@@ -278,8 +338,8 @@ class Sampler:
         if sp.return_routing and out["routed_LBNK"] is not None:
             routed = out["routed_LBNK"][:, i, :n].astype(np.int32)
         p_routed = None
-        if sp.return_prompt_routing and prompt_routed is not None:
-            p_routed = prompt_routed[:, i, P - len(prompt):].astype(np.int32)
+        if sp.return_prompt_routing and prompt_routed_LPK is not None:
+            p_routed = np.asarray(prompt_routed_LPK).astype(np.int32)
         return Completion(tokens=tokens, logprobs=out["logprobs_BN"][i, :n].astype(np.float32),
                           sampling_logprobs=out["sampling_logprobs_BN"][i, :n].astype(np.float32),
                           finish_reason=finish, routed_experts=routed, prompt_routed_experts=p_routed,

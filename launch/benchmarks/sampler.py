@@ -11,8 +11,24 @@ no_cache: the same model decoding greedily without a cache: each step re-runs th
   position; its tokens must equal the cached decoder's (tokens_match).
 Both are compiled before timing; figures are the best of --repeats runs (--baseline_repeats for the
 uncached decoder). Ratios are cached / uncached.
+
+  .venv/bin/python launch/bench.py sampler --mode=rollout [--presets=smol] [--tasks=3] [--max_turns=4]
+                                           [--max_new_tokens_per_turn=48] [--session_chunk=128] [--init_from=...]
+
+rollout: KV-cache reuse across turns on a real agent rollout (`run_episodes`: sandboxed tools, the
+ContextPolicy), greedy, on the first --tasks held-out tasks of the config's embedded suite (prepared by
+prepare_embedded, loaded by klong_jax.rl.loop.load_tasks), one episode each, all concurrent, routing of sampled
+and prompt tokens recorded as in RL. The same rollout runs twice in one process, with a SamplerPolicy that
+re-prefills every turn's whole context (reuse_cache=False) and one that keeps each episode's cache
+(reuse_cache=True); each policy first runs a one-turn rollout of one task, so compilation is not timed.
+Reported per policy: wall seconds of the rollout and of its sampling, prompt tokens prefilled per episode
+(real tokens, and computed columns with padding), tokens reused; the ratios no-reuse / reuse; and whether the
+two rollouts produced the same tokens (tokens_match; the routing and log-prob agreement are reported too).
+--presets names an SFT config variant (smol: SmolLM2-135M-Instruct upcycled, its pretrained weights unless
+--init_from=random).
 """
 import argparse
+import os
 import sys
 import time
 
@@ -112,8 +128,110 @@ def bench_one(name, batch, prompt_len, gen, compute_dtype, repeats, baseline_rep
     }
 
 
+def _rollout_setup(name, init_from, max_turns, max_new_tokens_per_turn, n_tasks):
+    """(model, template, agent config, tasks) of SFT config variant `name`, as launch/eval.py builds them."""
+    from configs.sft import get_config
+    from klong_jax.agent import AgentConfig
+    from klong_jax.data.chat_template import make_chat_template
+    from klong_jax.data.tokenizer import load_tokenizer
+    from klong_jax.models.from_config import model_config_from, upcycle_config_from
+    from klong_jax.rl.loop import load_tasks
+    from klong_jax.training.embedded_data import prepare_embedded, tokenizer_of
+    from klong_jax.training.state import initial_model
+    cfg = get_config(name)
+    paths = prepare_embedded(cfg.data.embedded)
+    template = make_chat_template(load_tokenizer(tokenizer_of(cfg.data)), cfg.data.get("chat_template", "auto"))
+    agent = dict(cfg.agent.to_dict(), max_turns=max_turns, max_new_tokens_per_turn=max_new_tokens_per_turn,
+                 temperature=0.0)
+    config = AgentConfig.from_mapping(agent, context=cfg.data.pipeline.context.to_dict())
+    source = "" if init_from == "random" else (init_from or cfg.init_from)
+    model = initial_model(model_config_from(cfg.model), None, init_from=source, seed=cfg.seed,
+                          upcycle=upcycle_config_from(cfg.model))
+    return model, template, config, load_tasks(paths["heldout_tasks"], n_tasks), source or "random"
+
+
+def bench_rollout(name, a):
+    """One rollout without and one with KV-cache reuse across turns (see the module docstring)."""
+    import dataclasses
+    import tempfile
+
+    from klong_jax.agent import run_episodes
+    from klong_jax.agent.sampler_policy import SamplerPolicy
+    from klong_jax.sandbox import SandboxPool
+    model, template, config, tasks, source = _rollout_setup(name, a.init_from, a.max_turns,
+                                                             a.max_new_tokens_per_turn, a.tasks)
+    workdir = tempfile.mkdtemp(prefix="bench_rollout_")
+    pool = SandboxPool(max_concurrent=len(tasks))
+    buckets = SamplerPolicy.rollout_buckets(config, len(tasks))
+    rows, results = {}, {}
+    for reuse in (False, True):
+        tag = "reuse" if reuse else "no_reuse"
+        policy = SamplerPolicy.from_model(model, seed=0, reuse_cache=reuse, session_chunk=a.session_chunk, **buckets)
+        t0 = time.perf_counter()   # warm-up: one turn of one task compiles every function the rollout uses
+        run_episodes(tasks[:1], policy, n_per_task=1, template=template, config=dataclasses.replace(config, max_turns=1),
+                     pool=pool, workdir=os.path.join(workdir, f"warm_{tag}"), grade=False, return_routing=True,
+                     return_prompt_routing=True)
+        warm_s = time.perf_counter() - t0
+        stats0, timings = dict(policy.stats), {}
+        t0 = time.perf_counter()
+        res = run_episodes(tasks, policy, n_per_task=1, template=template, config=config, pool=pool,
+                           workdir=os.path.join(workdir, tag), grade=False, return_routing=True,
+                           return_prompt_routing=True, timings=timings)
+        wall = time.perf_counter() - t0
+        stats = {k: v - stats0.get(k, 0) for k, v in policy.stats.items()}
+        n_ep = len(res)
+        rows[tag] = {
+            "wall_s": round(wall, 2), "sampling_s": round(timings["sampling_s"], 2),
+            "tools_s": round(timings["tools_s"], 2), "warmup_s": round(warm_s, 2),
+            "turns": sum(len(r.turns) for r in res), "sampled_tokens": sum(r.sampled_tokens for r in res),
+            "prompt_tokens_per_episode": round(stats.get("prompt_tokens", 0) / n_ep, 1),
+            "prefill_tokens_per_episode": round(timings["prefill_tokens"] / n_ep, 1),
+            "prefill_columns_per_episode": round(stats.get("prefill_columns", 0) / n_ep, 1),
+            "reused_tokens_per_episode": round(timings["reused_tokens"] / n_ep, 1),
+            **{k: stats.get(k, 0) for k in ("compactions", "evicted_caches", "chunk_calls")},
+        }
+        results[tag] = res
+        print(f"{name} rollout {tag}: {rows[tag]}", file=sys.stderr, flush=True)
+    a_res, b_res = results["no_reuse"], results["reuse"]
+    pairs = [(x, y) for ra, rb in zip(a_res, b_res) for x, y in zip(ra.turns, rb.turns)]
+    same_turns = all(len(ra.turns) == len(rb.turns) for ra, rb in zip(a_res, b_res))
+    tokens_match = same_turns and all(x.sampled_ids.tolist() == y.sampled_ids.tolist() for x, y in pairs)
+    lp_diff = max((float(np.abs(x.logprobs - y.logprobs).max()) for x, y in pairs
+                   if x.logprobs.shape == y.logprobs.shape and len(x.logprobs)), default=0.0)
+
+    def routing_agreement(field):
+        same = total = 0
+        for x, y in pairs:
+            u, v = getattr(x, field), getattr(y, field)
+            if u is not None and v is not None and u.shape == v.shape:
+                same += int((u == v).all(axis=-1).sum())
+                total += u.shape[0] * u.shape[1]
+        return round(same / max(total, 1), 6)
+
+    nr, r = rows["no_reuse"], rows["reuse"]
+    return {"preset": name, "init_from": source, "tasks": len(tasks), "max_turns": config.max_turns,
+            "max_new_tokens_per_turn": config.max_new_tokens_per_turn, "budget_tokens": config.context.budget_tokens,
+            "session_chunk": a.session_chunk, "compute_dtype": model.cfg.compute_dtype,
+            "no_reuse": nr, "reuse": r,
+            "prefill_tokens_ratio": round(nr["prefill_tokens_per_episode"] / max(r["prefill_tokens_per_episode"], 1), 2),
+            "prefill_columns_ratio": round(nr["prefill_columns_per_episode"] /
+                                           max(r["prefill_columns_per_episode"], 1), 2),
+            "sampling_speedup": round(nr["sampling_s"] / max(r["sampling_s"], 1e-9), 2),
+            "wall_speedup": round(nr["wall_s"] / max(r["wall_s"], 1e-9), 2),
+            "tokens_match": bool(tokens_match), "max_logprob_diff": round(lp_diff, 6),
+            "routing_agreement": routing_agreement("routed_experts"),
+            "prompt_routing_agreement": routing_agreement("prompt_routed_experts")}
+
+
 def run(argv):
     p = argparse.ArgumentParser(prog="bench.py sampler")
+    p.add_argument("--mode", default="decode", choices=("decode", "rollout"),
+                   help="decode: cached vs uncached decoding; rollout: KV-cache reuse across agent turns")
+    p.add_argument("--tasks", type=int, default=3, help="rollout: held-out tasks (one episode each)")
+    p.add_argument("--max_turns", type=int, default=4, help="rollout: turns per episode at most")
+    p.add_argument("--max_new_tokens_per_turn", type=int, default=48, help="rollout: tokens per turn at most")
+    p.add_argument("--session_chunk", type=int, default=128, help="rollout: tokens per row of a prefill chunk")
+    p.add_argument("--init_from", default="", help="rollout: weights ('' the config's, 'random' random init)")
     p.add_argument("--presets", default="tiny,small", help="model presets or SFT config variants (smol)")
     p.add_argument("--batches", default="1,16")
     p.add_argument("--prompt_len", type=int, default=32)
@@ -122,6 +240,11 @@ def run(argv):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--baseline_repeats", type=int, default=1, help="runs of the (slow) uncached decoder")
     a = p.parse_args(argv)
+    if a.mode == "rollout":
+        names = a.presets.split(",") if a.presets != "tiny,small" else ["smol"]
+        rows = [bench_rollout(name, a) for name in names]
+        return {"device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+                "backend": jax.default_backend(), "mode": "rollout", "results": rows}
     gen = {k: int(v) for k, v in (item.split(":") for item in a.gen_tokens.split(","))}
     rows = []
     for name in a.presets.split(","):
