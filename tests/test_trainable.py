@@ -368,3 +368,33 @@ def test_sft_run_trains_the_top_layer_checkpoints_full_params_and_resumes_bitwis
     refused = run_train(workdir, data, check=False, **{**extra, "trainable.top_layers": 0, "train.steps": 6})
     assert refused.returncode != 0
     assert "trained with trainable=top:1, but config.trainable says all" in refused.stderr + refused.stdout
+
+
+def test_rl_fns_with_a_plan_on_the_mesh(devices):
+    """The RL loop's jit'd functions with a plan (top 3 of 4 layers: the dense stack cut) on the 8-device mesh:
+    the old log-probs are the full model's, and the update equals the unjitted restricted update."""
+    from klong_jax.rl.step import jit_rl_fns
+    from klong_jax.sharding import make_mesh
+    from klong_jax.training.state import abstract_layout
+    from klong_jax.training.trainable import train_layout
+    mesh = make_mesh({"fsdp": 8})
+    graphdef, params, rest = _model()
+    batch = _rl_batch(graphdef, params, rest)
+    plan = plan_for(TrainableConfig(top_layers=3), CFG)
+    tx, lr = make_optimizer(OPT, 10), learning_rate_schedule(OPT, 10)
+    trainable, frozen = plan.split(params)
+    want, _ = rl_update({"params": trainable, "opt_state": tx.init(trainable), "step": jnp.zeros((), jnp.int32)},
+                        rest, trainable, batch, frozen, graphdef=graphdef, tx=tx, rl_cfg=RL, lr_schedule=lr, plan=plan)
+    _, abs_params, _, param_sh, rest_sh = abstract_layout(CFG, mesh)
+    layout = train_layout(plan, abs_params, param_sh, tx, mesh)
+    update_fn, old_fn = jit_rl_fns(graphdef, tx, RL, lr, layout.state_sh, rest_sh, mesh, plan=plan,
+                                   frozen_sh=layout.frozen_sh)
+    with jax.set_mesh(mesh):
+        state, frozen_dev = layout.initial(params, tx)
+        rest_dev = jax.device_put(rest, rest_sh)
+        with_replay, _ = old_fn(state["params"], rest_dev, batch, frozen_dev)
+        np.testing.assert_allclose(with_replay, batch["old_logprobs"], rtol=1e-5, atol=1e-5)
+        ref = jax.tree.map(jnp.copy, state["params"])
+        state, m = update_fn(state, rest_dev, ref, batch, frozen_dev)
+    assert int(m["nonfinite"]) == 0
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), state["params"], want["params"])
