@@ -12,8 +12,8 @@ no_cache: the same model decoding greedily without a cache: each step re-runs th
 Both are compiled before timing; figures are the best of --repeats runs (--baseline_repeats for the
 uncached decoder). Ratios are cached / uncached.
 
-  .venv/bin/python launch/bench.py sampler --mode=rollout [--presets=smol] [--tasks=3] [--max_turns=4]
-                                           [--max_new_tokens_per_turn=48] [--session_chunk=128] [--init_from=...]
+  .venv/bin/python launch/bench.py sampler --mode=rollout [--presets=smol] [--tasks=2] [--max_turns=3]
+                                           [--max_new_tokens_per_turn=32] [--session_chunk=128] [--init_from=...]
 
 rollout: KV-cache reuse across turns on a real agent rollout (`run_episodes`: sandboxed tools, the
 ContextPolicy), greedy, on the first --tasks held-out tasks of the config's embedded suite (prepared by
@@ -227,9 +227,9 @@ def run(argv):
     p = argparse.ArgumentParser(prog="bench.py sampler")
     p.add_argument("--mode", default="decode", choices=("decode", "rollout"),
                    help="decode: cached vs uncached decoding; rollout: KV-cache reuse across agent turns")
-    p.add_argument("--tasks", type=int, default=3, help="rollout: held-out tasks (one episode each)")
-    p.add_argument("--max_turns", type=int, default=4, help="rollout: turns per episode at most")
-    p.add_argument("--max_new_tokens_per_turn", type=int, default=48, help="rollout: tokens per turn at most")
+    p.add_argument("--tasks", type=int, default=2, help="rollout: held-out tasks (one episode each)")
+    p.add_argument("--max_turns", type=int, default=3, help="rollout: turns per episode at most")
+    p.add_argument("--max_new_tokens_per_turn", type=int, default=32, help="rollout: tokens per turn at most")
     p.add_argument("--session_chunk", type=int, default=128, help="rollout: tokens per row of a prefill chunk")
     p.add_argument("--init_from", default="", help="rollout: weights ('' the config's, 'random' random init)")
     p.add_argument("--presets", default="tiny,small", help="model presets or SFT config variants (smol)")
