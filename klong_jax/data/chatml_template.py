@@ -65,8 +65,8 @@ THINK, END_THINK = "<think>", "</think>"
 TOOL_CALL, END_TOOL_CALL = "<tool_call>", "</tool_call>"
 TAGS = (THINK, END_THINK, TOOL_CALL, END_TOOL_CALL)
 CHATML_TOKENS = (IM_START, IM_END)          # what a tokenizer must have as special tokens
-FORMAT_HINT = ('A tool call is written <tool_call>{"name": "TOOL", "arguments": {"ARGUMENT": VALUE, ...}}'
-               "</tool_call>: one JSON object per call, arguments as a JSON object.")
+FORMAT_HINT = ('A tool call is one JSON object inside <tool_call></tool_call>, its arguments an object, e.g. '
+               '<tool_call>{"name": "bash", "arguments": {"cmd": "ls"}}</tool_call>')
 _DERIVE = object()   # default_system: read it from the tokenizer's chat_template
 
 
@@ -199,6 +199,7 @@ class ChatMLTemplate(ChatTemplate):
             prompt = self.generation_prompt_ids
             return prompt + body, [False] * len(prompt) + [True] * len(body)
         lead = self._newline if prev is not None else []
+        message = self.fill_slots(message)
         ids = lead + [self.ids[IM_START]] + self.tokenizer.encode(f"{message.role}\n{message.content}") + \
             [self.ids[IM_END]]
         return ids, [False] * len(ids)

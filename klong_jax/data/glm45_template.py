@@ -123,7 +123,7 @@ class Glm45Template(ChatTemplate):
     def render_message(self, message: Message, prev: Message | None = None
                        ) -> tuple[list[int], list[bool]]:
         """(ids, trainable) of one message; `prev` is the message before it (None at the start)."""
-        ids = self.encode_pieces(self._segments(message, prev))
+        ids = self.encode_pieces(self._segments(self.fill_slots(message), prev))
         if message.role != "assistant":
             return ids, [False] * len(ids)
         # The role token is the generation prompt (given, not generated); the rest is generated.

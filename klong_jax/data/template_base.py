@@ -21,6 +21,7 @@ work unchanged on any of them:
 from __future__ import annotations
 
 import abc
+import dataclasses
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,13 @@ ROLE_CODES = {"format": 0, "system": 1, "user": 2, "assistant": 3, "tool": 4}
 # tool name -> argument name -> JSON-schema type ("string", "integer", "number", "boolean", ...)
 ArgTypes = Mapping[str, Mapping[str, str]]
 CallId = Callable[[int], str]
+
+
+# A system message may hold this slot; every template renders it as its own `format_hint` (how a tool call is
+# written in that format), as Hugging Face templates render a `tools=` argument into the system message. The
+# agent's system prompt (klong_jax.tasks.tools.system_prompt) has it, so the expert data and the agent's rollouts
+# show the model the call syntax of whichever template renders them, from the first turn on.
+TOOL_CALL_FORMAT_SLOT = "{tool_call_format}"
 
 
 def default_call_id(k: int) -> str:
@@ -102,6 +110,13 @@ class ChatTemplate(abc.ABC):
     @abc.abstractmethod
     def end_of_turn_id(self, message: Message) -> int:
         """The id that ends this assistant message when rendered (its last token)."""
+
+    def fill_slots(self, message: Message) -> Message:
+        """The message as rendered: a system message's TOOL_CALL_FORMAT_SLOT replaced by `format_hint`."""
+        if message.role == "system" and TOOL_CALL_FORMAT_SLOT in message.content:
+            return dataclasses.replace(message, content=message.content.replace(TOOL_CALL_FORMAT_SLOT,
+                                                                                self.format_hint))
+        return message
 
     def _opening(self, messages: Sequence[Message]) -> tuple[list[int], Message | None]:
         """Ids the template inserts before the first message (after the format prefix), and the message

@@ -41,13 +41,16 @@ _REQUIRED = {"bash": ("cmd",), "python": ("code",), "read_file_chunk": ("file",)
 
 
 def system_prompt() -> str:
-    """The agent's instructions and tool list: the system message of every trajectory."""
+    """The agent's instructions and tool list: the system message of every trajectory. Its last line holds the
+    chat template's slot for the tool-call syntax (klong_jax.data.template_base.TOOL_CALL_FORMAT_SLOT): the data
+    stay template-free, and the template that renders them writes its own call syntax there."""
     tools = "\n".join(
         f"- {spec['name']}({', '.join(spec['parameters'])}): {spec['description']}" for spec in TOOL_SPECS)
     return ("You are an agent that carries out the project described by the user, in a sandbox "
             "directory. Work step by step: each turn, think briefly, then call exactly one tool. "
             "Check your work as you go. When everything is done, call submit.\n"
-            f"Tools:\n{tools}")
+            f"Tools:\n{tools}\n"
+            "{tool_call_format}")
 
 
 class ToolError(Exception):

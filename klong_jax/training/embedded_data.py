@@ -13,8 +13,9 @@ from klong_jax.tasks import vocab
 from klong_jax.tasks.generate import generate_dataset
 
 
-# Bumped whenever what is generated from the same knobs changes (2: task words are atomic tokenizer symbols).
-FORMAT = 2
+# Bumped whenever what is generated from the same knobs changes (2: task words are atomic tokenizer symbols;
+# 3: the system prompt holds the template's tool-call format slot).
+FORMAT = 3
 
 
 def embedded_key(section) -> str:
