@@ -9,8 +9,14 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 import kernels
+from kernels.cached import cached_attention
 from klong_jax.models.layers import RMSNorm, apply_rope, param
 from klong_jax.sharding import constrain
+
+# attend_cached: up to this many new tokens per call read the cache in place (kernels.cached_attention,
+# decoding's T = 1); longer chunks attend over a copy with their k/v written in (faster for them on CPU:
+# cached_attention does K times the useful multiply-adds).
+CACHED_SMALL_T = 8
 
 
 class Attention(nnx.Module):
@@ -72,15 +78,28 @@ class Attention(nnx.Module):
     def attend_cached(self, x_BTD, cos_BTR, sin_BTR, cache_k_BSKD, cache_v_BSKD, write_index, mask_BTS):
         """T new tokens against a KV cache of S slots.
 
-        Their k/v are written at slots [write_index, write_index + T) of a copy of this layer's cache and
-        the queries attend over all S slots under mask_BTS (which must hide unwritten and padding slots).
-        Returns (output [B, T, D], k_new [B, T, K, hd], v_new): the caller writes k_new/v_new into the
-        stacked cache, so the per-layer copy here never has to be carried out of the layer loop.
+        Their k/v go to slots [write_index, write_index + T) (clamped into the cache as
+        dynamic_update_slice clamps) and the queries attend over all S slots under mask_BTS (which must
+        hide unwritten and padding slots), as if the new k/v were written there first. Returns
+        (output [B, T, D], k_new [B, T, K, hd], v_new): the caller writes k_new/v_new into the stacked
+        cache. For T <= CACHED_SMALL_T (decoding) nothing is written here: the cache, write slots
+        masked out, and the new k/v are two parts of one softmax (kernels.cached_attention), reading the
+        cache in place; longer chunks attend over a copy of the cache with the new k/v written in
+        (kernels.reference_attention), whose cost the T queries amortise.
         """
         q_BTHD, k_BTKD, v_BTKD = self.project_qkv(x_BTD, cos_BTR, sin_BTR)
         k_BTKD, v_BTKD = k_BTKD.astype(cache_k_BSKD.dtype), v_BTKD.astype(cache_v_BSKD.dtype)
-        k_all_BSKD = jax.lax.dynamic_update_slice_in_dim(cache_k_BSKD, k_BTKD, write_index, axis=1)
-        v_all_BSKD = jax.lax.dynamic_update_slice_in_dim(cache_v_BSKD, v_BTKD, write_index, axis=1)
-        o_BTHD = kernels.reference_attention(q_BTHD, k_all_BSKD, v_all_BSKD, sm_scale=self.scale,
-                                             mask_BTS=mask_BTS)
+        T, S = q_BTHD.shape[1], cache_k_BSKD.shape[1]
+        if T <= CACHED_SMALL_T:
+            w = jnp.clip(jnp.asarray(write_index, jnp.int32), 0, S - T)
+            slot_S = jnp.arange(S, dtype=jnp.int32)
+            written_S = (slot_S >= w) & (slot_S < w + T)
+            o_BTHD = cached_attention(q_BTHD, cache_k_BSKD, cache_v_BSKD, k_BTKD, v_BTKD,
+                                      mask_BTS & ~written_S[None, None, :],
+                                      jax.lax.dynamic_slice_in_dim(mask_BTS, w, T, axis=2), sm_scale=self.scale)
+        else:
+            k_all_BSKD = jax.lax.dynamic_update_slice_in_dim(cache_k_BSKD, k_BTKD, write_index, axis=1)
+            v_all_BSKD = jax.lax.dynamic_update_slice_in_dim(cache_v_BSKD, v_BTKD, write_index, axis=1)
+            o_BTHD = kernels.reference_attention(q_BTHD, k_all_BSKD, v_all_BSKD, sm_scale=self.scale,
+                                                 mask_BTS=mask_BTS)
         return self.output(o_BTHD), k_BTKD, v_BTKD
