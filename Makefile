@@ -39,15 +39,20 @@ PRETRAINED ?= smollm2-135m-instruct
 pretrained: venv
 	JAX_PLATFORMS=cpu $(PY) launch/fetch.py --name=$(PRETRAINED)
 
-# The main job: the whole KLong recipe (SFT, RL stages 1-3, held-out evaluation) on the tiny model, CPU.
+# The main job: the whole KLong recipe on SmolLM2-135M-Instruct upcycled to MoE (configs/klong.py:smol), CPU: the
+# base evaluated zero-shot, SFT, RL stages 1-3, every checkpoint evaluated on held-out tasks, the results table.
+# SEED=n runs another seed; VARIANT=tiny the random-init tiny model (what the tests run).
+VARIANT ?= smol
+SEED ?= 0
 demo: venv pretrained
-	JAX_PLATFORMS=cpu $(PY) launch/train.py --config=configs/klong.py:tiny --workdir=$${WORKDIR:-/tmp/klong_demo}
+	JAX_PLATFORMS=cpu $(PY) launch/train.py --config=configs/klong.py:$(VARIANT) --config.seed=$(SEED) \
+	  --workdir=$${WORKDIR:-/tmp/klong_demo_$(VARIANT)_$(SEED)}
 
 klong: demo
 
 # Trajectory-splitting SFT alone.
-sft: venv
-	JAX_PLATFORMS=cpu $(PY) launch/train.py --config=configs/sft.py:tiny --workdir=$${WORKDIR:-/tmp/klong_sft}
+sft: venv pretrained
+	JAX_PLATFORMS=cpu $(PY) launch/train.py --config=configs/sft.py:$(VARIANT) --workdir=$${WORKDIR:-/tmp/klong_sft_$(VARIANT)}
 
 test: venv hfref pretrained
 	KLONG_HF_PYTHON=$(HFREF)/bin/python JAX_PLATFORMS=cpu $(PY) -m pytest tests -m "not slow"

@@ -53,6 +53,6 @@ def get_config(arg: str = "tiny") -> ConfigDict:
                              agent=dict(timeout_s=last.timeout_s, max_turns=last.max_turns,
                                         max_total_tokens=last.max_total_tokens,
                                         max_new_tokens_per_turn=last.max_new_tokens_per_turn,
-                                        temperature=0.0)))
+                                        one_call_per_turn=last.one_call_per_turn, temperature=0.0)))
     c.data = c.sft.data   # the pipeline prepares the embedded data once for every stage
     return c

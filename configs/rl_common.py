@@ -9,9 +9,10 @@ STAGES = {
     # The embedded tiny tasks take the expert ~13 turns: stage 1's budget stops short of that, so the curriculum
     # starts on truncated episodes; stage 2's fits the work, stage 3's leaves room to repair mistakes.
     "tiny": {1: (30.0, 8, 1200), 2: (60.0, 16, 2400), 3: (120.0, 24, 4800)},
-    # The same tasks for the 135M model, whose turns take seconds to sample on 2 CPU cores: the turn budgets bind
-    # as for tiny, the timeouts leave room for the slower model.
-    "smol": {1: (300.0, 8, 1200), 2: (600.0, 16, 2400), 3: (1200.0, 24, 4800)},
+    # The same tasks for the 135M model, whose turns take seconds to sample on 2 CPU cores. The expert needs 12-18
+    # turns (median 13): stage 1's 6 turns stop it in its first section, stage 2's 11 in its second, stage 3's 16
+    # fit most tasks (the expert replayed under each budget shows it); tokens: 96 per turn; the timeouts leave room.
+    "smol": {1: (300.0, 6, 576), 2: (600.0, 11, 1056), 3: (1200.0, 16, 1536)},
     "small": {1: (600.0, 50, 20_000), 2: (1800.0, 150, 60_000), 3: (3600.0, 300, 120_000)},
     # GLM-4.5-Air agent runs of hours, as in KLong: 2 h, 6 h, 12 h.
     "glm45_air": {1: (7200.0, 400, 400_000), 2: (21600.0, 1000, 1_000_000), 3: (43200.0, 2000, 2_000_000)},
@@ -19,10 +20,11 @@ STAGES = {
 
 
 # Per variant: optimizer, RL loop sizes and agent sampling limits (stage-independent).
-OPTIMIZER = {"tiny": dict(lr=1e-4), "smol": dict(lr=1e-6), "small": dict(lr=1e-6), "glm45_air": dict(lr=1e-6)}
+# smol: its top 8 layers train (config.trainable), so a larger lr than full-parameter RL.
+OPTIMIZER = {"tiny": dict(lr=1e-4), "smol": dict(lr=1e-5), "small": dict(lr=1e-6), "glm45_air": dict(lr=1e-6)}
 LOOP = {
     "tiny": dict(steps=4, tasks_per_step=2, group_size=4, ppo_epochs=2, seq_len_factor=2, max_concurrent_episodes=8),
-    "smol": dict(steps=4, tasks_per_step=2, group_size=4, ppo_epochs=1, seq_len_factor=2, max_concurrent_episodes=8),
+    "smol": dict(steps=2, tasks_per_step=2, group_size=4, ppo_epochs=1, seq_len_factor=2, max_concurrent_episodes=8),
     "small": dict(steps=200, tasks_per_step=64, group_size=16, ppo_epochs=1, seq_len_factor=1,
                   max_concurrent_episodes=64),
     "glm45_air": dict(steps=200, tasks_per_step=64, group_size=16, ppo_epochs=1, seq_len_factor=1,
@@ -31,10 +33,12 @@ LOOP = {
 # max_new_tokens_per_turn (None: the episode's token budget); disk_mib: episode directory space (tiny tasks write a
 # few KiB; an ML experiment writes data and checkpoints); eval_tasks: held-out tasks per stage evaluation.
 AGENT = {
-    "tiny": dict(max_new_tokens_per_turn=160, disk_mib=64, eval_tasks=8),
-    "smol": dict(max_new_tokens_per_turn=160, disk_mib=64, eval_tasks=8),
-    "small": dict(max_new_tokens_per_turn=None, disk_mib=200 * 1024, eval_tasks=32),
-    "glm45_air": dict(max_new_tokens_per_turn=None, disk_mib=200 * 1024, eval_tasks=32),
+    "tiny": dict(max_new_tokens_per_turn=160, disk_mib=64, eval_tasks=8, one_call_per_turn=False),
+    # smol: the expert's longest turn is 82 tokens (ChatML, the SmolLM2 tokenizer).
+    # one_call_per_turn: a turn ends after its first complete tool call (ChatML), as the expert's turns do.
+    "smol": dict(max_new_tokens_per_turn=96, disk_mib=64, eval_tasks=8, one_call_per_turn=True),
+    "small": dict(max_new_tokens_per_turn=None, disk_mib=200 * 1024, eval_tasks=32, one_call_per_turn=False),
+    "glm45_air": dict(max_new_tokens_per_turn=None, disk_mib=200 * 1024, eval_tasks=32, one_call_per_turn=False),
 }
 
 
@@ -67,6 +71,7 @@ def rl_config(stage: int, variant: str) -> ConfigDict:
         packing="shared_prefix", max_concurrent_episodes=loop["max_concurrent_episodes"]))
     c.agent = ConfigDict(dict(timeout_s=timeout_s, max_turns=max_turns, max_total_tokens=max_tokens,
                               max_new_tokens_per_turn=agent["max_new_tokens_per_turn"], temperature=1.0, top_p=1.0,
-                              top_k=0, reminder_every=10, disk_mib=agent["disk_mib"]))
+                              top_k=0, reminder_every=10, disk_mib=agent["disk_mib"],
+                              one_call_per_turn=agent["one_call_per_turn"]))
     c.eval = ConfigDict(dict(n_tasks=agent["eval_tasks"], timeout_s=timeout_s, max_turns=max_turns))
     return c

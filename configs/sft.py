@@ -42,14 +42,14 @@ RUNTIME = {
 }
 
 # Training schedule per variant. seq_len is also the context budget of the ContextPolicy (tokens per window).
-# smol: a pretrained model needs tens of small-lr steps, not hundreds (shared/notes/smollm2_gguf.md: 20 AdamW
-# steps at lr 5e-5 take its held-out assistant loss from 1.03 to 0.25); one 1,024-token SFT step of the 135M
-# model takes seconds on 2 CPU cores.
+# smol: a pretrained model needs tens of steps, not hundreds; its top 8 layers train (config.trainable: 14 s per
+# 2 x 1,024-token step on 2 CPU cores against 23 s for every parameter), at a larger lr than full fine-tuning
+# (BUILD_NOTES.md, session 7: the speed/quality trade-off).
 TRAIN = {
     "tiny": dict(steps=300, global_batch=4, seq_len=1024, log_every=10, eval_every=50, eval_batches=8,
                  loss_chunk=0, checkpoint_every=50),
-    "smol": dict(steps=24, global_batch=2, seq_len=1024, log_every=1, eval_every=12, eval_batches=4,
-                 loss_chunk=0, checkpoint_every=12),
+    "smol": dict(steps=32, global_batch=2, seq_len=1024, log_every=1, eval_every=16, eval_batches=4,
+                 loss_chunk=0, checkpoint_every=16),
     "small": dict(steps=2000, global_batch=64, seq_len=8192, log_every=50, eval_every=500, eval_batches=8,
                   loss_chunk=4096, checkpoint_every=500),
     "glm45_air": dict(steps=2000, global_batch=256, seq_len=131072, log_every=50, eval_every=500, eval_batches=8,
@@ -57,7 +57,7 @@ TRAIN = {
 }
 OPTIMIZER = {
     "tiny": dict(lr=3e-3, warmup_steps=20, weight_decay=0.1),
-    "smol": dict(lr=5e-5, warmup_steps=2, weight_decay=0.0),
+    "smol": dict(lr=2e-4, warmup_steps=2, weight_decay=0.0),
     "small": dict(lr=3e-4, warmup_steps=200, weight_decay=0.1),
     "glm45_air": dict(lr=3e-4, warmup_steps=200, weight_decay=0.1),
 }
@@ -66,7 +66,7 @@ OPTIMIZER = {
 # embeddings: with top_layers, embed_tokens and lm_head (tied or not) train too.
 TRAINABLE = {
     "tiny": dict(top_layers=0, embeddings=False),
-    "smol": dict(top_layers=0, embeddings=False),
+    "smol": dict(top_layers=8, embeddings=False),
     "small": dict(top_layers=0, embeddings=False),
     "glm45_air": dict(top_layers=0, embeddings=False),
 }
@@ -124,7 +124,8 @@ def get_config(variant: str = "tiny") -> ConfigDict:
     timeout_s, max_turns, max_tokens = STAGES[variant][3]
     c.agent = ConfigDict(dict(timeout_s=timeout_s, max_turns=max_turns, max_total_tokens=max_tokens,
                               max_new_tokens_per_turn=AGENT[variant]["max_new_tokens_per_turn"], temperature=0.0,
-                              disk_mib=AGENT[variant]["disk_mib"]))
+                              disk_mib=AGENT[variant]["disk_mib"],
+                              one_call_per_turn=AGENT[variant]["one_call_per_turn"]))
 
     c.data = ConfigDict()
     # Trajectory JSONL files (comma-separated globs); empty: the embedded task suite below.

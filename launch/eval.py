@@ -193,7 +193,7 @@ def main(_):
     concurrent = min(_MAX_CONCURRENT.value, len(tasks) * _N_PER_TASK.value)
     ckpt_ref = os.path.abspath(_CHECKPOINT.value) if os.path.exists(_CHECKPOINT.value) else _CHECKPOINT.value
     policy = SamplerPolicy.from_model(model, mesh, seed=_SEED.value,
-                                      **SamplerPolicy.rollout_buckets(config, concurrent))
+                                      **SamplerPolicy.rollout_buckets(config, concurrent, template))
     evaluate(tasks, policy, template=template, config=config,
              workdir=workdir, n_per_task=_N_PER_TASK.value,
              pool=SandboxPool(max_concurrent=_MAX_CONCURRENT.value), keep_dirs=_KEEP.value,

@@ -417,3 +417,30 @@ def test_system_prompt_slot_renders_the_templates_call_format(tpl, tmp_path_fact
     # The rendered conversation holds the hint's tokens (the same ids as the hint spelled out in the message).
     ids = template.render([Message("system", prompt), Message("user", "go")]).input_ids.tolist()
     assert ids == template.render([filled, Message("user", "go")]).input_ids.tolist()
+
+
+def test_one_call_per_turn_cuts_after_the_first_call(tpl):
+    """A turn that writes two calls and runs on: with one_call_per_turn the completion is cut right after the token
+    that completes the first `</tool_call>` (what a stop string gives), its log-probs and routing cut alike, and the
+    turn is the canonical one-call message plus the appended <|im_end|> (not cut off: no feedback)."""
+    from klong_jax.agent.policy import Completion
+    from klong_jax.agent.turn import clip_after_first_call
+    im_end = tpl.ids["<|im_end|>"]
+    one = Message("assistant", "", "look", (ToolCall("x", "bash", {"cmd": "ls"}),))
+    two = Message("assistant", "", "look", (ToolCall("x", "bash", {"cmd": "ls"}), ToolCall("y", "bash", {"cmd": "pwd"})))
+    first = tpl.completion_ids(one)[:-1]                 # the one-call body without <|im_end|>
+    sampled = tpl.completion_ids(two)[:-1] + tpl.tokenizer.encode("\n<tool_")   # two calls, then a third begun
+    assert sampled[:len(first)] == first and len(sampled) > len(first)
+    n = len(sampled)
+    logprobs, routed = -np.arange(n, dtype=np.float32), np.arange(2 * n * 3).reshape(2, n, 3)
+    clipped, stopped = clip_after_first_call(Completion(sampled, logprobs, logprobs, routed, None, "length"), tpl)
+    assert stopped and clipped.finish_reason == "stop" and clipped.tokens == first
+    k = len(first)
+    assert clipped.logprobs.tolist() == logprobs[:k].tolist() and clipped.routed_experts.shape == (2, k, 3)
+    turn = parse_turn(tpl, clipped.tokens, turn=0, stopped_after_call=True)
+    assert not turn.cut_off and turn.n_forced == 1 and turn.canonical
+    assert turn.action_ids == first + [im_end] and len(turn.parsed.message.tool_calls) == 1
+    assert feedback_message(turn, reminder=None, nudge="n", format_hint=tpl.format_hint) is None
+    # No call closed: unchanged.
+    same, stopped = clip_after_first_call(Completion(first[:-2], None, None, None, None, "length"), tpl)
+    assert not stopped and same.tokens == first[:-2]

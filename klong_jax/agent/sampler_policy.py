@@ -30,11 +30,12 @@ class SamplerPolicy:
         self.reuse_cache = reuse_cache
 
     @classmethod
-    def from_model(cls, model, mesh=None, *, seed: int | None = 0, reuse_cache: bool = True, **sampler_kwargs
-                   ) -> SamplerPolicy:
-        """The sampler gets no tokenizer: the agent parses ids itself, and a model vocabulary
-        padded past the tokenizer's would make the sampler's text decoding fail."""
-        return cls(Sampler(model, None, mesh, **sampler_kwargs), seed=seed, reuse_cache=reuse_cache)
+    def from_model(cls, model, mesh=None, *, seed: int | None = 0, reuse_cache: bool = True, tokenizer=None,
+                   **sampler_kwargs) -> SamplerPolicy:
+        """tokenizer: only needed for stop strings (agent.one_call_per_turn; `rollout_buckets` passes it then).
+        Otherwise the sampler gets none: the agent parses ids itself, and a model vocabulary padded past the
+        tokenizer's would make the sampler's text decoding fail."""
+        return cls(Sampler(model, tokenizer, mesh, **sampler_kwargs), seed=seed, reuse_cache=reuse_cache)
 
     @property
     def stats(self):
@@ -46,7 +47,7 @@ class SamplerPolicy:
         self.sampler.end_session(episode_id)
 
     @staticmethod
-    def rollout_buckets(config: AgentConfig, max_concurrent: int) -> dict:
+    def rollout_buckets(config: AgentConfig, max_concurrent: int, template=None) -> dict:
         """Sampler shape floors that give a whole rollout one compilation per sampler function.
 
         Left to itself the sampler buckets each call by its batch, prompt and new-token lengths; in a
@@ -55,8 +56,15 @@ class SamplerPolicy:
         ContextPolicy bounds every prompt by the budget and every turn by the per-turn cap, so padding
         to those and to the pool's concurrency costs a fixed amount of compute and compiles once."""
         per_turn = config.max_new_tokens_per_turn or config.context.budget_tokens
-        return {"min_batch": max_concurrent, "min_prompt_bucket": config.context.budget_tokens,
-                "min_new_bucket": min(per_turn, config.context.budget_tokens)}
+        kwargs = {"min_batch": max_concurrent, "min_prompt_bucket": config.context.budget_tokens,
+                  "min_new_bucket": min(per_turn, config.context.budget_tokens)}
+        if config.one_call_per_turn:
+            if template is None:
+                raise ValueError("rollout_buckets: agent.one_call_per_turn needs the template (its tokenizer finds "
+                                 "the end of the first call between decode chunks)")
+            # The call's end is a stop string, checked every decode_chunk steps: a turn stops within 16 tokens of it.
+            kwargs.update(tokenizer=template.tokenizer, decode_chunk=16)
+        return kwargs
 
     def update_params(self, params, **kwargs) -> None:
         self.sampler.update_params(params, **kwargs)
@@ -78,6 +86,7 @@ class SamplerPolicy:
                 temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
                 stop_token_ids=tuple(params.stop_token_ids), use_default_stop_tokens=False,
                 seed=self.request_seed(request) if request else None,
+                stop_strings=tuple(params.stop_strings),
                 return_routing=params.return_routing,
                 return_prompt_routing=params.return_prompt_routing))
         if self.reuse_cache and requests is not None:

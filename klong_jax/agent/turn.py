@@ -19,8 +19,12 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
+from klong_jax.agent.policy import Completion
 from klong_jax.data.template_base import ChatTemplate, ParsedAssistant
 from klong_jax.data.trajectory import Message
+from klong_jax.sampling.stops import find_stop_string
 from klong_jax.tasks.tools import TOOL_SPECS, ToolResult
 
 # tool -> argument -> JSON type, from the tool specs ("integer (from 1)" -> "integer").
@@ -38,8 +42,36 @@ class ParsedTurn:
     cut_off: bool             # sampling stopped before any end-of-turn token (the token limit)
 
 
-def parse_turn(template: ChatTemplate, sampled_ids: Sequence[int], turn: int) -> ParsedTurn:
-    """Parses one sampled assistant message; call ids are unique within the episode."""
+def clip_after_first_call(completion: Completion, template: ChatTemplate) -> tuple[Completion, bool]:
+    """(the completion cut right after the token that completes its first `template.call_end_text`, True), or
+    (the completion unchanged, False) when it closes no call. Cutting there is what sampling with that text as a
+    stop string gives (sampling is autoregressive: the kept prefix is a sample under that rule), so the kept
+    tokens keep their log-probs and routing; finish_reason becomes "stop". A completion holding ids outside the
+    tokenizer's vocabulary (no text) is left unchanged."""
+    tokens = [int(t) for t in completion.tokens]
+    if template.call_end_text is None:
+        raise ValueError(f"agent.one_call_per_turn: the {template.name} template closes tool calls with a special "
+                         "token, not text; set agent.one_call_per_turn=False")
+    if any(not 0 <= t < template.tokenizer.vocab_size for t in tokens):
+        return completion, False
+    hit = find_stop_string(template.tokenizer, tokens, (template.call_end_text,))
+    if hit is None:
+        return completion, False
+    n = hit[0]
+
+    def cut(values):   # [n] log-probs
+        return None if values is None else np.asarray(values)[:n]
+
+    routed = None if completion.routed_experts is None else np.asarray(completion.routed_experts)[:, :n]
+    return Completion(tokens[:n], cut(completion.logprobs), cut(completion.sampling_logprobs), routed,
+                      completion.prompt_routed_experts, "stop"), True
+
+
+def parse_turn(template: ChatTemplate, sampled_ids: Sequence[int], turn: int, *,
+               stopped_after_call: bool = False) -> ParsedTurn:
+    """Parses one sampled assistant message; call ids are unique within the episode.
+    stopped_after_call: sampling ended right after a complete tool call (clip_after_first_call): the turn ended
+    as asked, it is not cut off (its end-of-turn token is appended all the same)."""
     sampled = [int(i) for i in sampled_ids]
     # A model's vocabulary may be padded past the tokenizer's: such ids have no text. They are
     # left out of the parse (and reported), never out of the context.
@@ -54,7 +86,7 @@ def parse_turn(template: ChatTemplate, sampled_ids: Sequence[int], turn: int) ->
             f"(ids {unknown[:5]})",))
     # Whether the turn ended is what was sampled, not what parsed: a stray tag before the end
     # token stops the parser early, yet the turn is closed.
-    cut_off = not sampled or sampled[-1] not in template.stop_ids
+    cut_off = not stopped_after_call and (not sampled or sampled[-1] not in template.stop_ids)
     expected = template.end_of_turn_id(parsed.message)
     action = list(sampled)
     n_forced = 0

@@ -114,6 +114,7 @@ class ChatMLTemplate(ChatTemplate):
     stop token when it has it. default_system: the system message inserted when a conversation has none;
     by default read from `tokenizer.chat_template` (None when the tokenizer carries no template)."""
     name = "chatml"
+    call_end_text = END_TOOL_CALL
     format_hint = FORMAT_HINT
 
     def __init__(self, tokenizer: Tokenizer, *, default_system: str | None = _DERIVE):  # type: ignore[assignment]

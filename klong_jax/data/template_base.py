@@ -86,10 +86,14 @@ class ChatTemplate(abc.ABC):
       format_prefix_ids      what every sequence starts with ([gMASK]<sop> for GLM, nothing for ChatML)
       generation_prompt_ids  what the model is given before it writes an assistant message
       format_hint            one paragraph telling the model how a tool call is written (agent feedback)
+    Class attribute: call_end_text, the text that closes a tool call when calls are plain text (ChatML's
+      `</tool_call>`), None when the template closes them with a special token (the agent's
+      one_call_per_turn needs it).
       _special_by_id         id -> template token string, for the ids that split output into pieces
       _text_split_re         the regex of those template tokens spelled as text
     """
     name: ClassVar[str]
+    call_end_text: ClassVar[str | None] = None
     tokenizer: Tokenizer
     stop_ids: tuple[int, ...]
     format_prefix_ids: list[int]

@@ -107,7 +107,8 @@ class StageSetup:
     def policy(self, cfg, state, rest, frozen=None) -> SamplerPolicy:
         rl = cfg.rl
         buckets = SamplerPolicy.rollout_buckets(self.agent_cfg,
-                                                min(rl.max_concurrent_episodes, rl.tasks_per_step * rl.group_size))
+                                                min(rl.max_concurrent_episodes, rl.tasks_per_step * rl.group_size),
+                                                self.template)
         params = self.layout.full_params(state, frozen)
         return SamplerPolicy.from_model(nnx.merge(self.graphdef, params, rest), self.mesh, seed=cfg.seed, **buckets)
 
@@ -174,7 +175,10 @@ def run_rl(cfg, workdir: str, data_paths: dict) -> dict:
                 results = run_episodes([st.tasks[i] for i in order], policy, n_per_task=rl.group_size,
                                        template=st.template, config=st.agent_cfg, pool=pool,
                                        workdir=episodes_dir, tag=f"s{step}-",
-                                       return_routing=True, return_prompt_routing=True, timings=phases)
+                                       return_routing=True, return_prompt_routing=True, timings=phases,
+                                       on_step=lambda p, k=step: print(
+                                           f"[rl stage {cfg.stage}] step {k + 1}/{rl.steps} rollout: {p.line()}",
+                                           flush=True))
                 t_rollout = time.perf_counter() - t0
                 metrics = _rollout_metrics(results, rl)
                 rewards = np.array([r.reward or 0.0 for r in results], np.float64).reshape(len(order), rl.group_size)

@@ -58,7 +58,7 @@ def evaluate_checkpoint(name, cfg, workdir, data_paths) -> dict:
         # Evaluated before an interruption, and the stage has not been run again since.
         with open(done) as f:
             report = json.load(f)
-        row = _numbers(report["summary"])
+        row = _row(report)
         print(f"[pipeline] held-out {name}: mean score {row.get('mean_score', float('nan')):.4f} "
               f"(evaluated before, {done})", flush=True)
         return row
@@ -76,13 +76,18 @@ def evaluate_checkpoint(name, cfg, workdir, data_paths) -> dict:
         else:
             model, _ = load_trained_model(os.path.join(workdir, name), model_cfg, mesh)
         policy = SamplerPolicy.from_model(model, mesh, seed=cfg.eval.seed, **SamplerPolicy.rollout_buckets(
-            agent_cfg, min(EVAL_CONCURRENCY, len(tasks) * cfg.eval.n_per_task)))
+            agent_cfg, min(EVAL_CONCURRENCY, len(tasks) * cfg.eval.n_per_task), template))
         report, _ = evaluate(tasks, policy, template=template, config=agent_cfg, workdir=eval_dir,
                              n_per_task=cfg.eval.n_per_task, tag=f"{name}-", max_concurrent=EVAL_CONCURRENCY,
                              print_fn=_eval_printer(name))
-    row = _numbers(report["summary"])
+    row = _row(report)
     print(f"[pipeline] held-out {name}: mean score {row.get('mean_score', float('nan')):.4f}", flush=True)
     return row
+
+
+def _row(report: dict) -> dict:
+    """An evaluation's numbers: its summary, and its rollout timings (sampling_s, prefill_tokens, reused_tokens)."""
+    return {**_numbers(report["summary"]), **{f"rollout_{k}": v for k, v in report.get("timings", {}).items()}}
 
 
 def _eval_printer(name: str):
@@ -132,11 +137,12 @@ def stages_of(cfg) -> tuple[str, ...]:
 def results_table(heldout: dict, budgets: dict) -> str:
     """The demo's two tables: every checkpoint on the held-out tasks, and the expert's ceiling per stage budget."""
     lines = ["| checkpoint | held-out score (mean ± std over episodes) | leaf pass rate | submit rate | turns | "
-             "tokens |", "|---|---|---|---|---|---|"]
+             "tokens | prompt tokens prefilled / reused from the KV cache |", "|---|---|---|---|---|---|---|"]
     for name, row in heldout.items():
         lines.append(f"| {name} | {row.get('mean_score', np.nan):.3f} ± {row.get('score_std', np.nan):.3f} | "
                      f"{row.get('leaf_pass_rate', np.nan):.3f} | {row.get('submit_rate', np.nan):.2f} | "
-                     f"{row.get('mean_turns', np.nan):.1f} | {row.get('mean_sampled_tokens', np.nan):.0f} |")
+                     f"{row.get('mean_turns', np.nan):.1f} | {row.get('mean_sampled_tokens', np.nan):.0f} | "
+                     f"{row.get('rollout_prefill_tokens', np.nan):.0f} / {row.get('rollout_reused_tokens', np.nan):.0f} |")
     lines += ["", "| stage budget | timeout s | turns | tokens | expert replayed: score | leaf pass rate |",
               "|---|---|---|---|---|---|"]
     for name, row in budgets.items():
