@@ -19,6 +19,9 @@ def pipeline_cmd(workdir):
         "sft.train.global_batch": 2, "sft.train.eval_every": 2, "sft.train.eval_batches": 1,
         "sft.train.log_every": 1, "sft.checkpoint.every": 2, "sft.checkpoint.async_save": False,
         "eval.n_tasks": 1, "eval.agent.max_turns": 2, "eval.agent.max_new_tokens_per_turn": 12,
+        # The 600-token vocabulary spells the system prompt's call-format line out in many pieces (~770-token
+        # prefix): a smaller reserve keeps it within the 1024-token windows.
+        "sft.data.pipeline.context.reserve_tokens": 128,
     }
     for stage in (1, 2, 3):
         values.update({f"rl_stage{stage}.rl.steps": 2 if stage == 1 else 1,
