@@ -162,7 +162,7 @@ def bench_rollout(name, a):
                                                              a.max_new_tokens_per_turn, a.tasks)
     workdir = tempfile.mkdtemp(prefix="bench_rollout_")
     pool = SandboxPool(max_concurrent=len(tasks))
-    buckets = SamplerPolicy.rollout_buckets(config, len(tasks))
+    buckets = SamplerPolicy.rollout_buckets(config, len(tasks), template)
     rows, results = {}, {}
     for reuse in (False, True):
         tag = "reuse" if reuse else "no_reuse"
