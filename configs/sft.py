@@ -43,13 +43,13 @@ RUNTIME = {
 
 # Training schedule per variant. seq_len is also the context budget of the ContextPolicy (tokens per window).
 # smol: a pretrained model needs tens of steps, not hundreds; its top 8 layers train (config.trainable: 14 s per
-# 2 x 1,024-token step on 2 CPU cores against 23 s for every parameter), at a larger lr than full fine-tuning
-# (BUILD_NOTES.md, session 7: the speed/quality trade-off).
+# 2 x 1,024-token step on 2 CPU cores against 23 s for every parameter), at a larger lr than full fine-tuning,
+# for 64 steps: at 32 greedy turns were still malformed, at 64 well formed (BUILD_NOTES.md, session 7).
 TRAIN = {
     "tiny": dict(steps=300, global_batch=4, seq_len=1024, log_every=10, eval_every=50, eval_batches=8,
                  loss_chunk=0, checkpoint_every=50),
-    "smol": dict(steps=32, global_batch=2, seq_len=1024, log_every=1, eval_every=16, eval_batches=4,
-                 loss_chunk=0, checkpoint_every=16),
+    "smol": dict(steps=64, global_batch=2, seq_len=1024, log_every=1, eval_every=32, eval_batches=4,
+                 loss_chunk=0, checkpoint_every=32),
     "small": dict(steps=2000, global_batch=64, seq_len=8192, log_every=50, eval_every=500, eval_batches=8,
                   loss_chunk=4096, checkpoint_every=500),
     "glm45_air": dict(steps=2000, global_batch=256, seq_len=131072, log_every=50, eval_every=500, eval_batches=8,
