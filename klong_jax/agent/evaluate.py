@@ -34,6 +34,14 @@ def _mean(values: Sequence[float]) -> float:
     return float(statistics.fmean(values)) if values else 0.0
 
 
+def leaf_pass_rate(results: Sequence[EpisodeResult]) -> float | None:
+    """Rubric leaves passed / leaves graded, summed over the graded episodes (None: no episode was graded)."""
+    graded = [r.grade for r in results if r.grade]
+    if not graded:
+        return None
+    return sum(g["passed"] for g in graded) / max(sum(g["graded"] for g in graded), 1)
+
+
 def aggregate(results: Sequence[EpisodeResult]) -> dict:
     """Scores and budgets of a set of episodes. An episode whose grading failed scores 0 here and
     is counted in `ungraded`; `invalid_gradings` counts those with a rubric leaf not graded.
@@ -42,15 +50,13 @@ def aggregate(results: Sequence[EpisodeResult]) -> dict:
     reasons = collections.Counter(r.finish_reason for r in results)
     n = len(results)
     scores = [r.reward or 0.0 for r in results]
-    graded = [r.grade for r in results if r.grade]
     return {
         "episodes": n,
         "mean_score": _mean(scores),
         # Spread of the episode scores (population standard deviation: 0 for one episode).
         "score_std": float(statistics.pstdev(scores)) if scores else 0.0,
         # Rubric leaves passed over leaves graded, pooled over the graded episodes.
-        "leaf_pass_rate": (sum(g["passed"] for g in graded) / max(sum(g["graded"] for g in graded), 1)
-                           if graded else 0.0),
+        "leaf_pass_rate": leaf_pass_rate(results) or 0.0,
         "submit_rate": reasons["submit"] / n if n else 0.0,
         "timeouts": reasons["timeout"],
         "finish_reasons": {k: reasons[k] for k in FINISH_REASONS if reasons[k]},

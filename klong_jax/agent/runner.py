@@ -68,11 +68,12 @@ class RolloutProgress:
         rate = self.sampled_tokens / max(self.elapsed_s, 1e-9)
         eta = self.steps_left_bound() * self.elapsed_s / max(self.step, 1)
         return (f"step {self.step} | episodes {self.done}/{self.total} done, {self.live} running | sampled "
-                f"{self.sampled_tokens} tokens, {rate:.1f} tokens/s | elapsed {_clock(self.elapsed_s)} | "
-                f"ETA <= {_clock(eta)}")
+                f"{self.sampled_tokens} tokens, {rate:.1f} tokens/s | elapsed {clock_text(self.elapsed_s)} | "
+                f"ETA <= {clock_text(eta)}")
 
 
-def _clock(seconds: float) -> str:
+def clock_text(seconds: float) -> str:
+    """Seconds as `12m05s` (or `1h02m05s`), for progress lines."""
     m, s = divmod(int(round(seconds)), 60)
     return f"{m // 60}h{m % 60:02d}m{s:02d}s" if m >= 60 else f"{m}m{s:02d}s"
 

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 
 from klong_jax.agent import AgentConfig, run_episodes
+from klong_jax.agent.evaluate import leaf_pass_rate
 from klong_jax.agent.sampler_policy import SamplerPolicy
 from klong_jax.data.chat_template import ChatTemplate, make_chat_template
 from klong_jax.data.tokenizer import load_tokenizer
@@ -221,9 +222,9 @@ def _rollout_metrics(results, rl) -> dict:
            "windows_per_episode": float(np.mean(windows))}
     for reason in sorted(set(reasons)):
         out[f"finish_{reason}_rate"] = reasons.count(reason) / len(reasons)
-    graded = [r.grade for r in results if r.grade]
-    if graded:
-        out["rubric_leaf_pass_rate"] = sum(g["passed"] for g in graded) / max(sum(g["graded"] for g in graded), 1)
+    rate = leaf_pass_rate(results)
+    if rate is not None:
+        out["rubric_leaf_pass_rate"] = rate
     return out
 
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from klong_jax.agent import AgentConfig, ScriptedPolicy, evaluate
 from klong_jax.agent.evaluate import SUMMARY_FILE
+from klong_jax.agent.runner import clock_text
 from klong_jax.agent.sampler_policy import SamplerPolicy
 from klong_jax.data.chat_template import make_chat_template
 from klong_jax.data.tokenizer import load_tokenizer
@@ -166,7 +167,7 @@ class _PhaseClock:
 
     def run(self, name: str, fn):
         k = self.phases.index(name) + 1
-        print(f"[pipeline] phase {k}/{len(self.phases)}: {name} (pipeline elapsed {_clock(self.elapsed())})",
+        print(f"[pipeline] phase {k}/{len(self.phases)}: {name} (pipeline elapsed {clock_text(self.elapsed())})",
               flush=True)
         t0 = time.perf_counter()
         out = fn()
@@ -182,11 +183,6 @@ class _PhaseClock:
         return time.perf_counter() - self.started
 
 
-def _clock(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    return f"{m // 60}h{m % 60:02d}m{s:02d}s" if m >= 60 else f"{m}m{s:02d}s"
-
-
 def run_pipeline(cfg, workdir: str, data_paths: dict) -> dict:
     """Zero-shot evaluation of the base, then each stage followed by the held-out evaluation of its checkpoint,
     then the expert's replay under each RL stage's budget; prints the tables, writes results.json."""
@@ -200,7 +196,7 @@ def run_pipeline(cfg, workdir: str, data_paths: dict) -> dict:
     budgets = clock.run("expert replay", lambda: achievable_by_stage(
         cfg, workdir, data_paths, [s for s in stages if s.startswith("rl_")]))
     print(results_table(heldout, budgets), flush=True)
-    print("[pipeline] wall time per phase: " + ", ".join(f"{k} {_clock(v)}" for k, v in clock.wall_s.items()),
+    print("[pipeline] wall time per phase: " + ", ".join(f"{k} {clock_text(v)}" for k, v in clock.wall_s.items()),
           flush=True)
     summary = {"schedule": cfg.get("schedule", "progressive"), "heldout": heldout, "achievable_by_stage": budgets,
                "wall_s": dict(clock.wall_s)}
