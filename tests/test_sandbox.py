@@ -227,15 +227,17 @@ def test_closed_sandbox_refuses(tmp_path):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_episode_disk_limit(tmp_path, backend):
-    # 1 MiB files (the per-file limit) every 0.1 s: the monitor ends the writer once the directory passes
-    # 4 MiB, keeps the files, and lets a command that deletes them run to its end.
+    # The episode directory is a 4 MiB file system: 1 MB files (the per-file limit) until a write fails
+    # with ENOSPC; the files stay, the note says the directory is full, deleting them frees the space.
     limits = dataclasses.replace(SMALL, disk_bytes=4 << 20)
     with Sandbox(tmp_path / "episode", limits=limits, backend=backend) as sb:
-        res = sb.run("for i in $(seq 1 200); do head -c 1000000 /dev/zero > f$i; sleep 0.1; done; echo finished",
+        res = sb.run("for i in $(seq 1 200); do head -c 1000000 /dev/zero > f$i || break; done; echo stopped",
                      timeout_s=30)
-        assert "finished" not in res.output and not res.timed_out, res
+        assert "No space left on device" in res.output and not res.timed_out, res
         assert any("disk limit of 4.0 MiB" in note for note in res.notes), res
-        assert 4 <= len(list((tmp_path / "episode").glob("f*"))) < 200
-        res = sb.run("sleep 3; rm -f f*; echo cleaned", timeout_s=10)
+        assert 2 <= len(list((tmp_path / "episode").glob("f*"))) < 200
+        assert processes.tree_bytes(str(tmp_path / "episode")) <= 4 << 20
+        res = sb.run("rm -f f*; echo cleaned", timeout_s=10)
         assert res.output == "cleaned\n", res
         assert_episode_alive(sb)
+    assert sorted(os.listdir(tmp_path / "episode")) == ["alive.txt"]  # a plain directory again

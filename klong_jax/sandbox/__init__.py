@@ -16,8 +16,12 @@ Semantics: cwd is the episode directory (the only writable host path; it and its
 the episode's private uid); each run() is a fresh `bash -c`; files and background jobs whose output is
 redirected (`nohup CMD > log 2>&1 &`) persist until close() or the episode timeout; background jobs
 still attached to the command's output are killed drain_grace_s after the command's shell exits.
-exit_code is 124 on a timeout and 128+N when killed by signal N; sandbox events (timeouts, restarts,
-the process limit) are appended to `output` as `[sandbox: ...]` lines and listed in `notes`.
+exit_code is 124 on a timeout and 128+N when killed by signal N; a timeout kills every process the
+command started (setsid included, via its cgroup); sandbox events (timeouts, restarts, the process,
+memory and disk limits) are appended to `output` as `[sandbox: ...]` lines and listed in `notes`.
+Per episode: memory_bytes and max_processes cap all its processes together (cgroups), disk_bytes is a
+size-limited file system on the episode directory; every command runs under a seccomp filter (no
+ptrace, no kernel keyring, no mounts or namespaces) as a uid no earlier episode of this process had.
 $KLONG_SANDBOX_BACKEND=bwrap|unshare|auto picks the backend (see backends.py).
 """
 from klong_jax.sandbox.backends import BACKEND_ENV, SandboxUnavailableError

@@ -2,7 +2,9 @@
 
 A holder keeps one episode's namespaces (mount, pid, network, ipc, uts) alive between commands, so
 background jobs survive from one command to the next; killing the holder kills every process of the
-episode (pid-namespace teardown). Commands enter the holder's namespaces with nsenter (see sandbox.py).
+episode (pid-namespace teardown). Commands enter the holder's namespaces with launcher.py (see
+sandbox.py). Both backends pivot into the view and detach the host's root (bubblewrap does it itself;
+the fallback in fallback_init.py), so the host's file system is not in the sandbox's mount namespace.
 """
 from __future__ import annotations
 
@@ -46,6 +48,11 @@ class Holder:
         self.ns_pid = ns_pid
         self.backend = backend
         self._pid_ns = _pid_namespace(ns_pid)  # identifies the init even if its pid is reused later
+
+    @property
+    def pid_ns(self) -> str | None:
+        """The holder's pid namespace ("pid:[inode]"), as read when it started."""
+        return self._pid_ns
 
     def alive(self) -> bool:
         return self.process.poll() is None and _pid_namespace(self.ns_pid) == self._pid_ns

@@ -3,8 +3,10 @@
 Started by `unshare --mount --pid --net --ipc --uts --fork --kill-child --propagation private`, so it is
 pid 1 of fresh namespaces, as root (it needs root to mount). It builds the same view bubblewrap would
 (read-only system paths, the episode directory read-write, a private /tmp, a minimal /dev, a fresh
-/proc), chroots into it, reports "ready <host pid>" on stdout, and then reaps orphans forever: commands
-enter its namespaces with nsenter and drop to the sandbox uid before running anything.
+/proc), pivots into it and detaches the old root (so the host's file system is no longer in this mount
+namespace at all: no process here, whatever its working directory, can reach a host path), reports
+"ready <host pid>" on stdout, and then reaps orphans until its owner goes: commands enter its namespaces
+with launcher.py, which drops to the sandbox uid with every limit in force before running anything.
 
 Usage: python fallback_init.py ROOT_DIR SPEC_JSON
 """
@@ -12,6 +14,7 @@ import ctypes
 import fcntl
 import json
 import os
+import platform
 import select
 import signal
 import socket
@@ -28,6 +31,8 @@ PR_SET_PDEATHSIG = 1
 SIOCGIFFLAGS = 0x8913
 SIOCSIFFLAGS = 0x8914
 IFF_UP = 1
+MNT_DETACH = 2
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -85,6 +90,22 @@ def build_root(root, spec):
     _mount(None, root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, "mode=755")
 
 
+def pivot_into(root):
+    """pivot_root into `root` (a mount point) and detach the old root: the classic pivot_root(".", ".")
+    stacks the old root on the new one, and unmounting the top of "." removes it."""
+    nr = SYS_PIVOT_ROOT.get(platform.machine())
+    if nr is None:
+        raise OSError(f"no pivot_root syscall number for {platform.machine()!r}")
+    os.chdir(root)
+    if _libc.syscall(nr, b".", b".") != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"pivot_root into {root!r}: {os.strerror(err)}")
+    if _libc.umount2(b".", MNT_DETACH) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"detaching the old root: {os.strerror(err)}")
+    os.chdir("/")
+
+
 def loopback_up():
     """A new network namespace has only a loopback device, and it is down; bubblewrap brings it up,
     so commands can use local servers they start themselves (nothing outside is reachable)."""
@@ -126,8 +147,7 @@ def main():
     _mount(None, "/", None, MS_REC | (1 << 18))  # MS_PRIVATE: no mount events leak to the host
     loopback_up()
     build_root(root, spec)
-    os.chroot(root)
-    os.chdir("/")
+    pivot_into(root)
     sys.stdout.write(f"ready {host_pid}\n")
     sys.stdout.flush()
     os.close(1)

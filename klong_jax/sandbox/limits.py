@@ -9,18 +9,23 @@ MIB = 1 << 20
 
 @dataclasses.dataclass(frozen=True)
 class SandboxLimits:
-    """Limits applied to every command an episode runs.
+    """Limits of an episode and of every command it runs.
 
     The rlimits (cpu_seconds, address_space_bytes, file_size_bytes, open_files) are per process, as the
     kernel defines them. max_processes is RLIMIT_NPROC of the sandbox's own unprivileged uid, so it
     bounds all live tasks of the episode together (background jobs and threads included: a BLAS library
-    starts one thread per core). When the episode's tasks stay at that limit, every process of the
-    episode is killed (a fork bomb would otherwise make every later command fail).
-    disk_bytes bounds the space the episode directory takes (allocated blocks, /tmp is bounded apart by
-    tmp_bytes): the sandbox monitor measures it every few seconds and, when it is above the limit and has
-    not shrunk since the last measure, kills every process of the episode. Files stay, so the agent can
-    delete some and go on; a writer can overshoot by what it writes between two measures.
-    Not bounded: the total memory of all processes together (that would need cgroups).
+    starts one thread per core); the episode's cgroup caps its tasks too (pids.max = max_processes plus a
+    few for the sandbox's own root-owned helpers). When the episode's tasks stay at that limit, every
+    process of the episode is killed (a fork bomb would otherwise make every later command fail).
+    memory_bytes caps the memory of the whole episode, all its processes together, including what its
+    private /tmp and /dev/shm hold (cgroup memory.max / memory.limit_in_bytes, no swap): past it the
+    kernel's OOM killer ends one of the episode's processes and the command's notes say so.
+    disk_bytes bounds the space of the episode directory: it becomes a file system of that size (a loop
+    mounted ext4 image, copied back into the directory at close()), so any write past the limit fails
+    with "No space left on device" (ENOSPC) at once, however many commands or processes write; files
+    stay, so the agent can delete some and go on. /tmp is bounded apart by tmp_bytes.
+    Where the host lacks cgroups or loop devices the sandbox says so once (logging.warning) and falls
+    back to per-process limits and to measuring the directory every few seconds.
     """
 
     cpu_seconds: int = 3600                 # RLIMIT_CPU, per process
@@ -32,6 +37,7 @@ class SandboxLimits:
     command_timeout_s: float = 600.0        # default wall-clock limit of one command
     episode_timeout_s: float | None = None  # wall-clock limit of the whole episode (None: none)
     disk_bytes: int | None = None           # space of the episode directory (None: not bounded)
+    memory_bytes: int | None = 8 * GIB      # memory of all the episode's processes (None: not bounded)
     tmp_bytes: int = 512 * MIB              # size of the sandbox's private /tmp (a tmpfs, in RAM)
     shm_bytes: int = 256 * MIB              # size of its /dev/shm (Python multiprocessing needs it)
     # After the command's main process exits, how long to keep reading output from background
@@ -46,6 +52,13 @@ class SandboxLimits:
                 raise ValueError(f"SandboxLimits.{name} must be a positive integer, got {value!r}")
         if self.disk_bytes is not None and (not isinstance(self.disk_bytes, int) or self.disk_bytes <= 0):
             raise ValueError(f"SandboxLimits.disk_bytes must be a positive integer or None, got {self.disk_bytes!r}")
+        if self.memory_bytes is not None and (not isinstance(self.memory_bytes, int)
+                                              or self.memory_bytes < 16 * MIB):
+            raise ValueError(f"SandboxLimits.memory_bytes must be an integer >= {16 * MIB} (16 MiB: a shell "
+                             f"and its tools need a few MiB) or None, got {self.memory_bytes!r}")
+        if self.disk_bytes is not None and self.disk_bytes < MIB:
+            raise ValueError(f"SandboxLimits.disk_bytes must be >= {MIB} (1 MiB, the smallest episode file "
+                             f"system) or None, got {self.disk_bytes!r}")
         if self.max_processes < 4:
             raise ValueError(f"SandboxLimits.max_processes must be >= 4 (a shell needs a few), "
                              f"got {self.max_processes}")

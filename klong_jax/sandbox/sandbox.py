@@ -1,38 +1,74 @@
 """Sandbox: runs model-written shell commands for one episode, confined.
 
 Isolation (both backends): own mount, pid, network (loopback only, no route out), ipc and uts
-namespaces; a read-only view of the system directories; only the episode directory writable (plus a
-private tmpfs /tmp); every command runs as the episode's own unprivileged uid with no capabilities and
-no_new_privs, under rlimits (CPU time, address space, processes, file size, open files); wall-clock
-timeouts per command (kills the command's process group) and per episode (kills every process of the
-episode); output read incrementally and truncated with a marker.
+namespaces; a view of the system directories, read-only, entered with pivot_root (the host's file system
+is not in the sandbox's mount namespace); only the episode directory writable (plus a private tmpfs
+/tmp); every command is started by launcher.py, which sets the rlimits (CPU time, address space,
+processes, file size, open files), empties the capability bounding set and sets no_new_privs while still
+root, then switches to the episode's own unprivileged uid (a fresh one per episode), and installs a
+seccomp filter (no ptrace, no kernel keyring, no mounts or namespaces; see seccomp.py) just before the
+command runs. Per episode, cgroups cap the memory and the tasks of all its processes together, and each
+command gets its own cgroup, so a timeout kills everything the command started (setsid included); the
+disk limit is a size-limited file system on the episode directory (disk.py). Wall-clock timeouts per
+command and per episode (kills every process of the episode); output read incrementally and truncated
+with a marker. Where the host lacks cgroups or loop devices, a warning says so once and what is used
+instead.
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
+import resource
+import secrets
 import selectors
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 
-from klong_jax.sandbox import backends, monitor, processes
+from klong_jax.sandbox import backends, cgroups, disk, monitor, processes, seccomp
 from klong_jax.sandbox.limits import MIB, TIMEOUT_EXIT_CODE, CommandResult, SandboxLimits
 from klong_jax.sandbox.output import BoundedOutput
 from klong_jax.sandbox.uids import acquire_uid, lock_dir
-from klong_jax.sandbox.view import (BASH, ENV, PRLIMIT, SETPRIV, SETSID, ViewSpec, check_episode_dir,
-                                    command_env, write_identity_files)
+from klong_jax.sandbox.view import BASH, ViewSpec, check_episode_dir, command_env, write_identity_files
 
-
-_NSENTER = shutil.which("nsenter") or "/usr/bin/nsenter"
+log = logging.getLogger(__name__)
+_LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "launcher.py")
 # How a command's output pump ended.
 _EOF, _TIMED_OUT, _KILLED_BACKGROUND = "eof", "timed_out", "killed_background"
 # Consecutive monitor samples at max_processes after which all of an episode's processes are killed.
 _SATURATED_SAMPLES = 2
-# How often the monitor measures the episode directory against limits.disk_bytes.
+# How often the monitor measures the episode directory against limits.disk_bytes (only where the
+# size-limited file system is unavailable).
 _DISK_CHECK_S = 2.0
+_seccomp_hex: str | None = None
+_cap_last_cap: int | None = None
+
+
+def _seccomp_program() -> str:
+    """The seccomp filter (hex), built once; an architecture without syscall numbers is refused."""
+    global _seccomp_hex
+    if _seccomp_hex is None:
+        try:
+            _seccomp_hex = seccomp.filter_program().hex()
+        except seccomp.SeccompUnsupportedError as e:
+            raise backends.SandboxUnavailableError(str(e)) from e
+    return _seccomp_hex
+
+
+def _last_capability() -> int:
+    global _cap_last_cap
+    if _cap_last_cap is None:
+        try:
+            with open("/proc/sys/kernel/cap_last_cap") as f:
+                _cap_last_cap = int(f.read())
+        except (OSError, ValueError):
+            _cap_last_cap = 63  # dropping capabilities the kernel does not have is harmless
+    return _cap_last_cap
 
 
 class SandboxClosedError(RuntimeError):
@@ -61,15 +97,27 @@ class Sandbox:
             if not os.path.isabs(path) or not os.path.exists(path):
                 raise ValueError(f"extra_ro_paths entry {path!r} must be an existing absolute path")
         self.backend = backends.choose_backend(backend)
+        self._seccomp = _seccomp_program()
         self.python = python
         self._lock = threading.Lock()
         self._closed = False
         self._holder: backends.Holder | None = None
+        self._cgroups: cgroups.EpisodeCgroups | None = None
+        self._disk: disk.EpisodeDisk | None = None
         self._lease = acquire_uid()
         self.uid = self._lease.uid
         self._private_dir = tempfile.mkdtemp(prefix=f"{self.uid}.", dir=lock_dir())
         try:
             os.makedirs(self.episode_dir, exist_ok=True)
+            if self.limits.disk_bytes is not None:
+                try:
+                    self._disk = disk.EpisodeDisk.attach(self.episode_dir, self._private_dir,
+                                                         self.limits.disk_bytes)
+                except disk.DiskLimitUnavailable as e:
+                    disk.warn_unavailable_once(str(e))
+            self._cgroups = cgroups.EpisodeCgroups.create(
+                f"{self.uid}-{os.getpid()}-{secrets.token_hex(4)}", self.limits.memory_bytes,
+                self.limits.max_processes + cgroups.HELPER_TASKS)
             processes.chown_tree(self.episode_dir, self.uid)
             passwd, group = write_identity_files(self._private_dir, self.uid, self.episode_dir)
             ro_paths = tuple(os.path.realpath(p) for p in extra_ro_paths)
@@ -83,9 +131,11 @@ class Sandbox:
         self._started = time.monotonic()
         self._episode_expired = False
         self._saturated_samples = 0
-        # Measured once now, so that only growth past the limit ends processes (not a large task setup).
+        # The polling fallback of the disk limit: measured once now, so that only growth past the limit
+        # ends processes (not a large task setup).
         self._disk_checked_at = self._started
-        self._disk_used = processes.tree_bytes(self.episode_dir) if self.limits.disk_bytes else 0
+        self._disk_used = processes.tree_bytes(self.episode_dir) \
+            if self.limits.disk_bytes and self._disk is None else 0
         self._pending_notes: list[str] = []
         monitor.MONITOR.register(self)
 
@@ -108,16 +158,19 @@ class Sandbox:
             timeout = remaining
         notes += self._ensure_ready()
         started = time.monotonic()
+        leaf, procs_files = self._cgroups.new_command() if self._cgroups else (None, [])
+        oom_before = self._cgroups.oom_kills() if self._cgroups else 0
         process = subprocess.Popen(
-            self._command_argv(command), stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
+            self._command_argv(command, procs_files),
+            stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
-            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}, cwd="/")
         if stdin is not None:
             data = stdin.encode() if isinstance(stdin, str) else stdin
             threading.Thread(target=_feed_stdin, args=(process.stdin, data), daemon=True).start()
         output = BoundedOutput(self.limits.output_bytes)
         leader = _child_of(process)
-        ending = self._pump(process, leader, output, started + timeout)
+        ending, killed = self._pump(process, leader, leaf, output, started + timeout)
         exit_code = _exit_code(process.wait())
         timed_out = ending == _TIMED_OUT
         if timed_out:
@@ -125,11 +178,27 @@ class Sandbox:
             expired = self._episode_expired or (self.episode_time_left() or 1.0) <= 0
             if expired:
                 self._expire_episode()  # returns once every process of the episode is gone
-            notes.append("episode time limit reached" if expired
-                         else f"command timed out after {timeout:g}s; its processes were killed")
+                notes.append("episode time limit reached; every process of the episode was killed")
+            elif self._cgroups is not None:
+                notes.append(f"command timed out after {timeout:g}s; all {killed} "
+                             f"process{'es' if killed != 1 else ''} it started were killed (background "
+                             f"jobs and new sessions included)")
+            else:
+                notes.append(f"command timed out after {timeout:g}s; its process group was killed "
+                             f"(processes it moved to a new session keep running: this host has no "
+                             f"cgroups)")
         if ending == _KILLED_BACKGROUND:
             notes.append("background processes still writing to this command's output were killed "
                          "(redirect their output, e.g. `nohup CMD > log 2>&1 &`, to keep them running)")
+        if self._cgroups is not None:
+            oom = self._cgroups.oom_kills() - oom_before
+            if oom > 0 and self.limits.memory_bytes is not None:
+                notes.append(f"the episode reached its memory limit of "
+                             f"{self.limits.memory_bytes / MIB:.0f} MiB (all its processes together); "
+                             f"the kernel killed {oom} process{'es' if oom > 1 else ''}")
+            self._cgroups.release_finished()
+        if self._disk is not None:
+            notes += self._disk_full_note()
         notes += self._take_pending_notes()
         text = output.text()
         for note in notes:
@@ -177,28 +246,44 @@ class Sandbox:
                 pass
 
     # ----------------------------------------------------------------------------------------------
-    def _command_argv(self, command: str) -> list[str]:
+    def _command_argv(self, command: str, cgroup_procs: list[str]) -> list[str]:
+        """The launcher (see launcher.py for the order in which it confines the command)."""
         lim = self.limits
-        return [
-            _NSENTER, f"--target={self._holder.ns_pid}",
-            "--mount", "--uts", "--ipc", "--net", "--pid", "--root",
-            # Paths from here on resolve inside the sandbox's (read-only) view of /usr. setsid makes
-            # the command's shell (nsenter's child) lead its own process group, so the command can be
-            # killed with one atomic killpg that spares nsenter (see _kill_group).
-            SETSID, SETPRIV, f"--reuid={self.uid}", f"--regid={self.uid}", "--clear-groups",
-            "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--",
-            PRLIMIT, f"--cpu={lim.cpu_seconds}:{lim.cpu_seconds + 5}",
-            f"--as={lim.address_space_bytes}", f"--nproc={lim.max_processes}",
-            f"--fsize={lim.file_size_bytes}",
-            f"--nofile={lim.open_files}", "--core=0", "--",
-            ENV, "-i", f"--chdir={self.episode_dir}", *[f"{k}={v}" for k, v in self._env.items()],
-            BASH, "-c", command,
-        ]
+        config = {
+            "ns_pid": self._holder.ns_pid,
+            "pid_ns": self._holder.pid_ns,
+            "cgroup_procs": cgroup_procs,
+            "uid": self.uid,
+            "rlimits": [(resource.RLIMIT_CPU, lim.cpu_seconds, lim.cpu_seconds + 5),
+                        (resource.RLIMIT_AS, lim.address_space_bytes, lim.address_space_bytes),
+                        (resource.RLIMIT_NPROC, lim.max_processes, lim.max_processes),
+                        (resource.RLIMIT_FSIZE, lim.file_size_bytes, lim.file_size_bytes),
+                        (resource.RLIMIT_NOFILE, lim.open_files, lim.open_files),
+                        (resource.RLIMIT_CORE, 0, 0)],
+            "cap_last_cap": _last_capability(),
+            "cwd": self.episode_dir,
+            "seccomp": self._seccomp,
+            "env": self._env,
+            "argv": [BASH, "-c", command],
+        }
+        return [sys.executable, "-I", "-S", "-B", _LAUNCHER, json.dumps(config)]
 
-    def _pump(self, process: subprocess.Popen, leader: int | None, output: BoundedOutput,
-              deadline: float) -> str:
+    def _disk_full_note(self) -> list[str]:
+        try:
+            _, free = self._disk.used_and_free()
+        except OSError:
+            return []
+        if free >= max(64 * 1024, self._disk.size // 100):
+            return []
+        return [f"the episode directory is full: it reached its disk limit of "
+                f"{self._disk.size / MIB:.1f} MiB, and writes fail with 'No space left on device' "
+                f"(delete files to go on)"]
+
+    def _pump(self, process: subprocess.Popen, leader: int | None, leaf: str | None,
+              output: BoundedOutput, deadline: float) -> tuple[str, int]:
         """Reads output until EOF, the deadline, or the end of the grace period after the command's
-        main process exited. Returns how it ended (_EOF, _TIMED_OUT, ...)."""
+        main process exited. Returns how it ended (_EOF, _TIMED_OUT, ...) and how many processes were
+        killed."""
         fd = process.stdout.fileno()
         os.set_blocking(fd, False)
         selector = selectors.DefaultSelector()
@@ -208,15 +293,18 @@ class Sandbox:
             while True:
                 now = time.monotonic()
                 if self._episode_expired or now >= deadline:
-                    self._kill_group(process, leader)
+                    killed = self._kill_command(process, leader, leaf)
                     self._drain_briefly(fd, output)
-                    return _TIMED_OUT
+                    return _TIMED_OUT, killed
                 if grace_deadline is None and process.poll() is not None:
                     grace_deadline = now + self.limits.drain_grace_s
                 if grace_deadline is not None and now >= grace_deadline:
-                    self._kill_group(process, leader)
+                    if leaf is not None:
+                        killed = self._kill_output_holders(leaf, fd)
+                    else:
+                        killed = self._kill_group(process, leader)
                     self._drain_briefly(fd, output)
-                    return _KILLED_BACKGROUND
+                    return _KILLED_BACKGROUND, killed
                 wait = min(deadline, grace_deadline or deadline) - now
                 if selector.select(timeout=min(wait, 0.1)):
                     try:
@@ -224,7 +312,7 @@ class Sandbox:
                     except BlockingIOError:
                         continue
                     if not chunk:
-                        return _EOF
+                        return _EOF, 0
                     output.add(chunk)
         finally:
             selector.close()
@@ -244,18 +332,50 @@ class Sandbox:
                 return
             output.add(chunk)
 
-    def _kill_group(self, process: subprocess.Popen, leader: int | None, wait_s: float = 2.0
-                    ) -> None:
-        """Kills the command's processes: the process group led by the command's shell.
+    def _kill_command(self, process: subprocess.Popen, leader: int | None, leaf: str | None) -> int:
+        """Kills everything the command started: its cgroup (wherever its processes went, setsid and
+        double forks included), else (no cgroups) its process group. Returns how many were killed."""
+        if leaf is None:
+            return self._kill_group(process, leader)
+        killed = self._cgroups.kill_command(leaf)
+        try:
+            process.wait(timeout=2.0)  # the launcher exits as soon as the shell is gone
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        return killed
 
-        nsenter (outside that group) stays alive to reap its child: were nsenter killed first, the
-        shell would be re-parented to the host's init, which may never reap it, and a zombie still
-        counts against the uid's process limit. killpg is atomic, so even a fork bomb cannot outrun it.
-        Other members are re-parented inside the sandbox and reaped by its init; this waits (bounded)
-        until they are gone, so the next command and the process census never see them."""
+    def _kill_output_holders(self, leaf: str, fd: int, wait_s: float = 2.0) -> int:
+        """Kills the command's processes that still hold its output pipe (and only those: jobs whose
+        output is redirected keep running)."""
+        pipe = f"pipe:[{os.fstat(fd).st_ino}]"
+        killed: set[int] = set()
         deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            holders = [pid for pid in self._cgroups.command_pids(leaf) if _holds(pid, pipe)]
+            if not holders:
+                break
+            for pid in holders:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.add(pid)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.002)
+        return len(killed)
+
+    def _kill_group(self, process: subprocess.Popen, leader: int | None, wait_s: float = 2.0
+                    ) -> int:
+        """Kills the command's processes where there are no cgroups: the process group led by the
+        command's shell (processes that left it with setsid are not reached). The launcher (outside that
+        group) stays alive to reap the shell. killpg is atomic, so even a fork bomb cannot outrun it.
+        Other members are re-parented inside the sandbox and reaped by its init; this waits (bounded)
+        until they are gone, so the next command and the process census never see them. Returns how
+        many processes the group had."""
+        deadline = time.monotonic() + wait_s
+        members = len(processes.group_members(self.uid, leader)) if leader is not None else 0
         # Only a group with members of this sandbox's uid is ours to kill (never a reused pgid).
-        if leader is not None and processes.group_members(self.uid, leader):
+        if members:
             try:
                 os.killpg(leader, signal.SIGKILL)
             except ProcessLookupError:
@@ -270,6 +390,7 @@ class Sandbox:
             except ProcessLookupError:
                 pass
             process.wait()
+        return members
 
     def _ensure_ready(self) -> list[str]:
         """Restarts the namespace if it died (or was killed); returns notes for the agent."""
@@ -304,7 +425,8 @@ class Sandbox:
             with self._lock:
                 self._pending_notes.append(_process_limit_note(self.limits.max_processes))
             self.kill_all()
-        if self.limits.disk_bytes is not None and now - self._disk_checked_at >= _DISK_CHECK_S:
+        if self.limits.disk_bytes is not None and self._disk is None and \
+                now - self._disk_checked_at >= _DISK_CHECK_S:
             self._check_disk(now)
 
     def _check_disk(self, now: float) -> None:
@@ -336,11 +458,16 @@ class Sandbox:
         else:
             root = tempfile.mkdtemp(prefix="root.", dir=self._private_dir)
             self._holder = backends.start_unshare(self._spec, root)
+        if self._cgroups is not None:
+            # Background jobs end up children of the holder's init: they stay in the episode's caps.
+            self._cgroups.add_holder(_process_tree(self._holder.process.pid))
 
     def _kill_holder(self) -> None:
         if self._holder is not None:
             self._holder.kill()
             self._holder = None
+        if self._cgroups is not None:
+            self._cgroups.kill_all()
         # Every process of the episode runs as its uid; pid-namespace teardown has killed them, and this
         # catches any that are still on their way out before the uid is handed to another episode.
         processes.kill_uid(self.uid)
@@ -351,14 +478,30 @@ class Sandbox:
             self._kill_holder()
 
     def _release(self) -> None:
-        processes.kill_uid(self.uid)
-        self._lease.release()
-        shutil.rmtree(self._private_dir, ignore_errors=True)
+        """Ends every process of the episode, copies the episode file system back into the directory,
+        removes the cgroups, frees the uid."""
+        try:
+            processes.kill_uid(self.uid)
+            if self._cgroups is not None:
+                self._cgroups.remove()
+                self._cgroups = None
+        finally:
+            try:
+                if self._disk is not None:
+                    self._disk.detach()
+            finally:
+                self._lease.release()
+                original = os.path.join(self._private_dir, "original")
+                if os.path.ismount(original):  # never delete through a mount of the episode directory
+                    log.warning("sandbox: %s is still mounted; leaving %s in place", original,
+                                self._private_dir)
+                else:
+                    shutil.rmtree(self._private_dir, ignore_errors=True)
 
 
-def _child_of(process: subprocess.Popen, wait_s: float = 1.0) -> int | None:
-    """Host pid of nsenter's child (the command's shell, its process group leader); None if nsenter
-    exited without one. nsenter forks within milliseconds of starting."""
+def _child_of(process: subprocess.Popen, wait_s: float = 5.0) -> int | None:
+    """Host pid of the launcher's child (the command's shell, its process group leader); None if the
+    launcher exited without one. The launcher forks within milliseconds of starting."""
     path = f"/proc/{process.pid}/task/{process.pid}/children"
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
@@ -373,6 +516,36 @@ def _child_of(process: subprocess.Popen, wait_s: float = 1.0) -> int | None:
             return None
         time.sleep(0.0005)
     return None
+
+
+def _process_tree(pid: int) -> list[int]:
+    """`pid` and its live descendants."""
+    found, stack = [], [pid]
+    while stack:
+        current = stack.pop()
+        found.append(current)
+        try:
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as f:
+                    stack += [int(child) for child in f.read().split()]
+        except OSError:
+            continue
+    return found
+
+
+def _holds(pid: int, target: str) -> bool:
+    """Whether process `pid` has an open file descriptor whose link reads `target`."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def _feed_stdin(pipe, data: bytes) -> None:

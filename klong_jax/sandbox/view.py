@@ -14,11 +14,7 @@ import sys
 SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
 # Device nodes bound into the sandbox's /dev (the fallback; bubblewrap's --dev makes the same set).
 DEVICE_NODES = ("null", "zero", "full", "random", "urandom", "tty")
-# Executables run inside the view to drop privileges and set limits (util-linux, coreutils).
-SETPRIV = "/usr/bin/setpriv"
-SETSID = "/usr/bin/setsid"
-PRLIMIT = "/usr/bin/prlimit"
-ENV = "/usr/bin/env"
+# The shell every command runs in, as found inside the view (launcher.py executes it).
 BASH = "/bin/bash"
 AGENT_USER = "agent"
 

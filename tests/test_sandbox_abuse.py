@@ -1,0 +1,247 @@
+"""Attacks on the sandbox through its public API, one per escape class of issue 17, on both backends.
+
+Each test is written as the attacker would: model-written commands run with `Sandbox.run`, and the test
+then checks from the host whether the attack worked. Against the sandbox before the issue-17 fixes every
+attack below succeeded (recorded in BUILD_NOTES, session 8); now each must fail.
+
+The attackers use the system's /usr/bin/python3 (visible read-only in the sandbox) with ctypes.
+"""
+import dataclasses
+import os
+import platform
+import time
+import uuid
+
+import pytest
+
+from klong_jax.sandbox import Sandbox, SandboxLimits, processes
+
+BACKENDS = ["bwrap", "unshare"]
+MIB = 1 << 20
+
+
+def _limits(**changes) -> SandboxLimits:
+    """SMALL-like limits; fields this version of SandboxLimits lacks are dropped, so that the same attack
+    can be replayed against the sandbox before the fixes (which had no memory_bytes)."""
+    base = dict(cpu_seconds=20, address_space_bytes=1 << 30, max_processes=48, file_size_bytes=1 << 20,
+                open_files=256, output_bytes=8000, command_timeout_s=20, drain_grace_s=0.3)
+    base.update(changes)
+    known = {f.name for f in dataclasses.fields(SandboxLimits)}
+    return SandboxLimits(**{k: v for k, v in base.items() if k in known})
+
+
+def _start_background(sb: Sandbox, name: str, script: str) -> None:
+    assert sb.run(f"cat > {name}.py", stdin=script).exit_code == 0
+    res = sb.run(f"nohup /usr/bin/python3 {name}.py > {name}.log 2>&1 < /dev/null & "
+                 f"for i in $(seq 100); do [ -s {name}.log ] && break; sleep 0.05; done; cat {name}.log")
+    assert "watching" in res.output, res
+
+
+def _stop_background(sb: Sandbox, name: str) -> str:
+    sb.run(f"touch {name}.stop")
+    res = sb.run(f"for i in $(seq 100); do grep -q '^stopped' {name}.log && break; sleep 0.05; done; "
+                 f"cat {name}.log")
+    return res.output
+
+
+# --- class 1: host files through /proc/PID/cwd and /proc/PID/root of the set-up chain -----------------
+
+SCAN_FS = r"""
+import os
+print("watching", flush=True)
+hits = set()
+while not os.path.exists("scan.stop"):
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        for link in ("cwd", "root"):
+            base = f"/proc/{pid}/{link}"
+            try:
+                with open(base + MARKER) as f:
+                    text = f.read().strip()
+            except OSError:
+                continue
+            if base not in hits:
+                hits.add(base)
+                print("ESCAPED", base, os.listdir(base)[:8], text, flush=True)
+                try:
+                    with open(base + WRITTEN, "w") as f:
+                        f.write("x")
+                    print("WROTE", base + WRITTEN, flush=True)
+                except OSError:
+                    pass
+print("stopped", flush=True)
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attack_host_files_via_proc_of_setup_chain(tmp_path, backend, monkeypatch):
+    """Class 1: a background job watches /proc for processes of the next commands' set-up chain whose
+    working directory or root is outside the view, and reads and writes host files through them (a
+    world-readable file and the world-writable /tmp of the host)."""
+    marker = f"/tmp/klong_marker_{uuid.uuid4().hex}.txt"
+    written = marker + ".written_by_agent"
+    with open(marker, "w") as f:
+        f.write("HOST-SECRET\n")
+    os.chmod(marker, 0o644)
+    script = SCAN_FS.replace("MARKER", repr(marker)).replace("WRITTEN", repr(written))
+    monkeypatch.chdir("/")
+    try:
+        with Sandbox(tmp_path / "episode", limits=_limits(), backend=backend) as sb:
+            _start_background(sb, "scan", script)
+            for _ in range(40):
+                sb.run("true")
+            log = _stop_background(sb, "scan")
+        escaped_write = os.path.exists(written)
+    finally:
+        for path in (marker, written):
+            if os.path.exists(path):
+                os.remove(path)
+    assert "ESCAPED" not in log and "HOST-SECRET" not in log, log
+    assert not escaped_write
+
+
+# --- class 2: hijacking the next command's set-up process with ptrace ------------------------------
+
+SCAN_PTRACE = r"""
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+PTRACE_ATTACH, PTRACE_DETACH = 16, 17
+me, seen = os.getuid(), set()
+print("watching", flush=True)
+while not os.path.exists("ptrace.stop"):
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid() or pid in seen:
+            continue
+        try:
+            if os.stat(f"/proc/{pid}").st_uid != me:
+                continue
+            with open(f"/proc/{pid}/comm") as f:
+                comm = f.read().strip()
+            with open(f"/proc/{pid}/limits") as f:
+                nproc = [l.split()[2] for l in f if l.startswith("Max processes")][0]
+        except (OSError, IndexError):
+            continue
+        seen.add(pid)
+        if comm in ("python3", "sleep"):  # this watcher and the sleeps of the test commands
+            continue
+        if nproc != EXPECTED_NPROC:
+            print("HOST-LIMITS", pid, comm, nproc, flush=True)
+        if libc.ptrace(PTRACE_ATTACH, int(pid), None, None) == 0:
+            print("ATTACHED", pid, comm, flush=True)
+            try:
+                os.waitpid(int(pid), 0)
+            except ChildProcessError:
+                pass
+            libc.ptrace(PTRACE_DETACH, int(pid), None, None)
+        elif comm != "bash":
+            print("refused", pid, comm, os.strerror(ctypes.get_errno()), flush=True)
+print("stopped", flush=True)
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attack_ptrace_hijack_of_next_command(tmp_path, backend):
+    """Class 2: a leftover agent process attaches with ptrace to the set-up processes of later commands
+    (an attached tracer controls the process: registers, memory, the program it executes). None may
+    run as the agent uid without the sandbox's limits, and none may be attachable."""
+    limits = _limits()
+    script = SCAN_PTRACE.replace("EXPECTED_NPROC", repr(str(limits.max_processes)))
+    with Sandbox(tmp_path / "episode", limits=limits, backend=backend) as sb:
+        _start_background(sb, "ptrace", script)
+        for _ in range(40):
+            sb.run("true")
+        log = _stop_background(sb, "ptrace")
+    assert "ATTACHED" not in log and "HOST-LIMITS" not in log, log
+
+
+# --- class 3: the disk limit must bound the episode, not one command -------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attack_disk_limit_across_commands(tmp_path, backend):
+    """Class 3: with disk_bytes = 16 MiB, five fast commands that each write 40 MiB."""
+    limits = _limits(disk_bytes=16 * MIB, file_size_bytes=64 * MIB)
+    episode = tmp_path / "episode"
+    with Sandbox(episode, limits=limits, backend=backend) as sb:
+        codes = [sb.run(f"head -c {40 * MIB} /dev/zero > big{i}").exit_code for i in range(5)]
+        used = processes.tree_bytes(str(episode))
+        res = sb.run("df -B1 --output=size . | tail -1")
+        assert_alive = sb.run("rm -f big*; echo ok > after.txt && cat after.txt")
+    assert used <= 16 * MIB, (used / MIB, codes, res.output)
+    assert any(code != 0 for code in codes), codes
+    assert assert_alive.output.startswith("ok\n"), assert_alive
+    assert processes.tree_bytes(str(episode)) <= 16 * MIB
+    assert (episode / "after.txt").read_text() == "ok\n"  # the files are kept after close()
+
+
+# --- class 4: the kernel keyring must not carry over between episodes -----------------------------
+
+_KEY_NR = {"x86_64": (248, 250), "aarch64": (217, 219)}  # add_key, keyctl
+KEY_ADD = r"""
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+secret = b"KEYRING-SECRET"
+kid = libc.syscall(ADD_KEY, b"user", b"klong_probe", secret, len(secret), -4)  # the user keyring
+print("added", kid, ctypes.get_errno())
+"""
+KEY_READ = r"""
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+kid = libc.syscall(KEYCTL, 10, -4, b"user", b"klong_probe", 0)  # KEYCTL_SEARCH the user keyring
+buf = ctypes.create_string_buffer(256)
+n = libc.syscall(KEYCTL, 11, kid, buf, 256) if kid > 0 else -1  # KEYCTL_READ
+print("found", kid, buf.raw[:max(n, 0)].decode(errors="replace"))
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attack_keyring_carries_over(tmp_path, backend):
+    """Class 4: one episode stores a key in its user keyring, the next episode (created right after it
+    in the same process) looks for it."""
+    add_key, keyctl = _KEY_NR.get(platform.machine(), (None, None))
+    if add_key is None:
+        pytest.skip(f"no keyring syscall numbers for {platform.machine()}")
+    with Sandbox(tmp_path / "ep1", limits=_limits(), backend=backend) as sb:
+        first = sb.run("/usr/bin/python3 -", stdin=KEY_ADD.replace("ADD_KEY", str(add_key)))
+    with Sandbox(tmp_path / "ep2", limits=_limits(), backend=backend) as sb:
+        second = sb.run("/usr/bin/python3 -", stdin=KEY_READ.replace("KEYCTL", str(keyctl)))
+    assert "KEYRING-SECRET" not in second.output, (first.output, second.output)
+
+
+# --- class 5: setsid escapes a timeout; memory across processes -------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attack_setsid_survives_timeout(tmp_path, backend):
+    """Class 5a: a command that puts processes in new sessions (with and without their own output),
+    then times out: the note says its processes were killed, so all of them must be gone."""
+    with Sandbox(tmp_path / "episode", limits=_limits(), backend=backend) as sb:
+        res = sb.run("setsid -f sleep 301 > /dev/null 2>&1 < /dev/null; setsid sleep 302 & "
+                     "(setsid sleep 303 &) ; sleep 60", timeout_s=1.5)
+        assert res.timed_out and any("killed" in note for note in res.notes), res
+        left = sb.run("ps -eo args | grep '^sleep 30' || true").output
+        survivors = processes.count_uid(sb.uid)
+    assert left == "" and survivors == 0, (left, survivors)
+
+
+MEMORY_HOG = r"""
+import sys, time
+block = b"x" * (150 << 20)  # touched: counts against the memory of the episode
+time.sleep(3)  # all four overlap
+open(f"hog{sys.argv[1]}.done", "w").close()
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attack_memory_across_processes(tmp_path, backend):
+    """Class 5b: four processes of 150 MiB each (each under the per-process address-space limit) in an
+    episode whose memory is capped at 256 MiB."""
+    limits = _limits(memory_bytes=256 * MIB, address_space_bytes=1 << 30)
+    with Sandbox(tmp_path / "episode", limits=limits, backend=backend) as sb:
+        assert sb.run("cat > hog.py", stdin=MEMORY_HOG).exit_code == 0
+        res = sb.run("for i in 1 2 3 4; do /usr/bin/python3 hog.py $i & sleep 0.3; done; wait; ls",
+                     timeout_s=20)
+    survived = sorted(p.name for p in (tmp_path / "episode").glob("hog*.done"))
+    assert len(survived) <= 1, (survived, res.output)
