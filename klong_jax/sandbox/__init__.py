@@ -14,8 +14,9 @@ falls back to `unshare`; never runs anything unconfined).
 
 Semantics: cwd is the episode directory (the only writable host path; it and its files are chowned to
 the episode's private uid); each run() is a fresh `bash -c`; files and background jobs whose output is
-redirected (`nohup CMD > log 2>&1 &`) persist until close() or the episode timeout; background jobs
-still attached to the command's output are killed drain_grace_s after the command's shell exits.
+redirected (`nohup CMD > log 2>&1 &`) persist until close() or the episode timeout; if anything the
+command started is still attached to its output drain_grace_s after its shell exits, every process the
+command started is killed (with cgroups; else its process group).
 exit_code is 124 on a timeout and 128+N when killed by signal N; a timeout kills every process the
 command started (setsid included, via its cgroup); sandbox events (timeouts, restarts, the process,
 memory and disk limits) are appended to `output` as `[sandbox: ...]` lines and listed in `notes`.

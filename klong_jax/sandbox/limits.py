@@ -41,7 +41,8 @@ class SandboxLimits:
     tmp_bytes: int = 512 * MIB              # size of the sandbox's private /tmp (a tmpfs, in RAM)
     shm_bytes: int = 256 * MIB              # size of its /dev/shm (Python multiprocessing needs it)
     # After the command's main process exits, how long to keep reading output from background
-    # processes that still hold it before killing them (jobs with redirected output are kept).
+    # processes that still hold it before killing the processes the command started (a command whose
+    # jobs all have their output redirected ends at once, and its jobs are kept).
     drain_grace_s: float = 1.0
 
     def __post_init__(self):

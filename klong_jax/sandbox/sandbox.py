@@ -16,8 +16,8 @@ instead.
 """
 from __future__ import annotations
 
-import json
 import logging
+import marshal
 import os
 import resource
 import secrets
@@ -45,19 +45,19 @@ _SATURATED_SAMPLES = 2
 # How often the monitor measures the episode directory against limits.disk_bytes (only where the
 # size-limited file system is unavailable).
 _DISK_CHECK_S = 2.0
-_seccomp_hex: str | None = None
+_seccomp_bytes: bytes | None = None
 _cap_last_cap: int | None = None
 
 
-def _seccomp_program() -> str:
-    """The seccomp filter (hex), built once; an architecture without syscall numbers is refused."""
-    global _seccomp_hex
-    if _seccomp_hex is None:
+def _seccomp_program() -> bytes:
+    """The seccomp filter, built once; an architecture without syscall numbers is refused."""
+    global _seccomp_bytes
+    if _seccomp_bytes is None:
         try:
-            _seccomp_hex = seccomp.filter_program().hex()
+            _seccomp_bytes = seccomp.filter_program()
         except seccomp.SeccompUnsupportedError as e:
             raise backends.SandboxUnavailableError(str(e)) from e
-    return _seccomp_hex
+    return _seccomp_bytes
 
 
 def _last_capability() -> int:
@@ -169,7 +169,8 @@ class Sandbox:
             data = stdin.encode() if isinstance(stdin, str) else stdin
             threading.Thread(target=_feed_stdin, args=(process.stdin, data), daemon=True).start()
         output = BoundedOutput(self.limits.output_bytes)
-        leader = _child_of(process)
+        # Without cgroups a kill needs the command's process group: its leader is the launcher's child.
+        leader = _child_of(process) if leaf is None else None
         ending, killed = self._pump(process, leader, leaf, output, started + timeout)
         exit_code = _exit_code(process.wait())
         timed_out = ending == _TIMED_OUT
@@ -188,8 +189,9 @@ class Sandbox:
                              f"(processes it moved to a new session keep running: this host has no "
                              f"cgroups)")
         if ending == _KILLED_BACKGROUND:
-            notes.append("background processes still writing to this command's output were killed "
-                         "(redirect their output, e.g. `nohup CMD > log 2>&1 &`, to keep them running)")
+            notes.append("background processes were still attached to this command's output after it "
+                         "ended, so the processes it started were killed (redirect a job's output, e.g. "
+                         "`nohup CMD > log 2>&1 &`, to keep it running)")
         if self._cgroups is not None:
             oom = self._cgroups.oom_kills() - oom_before
             if oom > 0 and self.limits.memory_bytes is not None:
@@ -266,7 +268,7 @@ class Sandbox:
             "env": self._env,
             "argv": [BASH, "-c", command],
         }
-        return [sys.executable, "-I", "-S", "-B", _LAUNCHER, json.dumps(config)]
+        return [sys.executable, "-I", "-S", "-B", _LAUNCHER, marshal.dumps(config).hex()]
 
     def _disk_full_note(self) -> list[str]:
         try:
@@ -299,10 +301,9 @@ class Sandbox:
                 if grace_deadline is None and process.poll() is not None:
                     grace_deadline = now + self.limits.drain_grace_s
                 if grace_deadline is not None and now >= grace_deadline:
-                    if leaf is not None:
-                        killed = self._kill_output_holders(leaf, fd)
-                    else:
-                        killed = self._kill_group(process, leader)
+                    # Something the command started still holds its output (a job, or a fork bomb's
+                    # pipeline): all of the command's processes go, as on a timeout.
+                    killed = self._kill_command(process, leader, leaf)
                     self._drain_briefly(fd, output)
                     return _KILLED_BACKGROUND, killed
                 wait = min(deadline, grace_deadline or deadline) - now
@@ -344,25 +345,6 @@ class Sandbox:
             process.kill()
             process.wait()
         return killed
-
-    def _kill_output_holders(self, leaf: str, fd: int, wait_s: float = 2.0) -> int:
-        """Kills the command's processes that still hold its output pipe (and only those: jobs whose
-        output is redirected keep running)."""
-        pipe = f"pipe:[{os.fstat(fd).st_ino}]"
-        killed: set[int] = set()
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            holders = [pid for pid in self._cgroups.command_pids(leaf) if _holds(pid, pipe)]
-            if not holders:
-                break
-            for pid in holders:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                    killed.add(pid)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.002)
-        return len(killed)
 
     def _kill_group(self, process: subprocess.Popen, leader: int | None, wait_s: float = 2.0
                     ) -> int:
@@ -531,21 +513,6 @@ def _process_tree(pid: int) -> list[int]:
         except OSError:
             continue
     return found
-
-
-def _holds(pid: int, target: str) -> bool:
-    """Whether process `pid` has an open file descriptor whose link reads `target`."""
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return False
-    for fd in fds:
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}") == target:
-                return True
-        except OSError:
-            continue
-    return False
 
 
 def _feed_stdin(pipe, data: bytes) -> None:
