@@ -14,7 +14,7 @@ HFREF ?= .venv-hfref
 PY311 := $(shell for c in python3.11 $$HOME/.pyenv/versions/3.11*/bin/python3.11 /usr/bin/python3.11; do \
 	  if $$c -c 'import sys; assert sys.version_info[:2]==(3,11)' >/dev/null 2>&1; then echo $$c; break; fi; done)
 
-.PHONY: venv hfref pretrained demo sft klong test test-all clean
+.PHONY: venv hfref pretrained sandbox-deps demo sft klong test test-all clean
 $(VENV)/.installed: pyproject.toml requirements/lock.txt
 	@test -n "$(PY312)" || { echo "python3.12 not found (needed by jax 0.11+)"; exit 1; }
 	$(PY312) -m venv $(VENV)
@@ -44,7 +44,17 @@ pretrained: venv
 # SEED=n runs another seed; VARIANT=tiny the random-init tiny model (what the tests run).
 VARIANT ?= smol
 SEED ?= 0
-demo: venv pretrained
+# The sandbox runs model-written commands: bubblewrap when it can be installed (apt, as root), else the
+# `unshare` fallback (klong_jax/sandbox), which is as tight but says so; e2fsprogs makes the episode disk limit.
+sandbox-deps:
+	@if command -v bwrap >/dev/null 2>&1 && command -v mkfs.ext4 >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap e2fsprogs >/dev/null 2>&1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap e2fsprogs >/dev/null; } || \
+	  echo "WARNING: could not install bubblewrap; the sandbox uses its unshare fallback"; \
+	else echo "WARNING: bubblewrap is not installed (apt-get install bubblewrap, as root); the sandbox uses its unshare fallback"; fi
+
+demo: venv pretrained sandbox-deps
 	JAX_PLATFORMS=cpu $(PY) launch/train.py --config=configs/klong.py:$(VARIANT) --config.seed=$(SEED) \
 	  --workdir=$${WORKDIR:-/tmp/klong_demo_$(VARIANT)_$(SEED)}
 
