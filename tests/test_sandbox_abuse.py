@@ -245,3 +245,44 @@ def test_attack_memory_across_processes(tmp_path, backend):
                      timeout_s=20)
     survived = sorted(p.name for p in (tmp_path / "episode").glob("hog*.done"))
     assert len(survived) <= 1, (survived, res.output)
+
+
+# --- more abuse: what the seccomp filter and the view refuse ---------------------------------------
+
+SYSCALL_PROBES = r"""
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+def probe(name, *args):
+    rc = libc.syscall(*args)
+    print(name, "ALLOWED" if rc >= 0 else os.strerror(ctypes.get_errno()), flush=True)
+NR = NUMBERS
+probe("unshare-user", NR["unshare"], 0x10000000)             # CLONE_NEWUSER: capabilities in a new userns
+probe("clone-newuser", NR["clone"], 0x10000000 | 17, 0, 0, 0, 0)  # SIGCHLD | CLONE_NEWUSER
+probe("mount-tmpfs", NR["mount"], b"none", b"/tmp", b"tmpfs", 0, None)
+probe("keyctl-session", NR["keyctl"], 1, None)              # KEYCTL_JOIN_SESSION_KEYRING
+probe("ptrace-traceme", NR["ptrace"], 0, 0, 0, 0)
+probe("io_uring_setup", NR["io_uring_setup"], 8, None)
+probe("bpf", NR["bpf"], 0, None, 0)
+probe("perf_event_open", NR["perf_event_open"], None, 0, -1, -1, 0)
+probe("process_vm_readv", NR["process_vm_readv"], 1, None, 0, None, 0, 0)
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attack_seccomp_refusals(tmp_path, backend):
+    """Namespaces, mounts, the keyring, ptrace, io_uring, bpf, perf and cross-process memory access are
+    refused with EPERM (io_uring and bpf included, which need no privilege on many kernels)."""
+    from klong_jax.sandbox import seccomp
+    arch = seccomp.machine()
+    if arch not in seccomp.AUDIT_ARCH:
+        pytest.skip(arch)
+    column = 0 if arch == "x86_64" else 1
+    numbers = {name: nrs[column] for name, nrs in seccomp._SYSCALLS.items()}
+    numbers["clone"] = seccomp._CLONE[arch]
+    with Sandbox(tmp_path / "episode", limits=_limits(), backend=backend) as sb:
+        res = sb.run("/usr/bin/python3 -", stdin=SYSCALL_PROBES.replace("NUMBERS", repr(numbers)))
+        fork_ok = sb.run("(sleep 0.1 &) ; /usr/bin/python3 -c 'import os; print(os.fork() >= 0)'")
+    lines = dict(line.split(" ", 1) for line in res.output.splitlines())
+    assert len(lines) == 9 and all(v == "Operation not permitted" for v in lines.values()), res.output
+    assert fork_ok.output.startswith("True"), fork_ok  # plain clone (fork) still works

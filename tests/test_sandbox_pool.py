@@ -171,3 +171,63 @@ def test_sandbox_outlives_its_thread_and_dies_with_its_owner(tmp_path):
     while any(processes.count_uid(u) for u in uids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(processes.count_uid(u) for u in uids), "a sandbox outlived its owner"
+
+
+def test_without_cgroups_the_sandbox_says_so_once_and_falls_back(tmp_path, monkeypatch, caplog):
+    from klong_jax.sandbox import cgroups
+    monkeypatch.setattr(cgroups, "layout", lambda: None)
+    monkeypatch.setattr(cgroups, "_layout_error", "none here (test)")
+    monkeypatch.setattr(cgroups, "_warned", False)
+    with caplog.at_level(logging.WARNING, logger=cgroups.__name__):
+        for i in range(2):
+            with Sandbox(tmp_path / f"ep{i}", limits=SandboxLimits(command_timeout_s=10)) as sb:
+                res = sb.run("setsid -f sleep 30 >/dev/null 2>&1 </dev/null; sleep 10", timeout_s=1)
+                assert res.timed_out and any("process group" in n for n in res.notes), res
+                uid = sb.uid
+            assert processes.count_uid(uid) == 0  # close() still ends everything (by uid)
+    warnings = [r.getMessage() for r in caplog.records if "cgroups are unavailable" in r.getMessage()]
+    assert len(warnings) == 1 and "Falling back to" in warnings[0], warnings
+
+
+def test_without_loop_devices_the_disk_limit_says_so_once_and_polls(tmp_path, monkeypatch, caplog):
+    from klong_jax.sandbox import disk
+    monkeypatch.setattr(disk, "_MKFS", str(tmp_path / "no-mkfs.ext4"))
+    monkeypatch.setattr(disk, "_warned", False)
+    with caplog.at_level(logging.WARNING, logger=disk.__name__):
+        for i in range(2):
+            with Sandbox(tmp_path / f"ep{i}", limits=SandboxLimits(disk_bytes=4 << 20)) as sb:
+                assert sb._disk is None and sb.run("echo ok > f && cat f").output == "ok\n"
+    warnings = [r.getMessage() for r in caplog.records if "disk limit cannot be enforced" in r.getMessage()]
+    assert len(warnings) == 1 and "Falling back to measuring" in warnings[0], warnings
+    assert (tmp_path / "ep1" / "f").read_text() == "ok\n"
+
+
+def test_cgroup_v2_layout_on_a_fake_hierarchy(tmp_path, monkeypatch):
+    """The v2 code path (this CI host has v1) against plain files laid out like a delegated v2 tree."""
+    from klong_jax.sandbox import cgroups
+    (tmp_path / "cgroup.controllers").write_text("cpu memory pids\n")
+    (tmp_path / "cgroup.subtree_control").write_text("")
+    monkeypatch.setattr(cgroups, "_mounts", lambda: [(str(tmp_path), "cgroup2", set())])
+    monkeypatch.setattr(cgroups, "_own_cgroups", lambda: {"": "/"})
+    monkeypatch.setattr(cgroups, "_layout", None)
+    monkeypatch.setattr(cgroups, "_layout_error", None)
+    lay = cgroups.layout()
+    assert lay.version == 2 and lay.memory_root == lay.pids_root == str(tmp_path / "klong_sandbox")
+    assert (tmp_path / "cgroup.subtree_control").read_text() == "+memory +pids"
+    ep = cgroups.EpisodeCgroups(lay, "1-2-ab", 64 << 20, 100)
+    top = tmp_path / "klong_sandbox" / "1-2-ab"
+    assert (top / "memory.max").read_text() == str(64 << 20) and (top / "pids.max").read_text() == "100"
+    assert (top / "cgroup.subtree_control").read_text() == "+memory +pids" and (top / "holder").is_dir()
+    leaf, files = ep.new_command()
+    assert files == [str(top / leaf / "cgroup.procs")]  # v2: one file joins both controllers
+    assert ep.kill_command(leaf) == 0 and (top / leaf / "cgroup.kill").read_text() == "1"
+    (top / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 2\noom_kill 2\n")
+    assert ep.oom_kills() == 2
+
+
+def test_uids_differ_between_successive_episodes(tmp_path):
+    uids = []
+    for i in range(3):
+        with Sandbox(tmp_path / f"ep{i}") as sb:
+            uids.append(sb.uid)
+    assert len(set(uids)) == 3, uids
