@@ -42,6 +42,12 @@ def test_basic_command(sandbox):
     assert sandbox.uid != 0
 
 
+def test_commands_get_default_signal_dispositions(sandbox):
+    # Nothing ignored or blocked leaks from the sandbox's own (Python) processes into the command.
+    res = sandbox.run("grep -E '^Sig(Ign|Blk)' /proc/self/status; yes | head -1; echo ${PIPESTATUS[@]}")
+    assert res.output == "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\ny\n141 0\n", res
+
+
 def test_files_persist_and_stdin(sandbox):
     assert sandbox.run("cat > note.txt", stdin="hello\n").exit_code == 0
     assert sandbox.run("cat note.txt").output == "hello\n"

@@ -28,6 +28,7 @@ import ctypes
 import marshal
 import os
 import resource
+import signal
 import sys
 
 PR_SET_DUMPABLE = 4
@@ -61,6 +62,11 @@ def _child(cfg: dict, libc, cgroup_fds: list[int]) -> None:
             os.write(fd, b"0")  # "0": the writing process itself
             os.close(fd)
         os.setsid()
+        # Python ignores SIGPIPE and SIGXFSZ, and ignored signals stay ignored across execve: the
+        # command must get the default dispositions (`yes | head` ends yes with SIGPIPE, a write past
+        # RLIMIT_FSIZE raises SIGXFSZ).
+        for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+            signal.signal(sig, signal.SIG_DFL)
         for res, soft, hard in cfg["rlimits"]:
             resource.setrlimit(res, (soft, hard))
         for cap in range(cfg["cap_last_cap"] + 1):
