@@ -1,34 +1,45 @@
-"""Starts one command inside a sandbox (run as a script by the host, as root; stdlib only, imports no
+"""Starts the commands of one sandbox (run as a script by the host, as root; stdlib only, imports no
 klong_jax).
 
-Usage: python -I -S launcher.py CONFIG   (CONFIG: hex of marshal.dumps(dict), see Sandbox._command_argv;
-the host runs this with its own interpreter, so the marshal format matches; marshal is built in, where
-json would cost several milliseconds of imports per command)
+Usage: python -I -S launcher.py CONFIG   (CONFIG: hex of marshal.dumps(dict), see Sandbox._server_config;
+the host runs this with its own interpreter, so the marshal format matches)
+
+It is a small fork server (one per namespace holder): started once, it enters the holder's namespaces and
+view, then forks one child per command request, so a command costs a fork, not an interpreter start.
+stdin (fd 0) is a unix stream socket to the owning Sandbox: requests are a 4-byte length, a marshalled
+{"argv": [...]} and, as SCM_RIGHTS, the command's stdin, its output pipe, a status pipe, and the
+cgroup.procs files to join; the reply is the child's host pid (4 bytes; a negative errno when the fork
+failed). When a child ends, its wait status (4 bytes) is written to its status pipe. EOF on the socket
+(the Sandbox closed, or its process died) ends the server.
 
 Contract: the command (`bash -c ...`) runs in the holder's namespaces, in its view, as the episode's
 uid, with every limit in force; no process of the agent's uid ever exists without them, and none has a
 working directory or root outside the view. Order:
 
-  parent (host pid namespace, root; invisible inside the sandbox)
-    1. opens the cgroup.procs files of the command's cgroups and the holder's namespaces and root (and
-       checks that the holder's pid namespace is the expected one: a reused pid is refused);
+  server (host pid namespace, root; invisible inside the sandbox)
+    1. opens the holder's namespaces and root (and checks that the holder's pid namespace is the
+       expected one: a reused pid is refused);
     2. enters the ipc, uts, net, pid (for its children) and mount namespaces, and the view's root
        (fchdir + chroot), so that from here on nothing of the host is reachable by path;
-    3. forks the child and relays its exit status (128+N for a signal N).
+    3. forks one child per request and reports its exit status.
   child (inside the sandbox's pid namespace, still root, so no agent process can trace or inspect it)
     4. joins the command's cgroups (memory and process caps of the episode; the host kills the command's
-       cgroup on a timeout, setsid or not), becomes a session and process group leader;
+       cgroup on a timeout, setsid or not), becomes a session and process group leader, takes the
+       default signal dispositions;
     5. sets the rlimits, drops every capability from the bounding set, sets no_new_privs;
     6. switches to the agent's uid and gid (the kernel makes it non-dumpable; set again explicitly);
     7. changes to the episode directory, installs the seccomp filter (no ptrace, no keyring, ...), and
        executes the command with exactly the given environment.
-Any failure before the command runs exits with 126 and a "sandbox launcher:" message on stderr.
+Any failure before the command runs exits with 126 and a "sandbox launcher:" message on its output.
 """
+import array
 import ctypes
 import marshal
 import os
 import resource
+import select
 import signal
+import socket
 import sys
 
 PR_SET_DUMPABLE = 4
@@ -94,39 +105,113 @@ def _child(cfg: dict, libc, cgroup_fds: list[int]) -> None:
         _fail(f"{e}")
 
 
-def main() -> None:
-    cfg = marshal.loads(bytes.fromhex(sys.argv[1]))
-    libc = ctypes.CDLL(None, use_errno=True)
-    try:
-        cgroup_fds = [os.open(path, os.O_WRONLY | os.O_CLOEXEC) for path in cfg["cgroup_procs"]]
-        pid = cfg["ns_pid"]
-        ns_fds = {name: os.open(f"/proc/{pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
-                  for name in NAMESPACES}
-        root_fd = os.open(f"/proc/{pid}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        if os.readlink(f"/proc/self/fd/{ns_fds['pid']}") != cfg["pid_ns"]:
-            _fail(f"pid {pid} is no longer the sandbox's namespace holder")
-        for name in NAMESPACES:
-            os.setns(ns_fds[name], 0)
-            os.close(ns_fds[name])
-        os.fchdir(root_fd)
-        os.chroot(".")
-        os.close(root_fd)
-    except OSError as e:
-        _fail(f"entering the sandbox failed: {e}")
-    child = os.fork()
-    if child == 0:
-        _child(cfg, libc, cgroup_fds)
-    for fd in cgroup_fds:
-        os.close(fd)
+def _enter(cfg: dict) -> None:
+    pid = cfg["ns_pid"]
+    ns_fds = {name: os.open(f"/proc/{pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+              for name in NAMESPACES}
+    root_fd = os.open(f"/proc/{pid}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    if os.readlink(f"/proc/self/fd/{ns_fds['pid']}") != cfg["pid_ns"]:
+        raise OSError(f"pid {pid} is no longer the sandbox's namespace holder")
+    for name in NAMESPACES:
+        os.setns(ns_fds[name], 0)
+        os.close(ns_fds[name])
+    os.fchdir(root_fd)
+    os.chroot(".")
+    os.close(root_fd)
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise EOFError
+        data += chunk
+    return data
+
+
+def _reap(status_fds: dict[int, int]) -> None:
     while True:
         try:
-            _, status = os.waitpid(child, 0)
-            break
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        fd = status_fds.pop(pid, None)
+        if fd is not None:
+            try:
+                os.write(fd, status.to_bytes(4, "little", signed=True))
+            except OSError:  # the Sandbox stopped waiting for it
+                pass
+            os.close(fd)
+
+
+def serve(cfg: dict) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    sock = socket.socket(fileno=0)
+    try:
+        _enter(cfg)
+    except OSError as e:
+        sock.sendall(b"F" + f"entering the sandbox failed: {e}".encode())
+        os._exit(1)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    status_fds: dict[int, int] = {}
+    sock.sendall(b"R")
+    max_fds = 64
+    while True:
+        _reap(status_fds)
+        try:
+            ready, _, _ = select.select([sock, wake_r], [], [])
         except InterruptedError:
             continue
-    if os.WIFSIGNALED(status):
-        os._exit(128 + os.WTERMSIG(status))
-    os._exit(os.WEXITSTATUS(status))
+        if wake_r in ready:
+            os.read(wake_r, 4096)
+        if sock not in ready:
+            continue
+        try:
+            head, ancdata, _, _ = sock.recvmsg(4, socket.CMSG_SPACE(max_fds * 4),
+                                               socket.MSG_CMSG_CLOEXEC)
+            if not head:
+                break
+            fds = array.array("i")
+            for level, kind, data in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+            head += _recv_exactly(sock, 4 - len(head))
+            request = marshal.loads(_recv_exactly(sock, int.from_bytes(head, "little")))
+        except (EOFError, OSError):
+            break
+        stdin_fd, output_fd, status_fd, *cgroup_fds = fds
+        try:
+            child = os.fork()
+        except OSError as e:
+            child = -e.errno
+        if child == 0:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            os.dup2(stdin_fd, 0)
+            os.dup2(output_fd, 1)
+            os.dup2(output_fd, 2)
+            _child(dict(cfg, argv=request["argv"]), libc, cgroup_fds)
+        for fd in (stdin_fd, output_fd, *cgroup_fds):
+            os.close(fd)
+        if child > 0:
+            status_fds[child] = status_fd
+        else:
+            os.close(status_fd)
+        try:
+            sock.sendall(child.to_bytes(4, "little", signed=True))
+        except OSError:
+            break
+    os._exit(0)  # the commands still running are the Sandbox's to end (it kills their cgroups)
+
+
+def main() -> None:
+    serve(marshal.loads(bytes.fromhex(sys.argv[1])))
 
 
 if __name__ == "__main__":

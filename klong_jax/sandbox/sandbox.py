@@ -17,7 +17,6 @@ instead.
 from __future__ import annotations
 
 import logging
-import marshal
 import os
 import resource
 import secrets
@@ -25,19 +24,17 @@ import selectors
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 
-from klong_jax.sandbox import backends, cgroups, disk, monitor, processes, seccomp
+from klong_jax.sandbox import backends, cgroups, disk, monitor, processes, seccomp, spawner
 from klong_jax.sandbox.limits import MIB, TIMEOUT_EXIT_CODE, CommandResult, SandboxLimits
 from klong_jax.sandbox.output import BoundedOutput
 from klong_jax.sandbox.uids import acquire_uid, lock_dir
 from klong_jax.sandbox.view import BASH, ViewSpec, check_episode_dir, command_env, write_identity_files
 
 log = logging.getLogger(__name__)
-_LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "launcher.py")
 # How a command's output pump ended.
 _EOF, _TIMED_OUT, _KILLED_BACKGROUND = "eof", "timed_out", "killed_background"
 # Consecutive monitor samples at max_processes after which all of an episode's processes are killed.
@@ -102,6 +99,7 @@ class Sandbox:
         self._lock = threading.Lock()
         self._closed = False
         self._holder: backends.Holder | None = None
+        self._spawner: spawner.Spawner | None = None
         self._cgroups: cgroups.EpisodeCgroups | None = None
         self._disk: disk.EpisodeDisk | None = None
         self._lease = acquire_uid()
@@ -160,18 +158,30 @@ class Sandbox:
         started = time.monotonic()
         leaf, procs_files = self._cgroups.new_command() if self._cgroups else (None, [])
         oom_before = self._cgroups.oom_kills() if self._cgroups else 0
-        process = subprocess.Popen(
-            self._command_argv(command, procs_files),
-            stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
-            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}, cwd="/")
-        if stdin is not None:
+        if stdin is None:
+            stdin_r, stdin_w = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), None
+        else:
+            stdin_r, stdin_w = os.pipe()
+        out_r, out_w = os.pipe()
+        try:
+            process, restarted = self._spawn([BASH, "-c", command], stdin_r, out_w, procs_files)
+        except BaseException:
+            os.close(out_r)
+            if stdin_w is not None:
+                os.close(stdin_w)
+            raise
+        finally:
+            os.close(stdin_r)
+            os.close(out_w)
+        notes += restarted
+        if stdin_w is not None:
             data = stdin.encode() if isinstance(stdin, str) else stdin
-            threading.Thread(target=_feed_stdin, args=(process.stdin, data), daemon=True).start()
+            threading.Thread(target=_feed_stdin, args=(os.fdopen(stdin_w, "wb"), data),
+                             daemon=True).start()
         output = BoundedOutput(self.limits.output_bytes)
-        # Without cgroups a kill needs the command's process group: its leader is the launcher's child.
-        leader = _child_of(process) if leaf is None else None
-        ending, killed = self._pump(process, leader, leaf, output, started + timeout)
+        # The command's shell leads its own process group (the kill where there are no cgroups).
+        leader = process.pid
+        ending, killed = self._pump(process, leader, leaf, out_r, output, started + timeout)
         exit_code = _exit_code(process.wait())
         timed_out = ending == _TIMED_OUT
         if timed_out:
@@ -181,9 +191,10 @@ class Sandbox:
                 self._expire_episode()  # returns once every process of the episode is gone
                 notes.append("episode time limit reached; every process of the episode was killed")
             elif self._cgroups is not None:
-                notes.append(f"command timed out after {timeout:g}s; all {killed} "
-                             f"process{'es' if killed != 1 else ''} it started were killed (background "
-                             f"jobs and new sessions included)")
+                what = "the process it started was" if killed == 1 else \
+                    f"all {killed} processes it started were" if killed else "its processes were"
+                notes.append(f"command timed out after {timeout:g}s; {what} killed (background jobs "
+                             f"and new sessions included)")
             else:
                 notes.append(f"command timed out after {timeout:g}s; its process group was killed "
                              f"(processes it moved to a new session keep running: this host has no "
@@ -248,13 +259,13 @@ class Sandbox:
                 pass
 
     # ----------------------------------------------------------------------------------------------
-    def _command_argv(self, command: str, cgroup_procs: list[str]) -> list[str]:
-        """The launcher (see launcher.py for the order in which it confines the command)."""
+    def _server_config(self) -> dict:
+        """What launcher.py's fork server needs (see launcher.py for the order in which it confines
+        each command)."""
         lim = self.limits
-        config = {
+        return {
             "ns_pid": self._holder.ns_pid,
             "pid_ns": self._holder.pid_ns,
-            "cgroup_procs": cgroup_procs,
             "uid": self.uid,
             "rlimits": [(resource.RLIMIT_CPU, lim.cpu_seconds, lim.cpu_seconds + 5),
                         (resource.RLIMIT_AS, lim.address_space_bytes, lim.address_space_bytes),
@@ -266,9 +277,26 @@ class Sandbox:
             "cwd": self.episode_dir,
             "seccomp": self._seccomp,
             "env": self._env,
-            "argv": [BASH, "-c", command],
         }
-        return [sys.executable, "-I", "-S", "-B", _LAUNCHER, marshal.dumps(config).hex()]
+
+    def _spawn(self, argv: list[str], stdin_fd: int, output_fd: int, cgroup_procs: list[str]
+               ) -> tuple[spawner.SpawnedCommand, list[str]]:
+        """Starts a command through the fork server; if the server or the namespace died meanwhile,
+        restarts both once (and says so)."""
+        with self._lock:
+            for attempt in range(2):
+                try:
+                    if self._spawner is None:
+                        raise spawner.SpawnerError("no launcher")
+                    return self._spawner.spawn(argv, stdin_fd, output_fd, cgroup_procs), \
+                        ([] if attempt == 0 else ["the sandbox was restarted: earlier background "
+                                                  "processes and /tmp are gone"])
+                except spawner.SpawnerError:
+                    if attempt == 1:
+                        raise
+                    self._kill_holder()
+                    self._start_holder()
+        raise AssertionError("unreachable")
 
     def _disk_full_note(self) -> list[str]:
         try:
@@ -281,12 +309,11 @@ class Sandbox:
                 f"{self._disk.size / MIB:.1f} MiB, and writes fail with 'No space left on device' "
                 f"(delete files to go on)"]
 
-    def _pump(self, process: subprocess.Popen, leader: int | None, leaf: str | None,
+    def _pump(self, process: spawner.SpawnedCommand, leader: int | None, leaf: str | None, fd: int,
               output: BoundedOutput, deadline: float) -> tuple[str, int]:
         """Reads output until EOF, the deadline, or the end of the grace period after the command's
         main process exited. Returns how it ended (_EOF, _TIMED_OUT, ...) and how many processes were
         killed."""
-        fd = process.stdout.fileno()
         os.set_blocking(fd, False)
         selector = selectors.DefaultSelector()
         selector.register(fd, selectors.EVENT_READ)
@@ -317,7 +344,7 @@ class Sandbox:
                     output.add(chunk)
         finally:
             selector.close()
-            process.stdout.close()
+            os.close(fd)
 
     @staticmethod
     def _drain_briefly(fd: int, output: BoundedOutput) -> None:
@@ -333,7 +360,7 @@ class Sandbox:
                 return
             output.add(chunk)
 
-    def _kill_command(self, process: subprocess.Popen, leader: int | None, leaf: str | None) -> int:
+    def _kill_command(self, process: spawner.SpawnedCommand, leader: int | None, leaf: str | None) -> int:
         """Kills everything the command started: its cgroup (wherever its processes went, setsid and
         double forks included), else (no cgroups) its process group. Returns how many were killed."""
         if leaf is None:
@@ -346,7 +373,7 @@ class Sandbox:
             process.wait()
         return killed
 
-    def _kill_group(self, process: subprocess.Popen, leader: int | None, wait_s: float = 2.0
+    def _kill_group(self, process: spawner.SpawnedCommand, leader: int | None, wait_s: float = 2.0
                     ) -> int:
         """Kills the command's processes where there are no cgroups: the process group led by the
         command's shell (processes that left it with setsid are not reached). The launcher (outside that
@@ -382,7 +409,8 @@ class Sandbox:
             self.kill_all()
             notes.append(_process_limit_note(self.limits.max_processes))
         with self._lock:
-            if self._holder is None or not self._holder.alive():
+            if self._holder is None or not self._holder.alive() or \
+                    self._spawner is None or not self._spawner.alive():
                 if self._holder is not None:
                     notes.append("the sandbox was restarted: earlier background processes and /tmp "
                                  "are gone")
@@ -443,8 +471,15 @@ class Sandbox:
         if self._cgroups is not None:
             # Background jobs end up children of the holder's init: they stay in the episode's caps.
             self._cgroups.add_holder(_process_tree(self._holder.process.pid))
+        try:
+            self._spawner = spawner.Spawner(self._server_config())
+        except spawner.SpawnerError as e:
+            raise backends.SandboxUnavailableError(str(e)) from e
 
     def _kill_holder(self) -> None:
+        if self._spawner is not None:
+            self._spawner.close()  # it holds the namespaces open
+            self._spawner = None
         if self._holder is not None:
             self._holder.kill()
             self._holder = None
@@ -479,25 +514,6 @@ class Sandbox:
                                 self._private_dir)
                 else:
                     shutil.rmtree(self._private_dir, ignore_errors=True)
-
-
-def _child_of(process: subprocess.Popen, wait_s: float = 5.0) -> int | None:
-    """Host pid of the launcher's child (the command's shell, its process group leader); None if the
-    launcher exited without one. The launcher forks within milliseconds of starting."""
-    path = f"/proc/{process.pid}/task/{process.pid}/children"
-    deadline = time.monotonic() + wait_s
-    while time.monotonic() < deadline:
-        try:
-            with open(path) as f:
-                children = f.read().split()
-        except FileNotFoundError:
-            return None
-        if children:
-            return int(children[0])
-        if process.poll() is not None:
-            return None
-        time.sleep(0.0005)
-    return None
 
 
 def _process_tree(pid: int) -> list[int]:
