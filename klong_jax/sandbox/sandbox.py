@@ -291,9 +291,11 @@ class Sandbox:
                     return self._spawner.spawn(argv, stdin_fd, output_fd, cgroup_procs), \
                         ([] if attempt == 0 else ["the sandbox was restarted: earlier background "
                                                   "processes and /tmp are gone"])
-                except spawner.SpawnerError:
+                except spawner.SpawnerError as e:
                     if attempt == 1:
-                        raise
+                        raise backends.SandboxUnavailableError(
+                            f"the sandbox of {self.episode_dir} could not start a command after a "
+                            f"restart: {e}") from e
                     self._kill_holder()
                     self._start_holder()
         raise AssertionError("unreachable")
