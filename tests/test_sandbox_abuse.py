@@ -269,17 +269,20 @@ probe("process_vm_readv", NR["process_vm_readv"], 1, None, 0, None, 0, 0)
 """
 
 
+# The probed syscalls' numbers, written out here (not taken from the sandbox's own table).
+_PROBE_NR = {"x86_64": dict(unshare=272, clone=56, mount=165, keyctl=250, ptrace=101, io_uring_setup=425,
+                            bpf=321, perf_event_open=298, process_vm_readv=310),
+             "aarch64": dict(unshare=97, clone=220, mount=40, keyctl=219, ptrace=117, io_uring_setup=425,
+                             bpf=280, perf_event_open=241, process_vm_readv=270)}
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_attack_seccomp_refusals(tmp_path, backend):
     """Namespaces, mounts, the keyring, ptrace, io_uring, bpf, perf and cross-process memory access are
     refused with EPERM (io_uring and bpf included, which need no privilege on many kernels)."""
-    from klong_jax.sandbox import seccomp
-    arch = seccomp.machine()
-    if arch not in seccomp.AUDIT_ARCH:
-        pytest.skip(arch)
-    column = 0 if arch == "x86_64" else 1
-    numbers = {name: nrs[column] for name, nrs in seccomp._SYSCALLS.items()}
-    numbers["clone"] = seccomp._CLONE[arch]
+    numbers = _PROBE_NR.get(platform.machine())
+    if numbers is None:
+        pytest.skip(f"no syscall numbers for {platform.machine()}")
     with Sandbox(tmp_path / "episode", limits=_limits(), backend=backend) as sb:
         res = sb.run("/usr/bin/python3 -", stdin=SYSCALL_PROBES.replace("NUMBERS", repr(numbers)))
         fork_ok = sb.run("(sleep 0.1 &) ; /usr/bin/python3 -c 'import os; print(os.fork() >= 0)'")
