@@ -79,6 +79,8 @@ EMBEDDED = {
     "small": dict(n_train=256, n_heldout=32, length=16, vocab_size=32000),
     "glm45_air": dict(n_train=256, n_heldout=32, length=16, vocab_size=151552),
 }
+# Whether SFT keeps the expert's reasoning (`<think>` blocks) in its trajectories (data.pipeline.keep_reasoning).
+KEEP_REASONING = {"tiny": True, "smol": True, "small": True, "glm45_air": True}
 TOKENIZER = {"tiny": "", "smol": "pretrained:smollm2-135m-instruct", "small": "", "glm45_air": ""}
 
 
@@ -141,6 +143,7 @@ def get_config(variant: str = "tiny") -> ConfigDict:
     c.data.pipeline = ConfigDict(dict(
         source="jsonl", packing="shared_prefix", pack_chunk=8, shuffle=True, num_epochs=None, on_error="raise",
         train_overlap=False, num_workers=0, read_threads=1, rename_prob=0.0, rename_words="",
+        keep_reasoning=KEEP_REASONING[variant],
         context=dict(budget_tokens=budget, reserve_tokens=min(256, budget // 4), drop_fraction=0.3,
                      drop_unit="turns", max_tool_result_tokens=budget // 4)))
     return c

@@ -77,6 +77,21 @@ def test_chat_template_is_configurable(data, tmp_path):
         _batches(_config(d, tokenizer=tok._path, chat_template="glm45"), 1)
 
 
+def test_keep_reasoning_false_trains_on_the_trajectories_without_reasoning(data):
+    """keep_reasoning=False: the loss tokens are exactly those of the corpus with every reasoning removed (split
+    by hand), and fewer than with it."""
+    from klong_jax.data.trajectory import without_reasoning
+    d, corpus = data
+    stripped = [without_reasoning(t) for t in corpus]
+    assert sum(m.reasoning is not None for t in corpus for m in t.messages) > 0          # the corpus has some
+    assert all(m.reasoning is None for t in stripped for m in t.messages)
+    assert [[(m.role, m.content, m.tool_calls) for m in t.messages] for t in stripped] == \
+        [[(m.role, m.content, m.tool_calls) for m in t.messages] for t in corpus]      # nothing else changes
+    batches = _batches(_config(d, drop_remainder=False, keep_reasoning=False))
+    loss_tokens = sum(int(b["loss_mask"].sum()) for b in batches)
+    assert loss_tokens == _expected_loss_tokens(d, stripped) < _expected_loss_tokens(d, corpus)
+
+
 def test_seeded_shuffle_is_deterministic(data):
     d, _ = data
     a, b = _batches(_config(d, seed=1), 3), _batches(_config(d, seed=1), 3)

@@ -30,7 +30,7 @@ from klong_jax.data.renaming import RenameWords, word_ids
 from klong_jax.data.sources import JsonlSource, RawRecord
 from klong_jax.data.splitting import Window, split
 from klong_jax.data.tokenizer import Tokenizer, load_tokenizer
-from klong_jax.data.trajectory import END_TOOLS, TrajectoryError, check_on_error, parse_line
+from klong_jax.data.trajectory import END_TOOLS, TrajectoryError, check_on_error, parse_line, without_reasoning
 
 SOURCE_KINDS = ("jsonl", "tfds")
 
@@ -62,6 +62,7 @@ class DataConfig:
     rename_words: tuple[str, ...] = ()      # words renamed consistently per trajectory (renaming.py)
     rename_prob: float = 0.0                # share of trajectories renamed
     chat_template: str = "auto"             # "auto" | "glm45" | "chatml" (chat_template.make_chat_template)
+    keep_reasoning: bool = True             # False: assistant reasoning is dropped (trajectory.without_reasoning)
 
     def __post_init__(self):
         check_on_error(self.on_error)
@@ -114,7 +115,8 @@ class TrajectoryToWindows:
     """Map transform: one raw record -> its windows (or Skipped under on_error='skip')."""
 
     def __init__(self, tokenizer: Tokenizer | str, context: ContextConfig, *, on_error: str = "raise",
-                 train_overlap: bool = False, end_tools: Sequence[str] = END_TOOLS, chat_template: str = "auto"):
+                 train_overlap: bool = False, end_tools: Sequence[str] = END_TOOLS, chat_template: str = "auto",
+                 keep_reasoning: bool = True):
         check_on_error(on_error)
         self.chat_template = check_chat_template_name(chat_template, "data.chat_template")
         self.tokenizer = tokenizer
@@ -122,6 +124,7 @@ class TrajectoryToWindows:
         self.on_error = on_error
         self.train_overlap = train_overlap
         self.end_tools = tuple(end_tools)
+        self.keep_reasoning = keep_reasoning
         self._policy: ContextPolicy | None = None
 
     def __getstate__(self):
@@ -140,6 +143,8 @@ class TrajectoryToWindows:
         try:
             trajectory = parse_line(record.data, source=record.source, line=record.line,
                                     end_tools=self.end_tools)
+            if not self.keep_reasoning:
+                trajectory = without_reasoning(trajectory)
             try:
                 windows = split(trajectory, self.policy, train_overlap=self.train_overlap)
             except ContextOverflow as e:
@@ -297,7 +302,8 @@ def _rows(config: DataConfig, tokenizer: Tokenizer | None):
         ds = ds.repeat(config.num_epochs)
     ds = ds.map(TrajectoryToWindows(config.tokenizer if tokenizer is None else tok, config.context,
                                     on_error=config.on_error, train_overlap=config.train_overlap,
-                                    end_tools=config.end_tools, chat_template=config.chat_template))
+                                    end_tools=config.end_tools, chat_template=config.chat_template,
+                                    keep_reasoning=config.keep_reasoning))
     if config.rename_prob > 0:
         ds = ds.random_map(RenameWords(word_ids(tok, config.rename_words), tok.vocab_size, config.rename_prob))
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,

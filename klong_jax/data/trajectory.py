@@ -94,6 +94,15 @@ class Issue:
         return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
 
 
+def without_reasoning(trajectory: Trajectory) -> Trajectory:
+    """The same trajectory with every assistant message's reasoning removed (content and calls kept): the
+    model then learns to act without writing a `<think>` block, which a small model's budget of decoded and
+    trained tokens may not afford."""
+    messages = tuple(dataclasses.replace(m, reasoning=None) if m.reasoning is not None else m
+                     for m in trajectory.messages)
+    return dataclasses.replace(trajectory, messages=messages)
+
+
 class TrajectoryError(ValueError):
     """A record that is not a valid trajectory; `issues` lists every problem found."""
 

@@ -5,7 +5,8 @@
                                                  --packing_trajectories=8 (0: skip part 2)
                                                  --attention_impls=blockwise,reference --moe_impls=ragged,dense
                                                  --upcycles=config,0,4:4:2,8:8:2
-                                                 --trainable=all,top:4,top:4+embeddings]
+                                                 --trainable=all,top:4,top:4+embeddings
+                                                 --compute_dtypes=float32,bfloat16]
 
 1. For each model preset: tokens/s and MFU of the real jit'd SFT step (explicit shardings, donated state)
    on a random batch, on an fsdp mesh over the devices. MFU = model FLOPs (klong_jax.training.mfu: 6 x active
@@ -15,6 +16,7 @@
    dense base), or LAYERS:EXPERTS:TOP_K (the last LAYERS layers become EXPERTS experts, top TOP_K).
    --trainable sweeps what trains (klong_jax/training/trainable.py): `all`, `top:N` (the top N decoder layers and
    the final norm) or `top:N+embeddings`; each row reports trainable_params and the optimizer state's size.
+   --compute_dtypes sweeps the compute dtype (parameters and optimizer state stay float32).
 2. Packing: the same prefix-heavy synthetic trajectories, split by the same ContextPolicy, packed with
    shared-prefix packing and with plain window packing; the tiny model trains over all rows of each
    (identical loss tokens), and the ratio of the two wall times is the speedup.
@@ -49,7 +51,7 @@ def _model_cfg(variant, upcycle="config"):
 
 
 def _step_for(variant, mesh, B, T, attention_impl="blockwise", moe_impl="ragged", upcycle="config",
-              trainable="all"):
+              trainable="all", compute_dtype=""):
     """(step, state, rest, frozen, batch_sh, model_cfg): the jit'd SFT step of the variant's model training
     `trainable` (a TrainableConfig spec), its initial state and frozen params."""
     import jax
@@ -61,6 +63,8 @@ def _step_for(variant, mesh, B, T, attention_impl="blockwise", moe_impl="ragged"
     from klong_jax.training.trainable import TrainableConfig, plan_for, train_layout
     cfg = get_config(variant)
     model_cfg = _model_cfg(variant, upcycle).replace(attention_impl=attention_impl, moe_impl=moe_impl)
+    if compute_dtype:
+        model_cfg = model_cfg.replace(compute_dtype=compute_dtype)
     plan = plan_for(TrainableConfig.from_spec(trainable), model_cfg)
     tx = make_optimizer(cfg.optimizer, 100)
     graphdef, abs_params, _, param_sh, rest_sh = abstract_layout(model_cfg, mesh)
@@ -88,13 +92,13 @@ def _random_batch(vocab, B, T, shardings):
 
 
 def bench_model(variant, mesh, B, T, steps, attention_impl="blockwise", moe_impl="ragged", upcycle="config",
-                trainable="all"):
+                trainable="all", compute_dtype=""):
     import jax
     from klong_jax.models import count_params
     from klong_jax.training.mfu import compiled_flops, device_peak_flops, train_flops_per_token
     from klong_jax.training.trainable import param_count
     step, state, rest, frozen, batch_sh, model_cfg = _step_for(variant, mesh, B, T, attention_impl, moe_impl,
-                                                               upcycle, trainable)
+                                                               upcycle, trainable, compute_dtype)
     batch = _random_batch(model_cfg.vocab_size, B, T, batch_sh)
     with jax.set_mesh(mesh):
         compiled = step.lower(state, rest, batch, frozen).compile()
@@ -112,7 +116,8 @@ def bench_model(variant, mesh, B, T, steps, attention_impl="blockwise", moe_impl
     return {"variant": variant, "upcycle": upcycle, "trainable": trainable, "moe_layers": model_cfg.num_moe_layers,
             "total_params": counts["total_params"], "active_params_per_token": counts["active_params_per_token"],
             "trainable_params": param_count(state["params"]), "opt_state_elements": param_count(state["opt_state"]),
-            "attention_impl": attention_impl, "moe_impl": moe_impl, "batch": B, "seq_len": T,
+            "attention_impl": attention_impl, "moe_impl": moe_impl, "compute_dtype": model_cfg.compute_dtype,
+            "batch": B, "seq_len": T,
             "step_time_s": round(dt, 4),
             "tokens_per_s": round(B * T / dt, 1), "model_flops_per_step": model_flops,
             "xla_cost_analysis_flops_per_device": xla_flops, "peak_flops_per_device": peak,
@@ -175,6 +180,7 @@ def run(argv):
     ap.add_argument("--moe_impls", default="ragged")
     ap.add_argument("--upcycles", default="config", help="config | 0 | LAYERS:EXPERTS:TOP_K, comma list")
     ap.add_argument("--trainable", default="all", help="all | top:N | top:N+embeddings, comma list")
+    ap.add_argument("--compute_dtypes", default="", help="comma list (float32, bfloat16); '': the variant's")
     ap.add_argument("--packing_seq_len", type=int, default=2048)
     ap.add_argument("--packing_budget", type=int, default=1024)
     ap.add_argument("--packing_trajectories", type=int, default=8)
@@ -185,9 +191,10 @@ def run(argv):
     mesh = make_mesh({"fsdp": -1})
     models = []
     for variant in [v for v in args.models.split(",") if v]:
-        runs = [bench_model(variant, mesh, args.batch, args.seq_len, args.steps, a, m, u, t)
+        runs = [bench_model(variant, mesh, args.batch, args.seq_len, args.steps, a, m, u, t, d)
                 for u in args.upcycles.split(",") for t in args.trainable.split(",")
-                for a in args.attention_impls.split(",") for m in args.moe_impls.split(",")]
+                for a in args.attention_impls.split(",") for m in args.moe_impls.split(",")
+                for d in args.compute_dtypes.split(",")]
         for r in runs:
             r["speedup_vs_first"] = round(runs[0]["step_time_s"] / r["step_time_s"], 3)
         models += runs
