@@ -9,6 +9,8 @@ The attackers use the system's /usr/bin/python3 (visible read-only in the sandbo
 import dataclasses
 import os
 import platform
+import subprocess
+import sys
 import time
 import uuid
 
@@ -289,3 +291,133 @@ def test_attack_seccomp_refusals(tmp_path, backend):
     lines = dict(line.split(" ", 1) for line in res.output.splitlines())
     assert len(lines) == 9 and all(v == "Operation not permitted" for v in lines.values()), res.output
     assert fork_ok.output.startswith("True"), fork_ok  # plain clone (fork) still works
+
+
+# --- class 3, at close(): the copy back of the episode file system ----------------------------------
+
+AMPLIFY = r"""
+import os
+data = os.urandom(4 << 20)
+with open("f", "wb") as out:
+    out.write(data)
+for i in range(30):
+    os.link("f", f"link{i}")            # 30 more names, no more blocks
+for i in range(20):
+    with open(f"sparse{i}", "wb") as out:
+        out.truncate(32 << 20)          # 32 MiB each, no blocks at all
+with open("suid", "w") as out:
+    out.write("x")
+os.chmod("suid", 0o4755)
+top = os.getcwd()
+for i in range(1100):                   # deeper than Python's recursion limit
+    os.mkdir("d")
+    os.chdir("d")
+with open("deep.txt", "w") as out:
+    out.write("deep")
+os.chdir(top)
+for i in range(25):                     # a path longer than PATH_MAX (4096)
+    os.mkdir("n" * 200)
+    os.chdir("n" * 200)
+with open("long.txt", "w") as out:
+    out.write("long")
+print("written", len(os.getcwd()))
+"""
+
+
+def _scan(root: str) -> tuple[int, dict[str, str]]:
+    """Bytes allocated below `root` (each inode once, however many links it has) and the contents of
+    the files named *.txt, walked with fds (any depth or path length)."""
+    allocated, seen, texts = 0, set(), {}
+    stack = [os.open(root, os.O_RDONLY | os.O_DIRECTORY)]
+    while stack:
+        fd = stack.pop()
+        try:
+            for entry in os.scandir(fd):
+                st = entry.stat(follow_symlinks=False)
+                if (st.st_dev, st.st_ino) not in seen:
+                    seen.add((st.st_dev, st.st_ino))
+                    allocated += st.st_blocks * 512
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(os.open(entry.name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd))
+                elif entry.name.endswith(".txt"):
+                    with open(os.open(entry.name, os.O_RDONLY, dir_fd=fd)) as f:
+                        texts[entry.name] = f.read()
+        finally:
+            os.close(fd)
+    return allocated, texts
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attack_disk_limit_amplified_at_close(tmp_path, backend):
+    """Class 3 at close(): with disk_bytes = 32 MiB the agent writes a 4 MiB file with 30 hard links and
+    twenty 32 MiB sparse files (about 4 MiB allocated in all), a set-uid file, a directory chain deeper
+    than Python's recursion limit and a path longer than PATH_MAX. Before the fix the copy back into the
+    host directory made every link and every hole a full copy (16 MiB on the image -> 7.5 GiB on the
+    host; a 1 GiB image with 65000 links fills any disk), and the deep chain made close() raise
+    RecursionError halfway through, losing the files. Now the host copy allocates no more than the image,
+    links stay links, holes stay holes, set-uid bits are dropped and every file comes back."""
+    from klong_jax.sandbox import disk
+    limits = _limits(disk_bytes=32 * MIB, file_size_bytes=64 * MIB)
+    episode = tmp_path / "episode"
+    with Sandbox(episode, limits=limits, backend=backend) as sb:
+        res = sb.run("/usr/bin/python3 -", stdin=AMPLIFY)
+    try:
+        assert res.output.startswith("written"), res.output
+        assert not disk.is_mount_point(str(episode))
+        used, texts = _scan(str(episode))
+        assert used <= 32 * MIB, f"{used / MIB:.0f} MiB on the host after close()"
+        assert os.stat(episode / "f").st_nlink == 31
+        assert os.stat(episode / "sparse3").st_size == 32 * MIB
+        assert not os.stat(episode / "suid").st_mode & 0o6000
+        assert texts == {"deep.txt": "deep", "long.txt": "long"}
+    finally:
+        disk._clear(str(episode))  # pytest's own cleanup cannot remove a tree this deep
+
+
+# --- leaks: what a sandbox whose owner was SIGKILLed leaves behind -----------------------------------
+
+OWNER = r"""
+import sys, time
+from klong_jax.sandbox import Sandbox, SandboxLimits
+sb = Sandbox(sys.argv[1], limits=SandboxLimits(disk_bytes=8 << 20, command_timeout_s=20),
+             backend=sys.argv[2])
+sb.run("echo kept > kept.txt; ln kept.txt alias.txt; setsid sleep 600 > /dev/null 2>&1 < /dev/null &")
+print(sb.uid, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_killed_owner_leaves_nothing_after_the_next_sandbox(tmp_path, backend, monkeypatch):
+    """Leak: an owner killed with SIGKILL while its sandbox has a disk limit used to leave, for good,
+    the loop-mounted ext4 on the episode directory (and its loop device), the bind mount and the image
+    in the lock dir, its private directory and its cgroups; an RL run whose trainers get killed now and
+    then piled them up. Now the next Sandbox() on the host (sweep_stale) copies the episode's files back,
+    unmounts both mounts, frees the loop device and removes the directory and the cgroups."""
+    from klong_jax.sandbox import disk, sandbox as sandbox_module, uids
+    episode = tmp_path / "episode"
+    owner = subprocess.Popen([sys.executable, "-c", OWNER, str(episode), backend], stdout=subprocess.PIPE,
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        uid = int(owner.stdout.readline().split()[0])
+    finally:
+        owner.kill()
+        owner.wait()
+    assert disk.is_mount_point(str(episode))  # the leak is there until a sweep
+    monkeypatch.setattr(sandbox_module, "_last_sweep", None)
+    with Sandbox(tmp_path / "next", limits=_limits(), backend=backend) as sb:
+        assert sb.run("true").exit_code == 0
+    assert not disk.is_mount_point(str(episode))
+    assert (episode / "kept.txt").read_text() == "kept\n" and os.stat(episode / "kept.txt").st_nlink == 2
+    assert processes.count_uid(uid) == 0
+    # Its private directory is gone (the uid's lock file stays: it is reused by every holder of the uid).
+    assert [name for name in os.listdir(uids.lock_dir()) if name.startswith(f"{uid}.")] == [f"{uid}.lock"]
+    with open("/proc/self/mountinfo") as f:
+        assert f"{uid}." not in f.read()
+    with open("/proc/self/cgroup") as f:  # no cgroup of the dead episode below this process's own
+        mine = {line.split(":")[1]: line.rstrip().split(":", 2)[2] for line in f if ":pids:" in line
+                or ":memory:" in line or line.startswith("0::")}
+    for controller, path in mine.items():
+        top = os.path.join("/sys/fs/cgroup", controller, path.lstrip("/"), "klong_sandbox")
+        if os.path.isdir(top):
+            assert not [name for name in os.listdir(top) if name.startswith(f"{uid}-")], top

@@ -23,13 +23,16 @@ memory and disk limits) are appended to `output` as `[sandbox: ...]` lines and l
 Per episode: memory_bytes and max_processes cap all its processes together (cgroups), disk_bytes is a
 size-limited file system on the episode directory; every command runs under a seccomp filter (no
 ptrace, no kernel keyring, no mounts or namespaces) as a uid no earlier episode of this process had.
+A sandbox whose owner died without close() is cleaned up by the next Sandbox() on the host (its
+processes, cgroups, mounts, loop device; its files copied back): sweep_stale(), at most once a minute
+per process.
 $KLONG_SANDBOX_BACKEND=bwrap|unshare|auto picks the backend (see backends.py).
 """
 from klong_jax.sandbox.backends import BACKEND_ENV, SandboxUnavailableError
 from klong_jax.sandbox.limits import TIMEOUT_EXIT_CODE, CommandResult, SandboxLimits
 from klong_jax.sandbox.pool import SandboxPool
-from klong_jax.sandbox.sandbox import Sandbox, SandboxClosedError
+from klong_jax.sandbox.sandbox import Sandbox, SandboxClosedError, sweep_stale
 from klong_jax.sandbox.view import host_python
 
 __all__ = ["BACKEND_ENV", "TIMEOUT_EXIT_CODE", "CommandResult", "Sandbox", "SandboxClosedError",
-           "SandboxLimits", "SandboxPool", "SandboxUnavailableError", "host_python"]
+           "SandboxLimits", "SandboxPool", "SandboxUnavailableError", "host_python", "sweep_stale"]

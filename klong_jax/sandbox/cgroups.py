@@ -144,13 +144,14 @@ def layout() -> _Layout | None:
                     reasons.append(f"v1: no writable memory and pids hierarchies (found: {sorted(v1)})")
             if _layout is None:
                 _layout_error = "; ".join(reasons) or "no cgroup file system is mounted"
-            else:
-                _sweep_stale(_layout)
         return _layout
 
 
-def _sweep_stale(lay: _Layout) -> None:
+def sweep_stale() -> None:
     """Removes the empty cgroups of episodes whose owning process is gone (it died without close())."""
+    lay = layout()
+    if lay is None:
+        return
     for top in {lay.memory_root, lay.pids_root}:
         try:
             names = os.listdir(top)

@@ -12,7 +12,8 @@ the number of commands or writers. The host sees the files at the same path whil
 then unmounts and deletes the image, so the episode directory ends as a plain directory again.
 
 If the owning process dies without close(), the mount stays on the episode directory (the files are safe
-in it; `umount DIR` ends it, and the image is in the sandbox's private directory under the lock dir).
+in it); `recover_stale(private_dir)` (run by the sandbox's sweep, see sandbox.sweep_stale) copies them
+back, unmounts both mounts (the loop device is freed with the last one) and deletes the image.
 
 Where the image cannot be made or mounted (no mkfs.ext4, no loop devices, not root), `attach` raises
 DiskLimitUnavailable; the sandbox then warns once and falls back to measuring the directory every few
@@ -21,6 +22,7 @@ seconds (see Sandbox._check_disk).
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 import shutil
@@ -34,6 +36,8 @@ MNT_DETACH = 2
 _libc = ctypes.CDLL(None, use_errno=True)
 _MKFS = shutil.which("mkfs.ext4") or "/sbin/mkfs.ext4"
 _MOUNT = shutil.which("mount") or "/bin/mount"
+# In the sandbox's private directory: the image, and the bind mount of the directory underneath.
+IMAGE, ORIGINAL = "disk.img", "original"
 # Smallest image mkfs.ext4 makes reliably (with room for a few files).
 MIN_BYTES = 1 << 20
 _warned = False
@@ -75,31 +79,172 @@ def _umount(target: str) -> None:
         log.warning("sandbox: unmounting %s failed: %s", target, os.strerror(err))
 
 
+_CHUNK = 1 << 20
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class _Dir:
+    """A directory of the copy: its parent and name, so that its path can be walked again (by name,
+    from the destination's root) to make a hard link to a file in it."""
+
+    __slots__ = ("parent", "name")
+
+    def __init__(self, parent: "_Dir | None", name: str):
+        self.parent, self.name = parent, name
+
+    def names(self) -> list[str]:
+        names, node = [], self
+        while node.parent is not None:
+            names.append(node.name)
+            node = node.parent
+        return names[::-1]
+
+
+def _open_below(root_fd: int, names: list[str]) -> int:
+    """A new fd of the directory at `names` below `root_fd`, walked one name at a time (any depth)."""
+    fd = os.dup(root_fd)
+    for name in names:
+        child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+        os.close(fd)
+        fd = child
+    return fd
+
+
+def _up(fd: int) -> int:
+    """An fd of the parent of the directory `fd` (which is closed)."""
+    try:
+        return os.open("..", _DIR_FLAGS, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def _copy_data(src_fd: int, dst_fd: int, size: int) -> None:
+    """Copies a regular file's data extents only: its holes stay holes, so the copy allocates no more
+    than the source does (a file made with `truncate -s 1G` costs nothing on either side)."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(src_fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # only a hole is left
+                break
+            raise
+        end = min(os.lseek(src_fd, start, os.SEEK_HOLE), size)
+        while start < end:
+            chunk = os.pread(src_fd, min(_CHUNK, end - start), start)
+            if not chunk:
+                break
+            view = memoryview(chunk)
+            while view:
+                written = os.pwrite(dst_fd, view, start)
+                start += written
+                view = view[written:]
+        pos = end
+    os.ftruncate(dst_fd, size)
+
+
+def _set_meta(fd: int, st: os.stat_result) -> None:
+    """Owner, then mode (set-uid and set-gid bits dropped), then times, through an fd of the copy."""
+    os.fchown(fd, st.st_uid, st.st_gid)
+    os.fchmod(fd, stat.S_IMODE(st.st_mode) & ~(stat.S_ISUID | stat.S_ISGID))
+    os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
 def copy_tree(source: str, dest: str) -> None:
-    """Copies the contents of `source` into the existing directory `dest`: regular files, directories
-    and symlinks (not followed), with owners, modes and times; other file types are skipped."""
-    for entry in os.scandir(source):
-        src, dst = entry.path, os.path.join(dest, entry.name)
-        st = entry.stat(follow_symlinks=False)
-        if stat.S_ISLNK(st.st_mode):
-            os.symlink(os.readlink(src), dst)
-        elif stat.S_ISDIR(st.st_mode):
-            os.mkdir(dst)
-            copy_tree(src, dst)
-            shutil.copystat(src, dst, follow_symlinks=False)
-        elif stat.S_ISREG(st.st_mode):
-            shutil.copy2(src, dst, follow_symlinks=False)
-        else:
-            continue
-        os.lchown(dst, st.st_uid, st.st_gid)
+    """Copies the contents of the directory `source` into the existing, empty directory `dest` as the
+    file system holds them: directories, regular files with their holes (a sparse file stays sparse),
+    hard links as hard links, symlinks (never followed); owners, modes and times kept, set-uid and
+    set-gid bits dropped (the episode file system is mounted nosuid: they never applied); other file
+    types and extended attributes are skipped. So the copy allocates no more than `source` does: a
+    size-limited episode file system cannot grow past its limit on the way back to the host.
+    Walks with directory file descriptors (openat), two open at a time, so any depth and any path length
+    is copied (paths past PATH_MAX included). Call only while nothing else writes in either tree."""
+    src_root = os.open(source, _DIR_FLAGS)
+    dst_root = os.open(dest, _DIR_FLAGS)
+    # (device, inode) of a file with several links -> where its first copy went
+    links: dict[tuple[int, int], tuple[_Dir, str]] = {}
+    # Depth-first: each level holds the names still to copy; going up re-opens ".." on both sides.
+    src_fd, dst_fd, node = os.dup(src_root), os.dup(dst_root), _Dir(None, "")
+    stack = [(node, sorted(os.listdir(src_fd)))]
+    try:
+        while stack:
+            node, pending = stack[-1]
+            if not pending:
+                stack.pop()
+                if stack:  # the finished directory gets its metadata, then back to its parent
+                    _set_meta(dst_fd, os.fstat(src_fd))
+                    src_fd, dst_fd = _up(src_fd), _up(dst_fd)
+                continue
+            name = pending.pop()
+            st = os.stat(name, dir_fd=src_fd, follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                os.mkdir(name, 0o700, dir_fd=dst_fd)
+                child_src = os.open(name, _DIR_FLAGS, dir_fd=src_fd)
+                child_dst = os.open(name, _DIR_FLAGS, dir_fd=dst_fd)
+                os.close(src_fd)
+                os.close(dst_fd)
+                src_fd, dst_fd = child_src, child_dst
+                stack.append((_Dir(node, name), sorted(os.listdir(src_fd))))
+            elif stat.S_ISLNK(st.st_mode):
+                os.symlink(os.readlink(name, dir_fd=src_fd), name, dir_fd=dst_fd)
+                os.chown(name, st.st_uid, st.st_gid, dir_fd=dst_fd, follow_symlinks=False)
+            elif stat.S_ISREG(st.st_mode):
+                first = links.get((st.st_dev, st.st_ino)) if st.st_nlink > 1 else None
+                if first is not None:
+                    first_dir, first_name = first
+                    parent = _open_below(dst_root, first_dir.names())
+                    try:
+                        os.link(first_name, name, src_dir_fd=parent, dst_dir_fd=dst_fd,
+                                follow_symlinks=False)
+                    finally:
+                        os.close(parent)
+                    continue
+                src_file = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_fd)
+                try:
+                    dst_file = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                       | os.O_CLOEXEC, 0o600, dir_fd=dst_fd)
+                    try:
+                        _copy_data(src_file, dst_file, st.st_size)
+                        _set_meta(dst_file, st)
+                    finally:
+                        os.close(dst_file)
+                finally:
+                    os.close(src_file)
+                if st.st_nlink > 1:
+                    links[(st.st_dev, st.st_ino)] = (node, name)
+    finally:
+        for fd in (src_fd, dst_fd, src_root, dst_root):
+            try:
+                os.close(fd)
+            except OSError:  # already closed by a failed _up
+                pass
 
 
 def _clear(directory: str) -> None:
-    for entry in os.scandir(directory):
-        if entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path)
-        else:
-            os.unlink(entry.path)
+    """Deletes everything in `directory` (not itself), depth-first with directory fds (any depth or
+    path length; symlinks are removed, never followed)."""
+    fd = os.open(directory, _DIR_FLAGS)
+    stack = [sorted(os.listdir(fd))]
+    try:
+        while stack:
+            if not stack[-1]:
+                stack.pop()
+                if stack:
+                    name = stack[-1].pop()
+                    fd = _up(fd)
+                    os.rmdir(name, dir_fd=fd)
+                continue
+            name = stack[-1][-1]
+            if stat.S_ISDIR(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+                child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = child
+                stack.append(sorted(os.listdir(fd)))
+            else:
+                os.unlink(name, dir_fd=fd)
+                stack[-1].pop()
+    finally:
+        os.close(fd)
 
 
 class EpisodeDisk:
@@ -119,8 +264,8 @@ class EpisodeDisk:
         if size < MIN_BYTES:
             raise ValueError(f"SandboxLimits.disk_bytes={size} is below the smallest episode file system "
                              f"({MIN_BYTES} bytes); use at least {MIN_BYTES} or None for no limit")
-        image = os.path.join(private_dir, "disk.img")
-        original = os.path.join(private_dir, "original")
+        image = os.path.join(private_dir, IMAGE)
+        original = os.path.join(private_dir, ORIGINAL)
         disk = cls(episode_dir, image, original, size)
         with open(image, "wb") as f:
             f.truncate(size)
@@ -178,3 +323,69 @@ class EpisodeDisk:
                 os.remove(self.image)
             except OSError:
                 pass
+
+
+def _unescape(field: str) -> str:
+    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n") \
+        .replace("\\134", "\\")
+
+
+def _mount_table() -> list[tuple[str, str]]:
+    """(mount point, source) of every mount of this mount namespace, bottom to top."""
+    table = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields, source = left.split(), right.split()
+            if len(fields) >= 5 and len(source) >= 2:
+                table.append((_unescape(fields[4]), source[1]))
+    return table
+
+
+def is_mount_point(path: str) -> bool:
+    """Whether something is mounted at `path` (bind mounts of the same file system included, which
+    os.path.ismount misses)."""
+    path = os.path.realpath(path)
+    return any(point == path for point, _ in _mount_table())
+
+
+def _loop_backing_file(device: str) -> str | None:
+    name = os.path.basename(device)
+    if not name.startswith("loop"):
+        return None
+    try:
+        with open(f"/sys/block/{name}/loop/backing_file") as f:
+            return f.read().strip().removesuffix(" (deleted)")
+    except OSError:
+        return None
+
+
+def recover_stale(private_dir: str) -> None:
+    """Ends the episode file system of a sandbox whose owner died without close() (call only while no
+    process of that sandbox is left and the caller holds its uid's lease): finds where its image is
+    mounted (the loop device backed by it), copies the files back into the episode directory underneath
+    (if the image is still the top mount there), unmounts both mounts (the loop device is freed with the
+    last) and deletes the image, so the episode directory is a plain directory with its files again."""
+    image = os.path.realpath(os.path.join(private_dir, IMAGE))
+    original = os.path.join(private_dir, ORIGINAL)
+    table = _mount_table()
+    top = {}
+    for point, source in table:
+        top[point] = source  # later lines are mounted on top of earlier ones
+    ours = [point for point, source in table if _loop_backing_file(source) == image]
+    for episode_dir in dict.fromkeys(ours):
+        disk = EpisodeDisk(episode_dir, image, original, 0)
+        if _loop_backing_file(top[episode_dir]) == image and is_mount_point(original):
+            log.warning("sandbox: recovering the episode file system of a sandbox whose owner died: "
+                        "copying %s back and unmounting it", episode_dir)
+            disk.attached = True
+            disk.detach()
+        else:  # something else is mounted on top: unmounting the path would take that one down
+            log.warning("sandbox: the stale episode file system %s on %s is not the top mount there; "
+                        "leaving it (unmount it by hand)", image, episode_dir)
+    if is_mount_point(original):
+        _umount(original)
+    try:
+        os.remove(image)
+    except OSError:
+        pass

@@ -101,8 +101,9 @@ def _child(cfg: dict, libc, cgroup_fds: list[int]) -> None:
             _fail(f"installing the seccomp filter failed: {os.strerror(ctypes.get_errno())}")
         argv = cfg["argv"]
         os.execve(argv[0], argv, cfg["env"])
-    except OSError as e:
-        _fail(f"{e}")
+    except BaseException as e:  # noqa: BLE001 - never back into the server loop: a signal sent by an
+        # agent process once this child has the agent's uid (KeyboardInterrupt on SIGINT) lands here too
+        _fail(f"{type(e).__name__}: {e}")
 
 
 def _enter(cfg: dict) -> None:

@@ -31,7 +31,7 @@ import time
 from klong_jax.sandbox import backends, cgroups, disk, monitor, processes, seccomp, spawner
 from klong_jax.sandbox.limits import MIB, TIMEOUT_EXIT_CODE, CommandResult, SandboxLimits
 from klong_jax.sandbox.output import BoundedOutput
-from klong_jax.sandbox.uids import acquire_uid, lock_dir
+from klong_jax.sandbox.uids import acquire_uid, lock_dir, try_acquire
 from klong_jax.sandbox.view import BASH, ViewSpec, check_episode_dir, command_env, write_identity_files
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,55 @@ _SATURATED_SAMPLES = 2
 _DISK_CHECK_S = 2.0
 _seccomp_bytes: bytes | None = None
 _cap_last_cap: int | None = None
+# How often (at most) creating a sandbox sweeps what sandboxes of dead owners left behind.
+SWEEP_INTERVAL_S = 60.0
+_sweep_lock = threading.Lock()
+_last_sweep: float | None = None
+
+
+def sweep_stale() -> int:
+    """Cleans up after sandboxes whose owning process died without close() (SIGKILL, OOM kill, power
+    loss of a trainer), so that an RL run that restarts its trainers never accumulates them: for each
+    private directory under the lock dir whose uid no live sandbox holds (checked with the uid's lock,
+    which the kernel drops when its holder dies), kills any process left of that uid, copies the files
+    of a still-mounted episode file system back into its episode directory and unmounts it (freeing its
+    loop device), and deletes the directory; then removes the empty cgroups of dead owners. Sandboxes
+    that are alive, in any process, are never touched. Returns how many private directories it removed.
+    Sandbox() runs it at most every SWEEP_INTERVAL_S seconds per process."""
+    directory = lock_dir()
+    removed = 0
+    for name in os.listdir(directory):
+        uid_text, dot, _ = name.partition(".")
+        path = os.path.join(directory, name)
+        if not dot or not uid_text.isdigit() or name.endswith(".lock") or not os.path.isdir(path):
+            continue
+        lease = try_acquire(int(uid_text), directory)
+        if lease is None:  # a live sandbox's
+            continue
+        try:
+            processes.kill_uid(lease.uid)
+            disk.recover_stale(path)
+            if disk.is_mount_point(os.path.join(path, disk.ORIGINAL)):
+                log.warning("sandbox: %s is still mounted; leaving %s in place", path, path)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+                removed += 1
+        except (OSError, RuntimeError) as e:
+            log.warning("sandbox: cleaning up after the dead sandbox in %s failed: %s", path, e)
+        finally:
+            lease.release()
+    cgroups.sweep_stale()
+    return removed
+
+
+def _sweep_now_and_then() -> None:
+    global _last_sweep
+    with _sweep_lock:
+        now = time.monotonic()
+        if _last_sweep is not None and now - _last_sweep < SWEEP_INTERVAL_S:
+            return
+        _last_sweep = now
+    sweep_stale()
 
 
 def _seccomp_program() -> bytes:
@@ -102,6 +151,7 @@ class Sandbox:
         self._spawner: spawner.Spawner | None = None
         self._cgroups: cgroups.EpisodeCgroups | None = None
         self._disk: disk.EpisodeDisk | None = None
+        _sweep_now_and_then()
         self._lease = acquire_uid()
         self.uid = self._lease.uid
         self._private_dir = tempfile.mkdtemp(prefix=f"{self.uid}.", dir=lock_dir())
@@ -509,13 +559,14 @@ class Sandbox:
                 if self._disk is not None:
                     self._disk.detach()
             finally:
-                self._lease.release()
-                original = os.path.join(self._private_dir, "original")
-                if os.path.ismount(original):  # never delete through a mount of the episode directory
-                    log.warning("sandbox: %s is still mounted; leaving %s in place", original,
-                                self._private_dir)
+                original = os.path.join(self._private_dir, disk.ORIGINAL)
+                if disk.is_mount_point(original):  # never delete through a mount of the episode directory
+                    log.warning("sandbox: %s is still mounted; leaving %s in place (sweep_stale retries)",
+                                original, self._private_dir)
                 else:
                     shutil.rmtree(self._private_dir, ignore_errors=True)
+                # Last: while the lease is held, sweep_stale in another process leaves this directory be.
+                self._lease.release()
 
 
 def _process_tree(pid: int) -> list[int]:

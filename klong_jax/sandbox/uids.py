@@ -58,15 +58,21 @@ def acquire_uid(base: int | None = None, count: int | None = None) -> UidLease:
         turn = next(_turn)
     start = (os.getpid() * 61 + turn * 1031) % count
     for i in range(count):
-        uid = base + (start + i) % count
-        fd = os.open(os.path.join(directory, f"{uid}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                     0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                continue
-            raise
-        return UidLease(uid, fd)
+        lease = try_acquire(base + (start + i) % count, directory)
+        if lease is not None:
+            return lease
     raise RuntimeError(f"all {count} sandbox uids from {base} are in use (lock files in {directory})")
+
+
+def try_acquire(uid: int, directory: str | None = None) -> UidLease | None:
+    """The lease of `uid` if no live sandbox holds it (in any process, this one included), else None."""
+    directory = directory or lock_dir()
+    fd = os.open(os.path.join(directory, f"{uid}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return None
+        raise
+    return UidLease(uid, fd)
