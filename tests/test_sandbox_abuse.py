@@ -421,3 +421,43 @@ def test_killed_owner_leaves_nothing_after_the_next_sandbox(tmp_path, backend, m
         top = os.path.join("/sys/fs/cgroup", controller, path.lstrip("/"), "klong_sandbox")
         if os.path.isdir(top):
             assert not [name for name in os.listdir(top) if name.startswith(f"{uid}-")], top
+
+
+# --- class 2, by signals: the set-up of later commands, once it has the agent's uid -------------------
+
+SIGNAL_SETUP = r"""
+import os, signal, time
+me, uid = os.getpid(), os.getuid()
+print("watching", flush=True)
+while not os.path.exists("sigint.go"):
+    time.sleep(0.01)
+while not os.path.exists("sigint.stop"):
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == me:
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                mine = b"sigint" in f.read()  # this job's own start and stop commands are spared
+            if os.stat(f"/proc/{pid}").st_uid == uid and not mine:
+                os.kill(int(pid), signal.SIGINT)
+        except OSError:
+            pass
+print("stopped", flush=True)
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attack_signals_into_the_launcher(tmp_path, backend):
+    """Class 2 by signals: a background job sends SIGINT to every process of its uid, so also to each
+    later command's launcher child in the moment between its switch to the agent's uid and the exec
+    (no ptrace needed: same uid). Before the fix the child's inherited Python handler answered: launcher
+    code ran on as the agent's uid without the seccomp filter yet, ending in KeyboardInterrupt
+    tracebacks in the command's output. Now the child has no handler: the signal just ends it, as it
+    would end the command's shell."""
+    with Sandbox(tmp_path / "episode", limits=_limits(max_processes=64), backend=backend) as sb:
+        _start_background(sb, "sigint", SIGNAL_SETUP)
+        sb.run("touch sigint.go")
+        outputs = [sb.run("echo ok").output for _ in range(40)]
+        sb.run("touch sigint.stop")
+    leaked = [out for out in outputs if "KeyboardInterrupt" in out or "launcher" in out]
+    assert not leaked, leaked[:3]

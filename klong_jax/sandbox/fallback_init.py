@@ -86,6 +86,8 @@ def build_root(root, spec):
     for path in spec["extra_ro_paths"]:
         _bind(path, root + path, read_only=True)
     _bind(spec["episode_dir"], root + spec["episode_dir"], read_only=False)
+    # As bubblewrap mounts it: set-uid bits and device files in the episode directory mean nothing.
+    _mount(None, root + spec["episode_dir"], None, MS_BIND | MS_REMOUNT | MS_NOSUID | MS_NODEV)
     # Nothing may be created next to the mounts: the root tmpfs itself becomes read-only.
     _mount(None, root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV, "mode=755")
 

@@ -101,8 +101,7 @@ def _child(cfg: dict, libc, cgroup_fds: list[int]) -> None:
             _fail(f"installing the seccomp filter failed: {os.strerror(ctypes.get_errno())}")
         argv = cfg["argv"]
         os.execve(argv[0], argv, cfg["env"])
-    except BaseException as e:  # noqa: BLE001 - never back into the server loop: a signal sent by an
-        # agent process once this child has the agent's uid (KeyboardInterrupt on SIGINT) lands here too
+    except BaseException as e:  # noqa: BLE001 - whatever fails, never back into the server's loop
         _fail(f"{type(e).__name__}: {e}")
 
 
@@ -192,6 +191,9 @@ def serve(cfg: dict) -> None:
         except OSError as e:
             child = -e.errno
         if child == 0:
+            # No Python signal handler in the child: once it has the agent's uid, agent processes may
+            # signal it, and a handler (KeyboardInterrupt on SIGINT) would run launcher code in reply.
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.set_wakeup_fd(-1)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             os.dup2(stdin_fd, 0)
