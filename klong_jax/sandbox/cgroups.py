@@ -13,6 +13,9 @@ episode's processes directly). Processes join these cgroups themselves (launcher
 anything of the agent's, and no agent process can leave them (cgroupfs is not in the view, and the
 agent is not root).
 
+The cgroups of an episode whose owner died without close() are removed by `sweep_stale()` (run by
+sandbox.sweep_stale, when a later sandbox is created on the host).
+
 Where neither works, `EpisodeCgroups.create` returns None after one logging.warning that says what the
 sandbox falls back to (per-process RLIMIT_AS, RLIMIT_NPROC of the episode's uid, process-group kills).
 """
@@ -281,9 +284,6 @@ class EpisodeCgroups:
         return leaf, self._procs_files(leaf)
 
     # -- looking and killing ------------------------------------------------------------------------
-    def command_pids(self, leaf: str) -> list[int]:
-        return _pids_in(os.path.join(self.pids_dir, leaf))
-
     def kill_command(self, leaf: str, timeout_s: float = 5.0) -> int:
         """SIGKILLs every process command `leaf` started, wherever it went (setsid, double forks), and
         waits until they are gone. Returns how many processes were killed."""

@@ -9,10 +9,12 @@ root, then switches to the episode's own unprivileged uid (a fresh one per episo
 seccomp filter (no ptrace, no kernel keyring, no mounts or namespaces; see seccomp.py) just before the
 command runs. Per episode, cgroups cap the memory and the tasks of all its processes together, and each
 command gets its own cgroup, so a timeout kills everything the command started (setsid included); the
-disk limit is a size-limited file system on the episode directory (disk.py). Wall-clock timeouts per
-command and per episode (kills every process of the episode); output read incrementally and truncated
-with a marker. Where the host lacks cgroups or loop devices, a warning says so once and what is used
-instead.
+disk limit is a size-limited file system on the episode directory (disk.py), copied back at close()
+without growing (hard links and holes kept). What a sandbox whose owner died without close() left
+(mounts, loop device, cgroups, files) is cleaned up by sweep_stale(), which Sandbox() runs now and then.
+Wall-clock timeouts per command and per episode (kills every process of the episode); output read
+incrementally and truncated with a marker. Where the host lacks cgroups or loop devices, a warning says
+so once and what is used instead.
 """
 from __future__ import annotations
 
@@ -66,14 +68,20 @@ def sweep_stale() -> int:
         path = os.path.join(directory, name)
         if not dot or not uid_text.isdigit() or name.endswith(".lock") or not os.path.isdir(path):
             continue
-        lease = try_acquire(int(uid_text), directory)
+        try:
+            lease = try_acquire(int(uid_text), directory)
+        except OSError as e:
+            log.warning("sandbox: cannot check whether %s is stale: %s", path, e)
+            continue
         if lease is None:  # a live sandbox's
             continue
         try:
             processes.kill_uid(lease.uid)
             disk.recover_stale(path)
-            if disk.is_mount_point(os.path.join(path, disk.ORIGINAL)):
-                log.warning("sandbox: %s is still mounted; leaving %s in place", path, path)
+            original = os.path.join(path, disk.ORIGINAL)
+            if disk.is_mount_point(original):  # never delete through a mount of an episode directory
+                log.warning("sandbox: %s could not be unmounted; leaving %s in place (umount it by "
+                            "hand)", original, path)
             else:
                 shutil.rmtree(path, ignore_errors=True)
                 removed += 1
@@ -92,7 +100,10 @@ def _sweep_now_and_then() -> None:
         if _last_sweep is not None and now - _last_sweep < SWEEP_INTERVAL_S:
             return
         _last_sweep = now
-    sweep_stale()
+    try:
+        sweep_stale()
+    except OSError as e:  # cleaning up after others must never keep this sandbox from starting
+        log.warning("sandbox: sweeping the leftovers of dead sandboxes failed: %s", e)
 
 
 def _seccomp_program() -> bytes:
