@@ -2,7 +2,9 @@
 
 Each test is written as the attacker would: model-written commands run with `Sandbox.run`, and the test
 then checks from the host whether the attack worked. Against the sandbox before the issue-17 fixes every
-attack below succeeded (recorded in BUILD_NOTES, session 8); now each must fail.
+attack below succeeded (recorded in BUILD_NOTES, session 8); now each must fail. The last three (the copy
+back at close(), a SIGKILLed owner's leftovers, signals into the launcher) come from the review of those
+fixes and succeeded against its first version (46b301c).
 
 The attackers use the system's /usr/bin/python3 (visible read-only in the sandbox) with ctypes.
 """

@@ -151,7 +151,9 @@ def layout() -> _Layout | None:
 
 
 def sweep_stale() -> None:
-    """Removes the empty cgroups of episodes whose owning process is gone (it died without close())."""
+    """Removes the cgroups of episodes whose owning process is gone (it died without close()), after
+    killing what is left in them: the namespace holder and any command of that episode still on its
+    way out (a cgroup with tasks cannot be removed, and a dead owner's tasks are nobody's to keep)."""
     lay = layout()
     if lay is None:
         return
@@ -171,11 +173,10 @@ def sweep_stale() -> None:
                 pass
             except OSError:
                 continue
-            for path in _subtree(os.path.join(top, name)):
-                try:
-                    os.rmdir(path)
-                except OSError:
-                    break  # still holds processes
+            try:
+                _remove(lay.version, os.path.join(top, name), timeout_s=5.0)
+            except (OSError, RuntimeError) as e:
+                log.warning("sandbox: removing the stale cgroup %s failed: %s", os.path.join(top, name), e)
 
 
 def warn_unavailable_once() -> None:
@@ -212,6 +213,53 @@ def _is_zombie(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
     except (OSError, IndexError):
         return True
+
+
+def _kill(version: int, dirs: list[str], timeout_s: float) -> int:
+    """SIGKILLs every process in the cgroups `dirs` until none is left (a fork bomb may fork while
+    being killed); returns how many were killed."""
+    if version == 2:
+        for path in dirs:
+            try:
+                _write(os.path.join(path, "cgroup.kill"), "1")
+            except FileNotFoundError:
+                pass
+    killed: set[int] = set()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = [pid for path in dirs for pid in _pids_in(path) if not _is_zombie(pid)]
+        if not alive:
+            return len(killed)
+        for pid in alive:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+            except ProcessLookupError:
+                pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"processes of sandbox cgroup {dirs[0]} survive SIGKILL: {alive[:10]}")
+        time.sleep(0.005)
+
+
+def _remove(version: int, top: str, timeout_s: float) -> None:
+    """Kills every process in the cgroup `top` and below, then removes them all (deepest first)."""
+    if not os.path.isdir(top):
+        return
+    _kill(version, _subtree(top), timeout_s)
+    for path in _subtree(top):
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                os.rmdir(path)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                # Killed tasks leave the cgroup once their parent has reaped them.
+                if time.monotonic() > deadline:
+                    log.warning("sandbox cgroup %s could not be removed", path)
+                    break
+                time.sleep(0.01)
 
 
 class EpisodeCgroups:
@@ -287,33 +335,10 @@ class EpisodeCgroups:
     def kill_command(self, leaf: str, timeout_s: float = 5.0) -> int:
         """SIGKILLs every process command `leaf` started, wherever it went (setsid, double forks), and
         waits until they are gone. Returns how many processes were killed."""
-        return self._kill([os.path.join(self.pids_dir, leaf)], timeout_s)
+        return _kill(self.layout.version, [os.path.join(self.pids_dir, leaf)], timeout_s)
 
     def kill_all(self, timeout_s: float = 5.0) -> int:
-        return self._kill(_subtree(self.pids_dir), timeout_s)
-
-    def _kill(self, dirs: list[str], timeout_s: float) -> int:
-        if self.layout.version == 2:
-            for path in dirs:
-                try:
-                    _write(os.path.join(path, "cgroup.kill"), "1")
-                except FileNotFoundError:
-                    pass
-        killed: set[int] = set()
-        deadline = time.monotonic() + timeout_s
-        while True:
-            alive = [pid for path in dirs for pid in _pids_in(path) if not _is_zombie(pid)]
-            if not alive:
-                return len(killed)
-            for pid in alive:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                    killed.add(pid)
-                except ProcessLookupError:
-                    pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"processes of sandbox cgroup {dirs[0]} survive SIGKILL: {alive[:10]}")
-            time.sleep(0.005)
+        return _kill(self.layout.version, _subtree(self.pids_dir), timeout_s)
 
     def release_finished(self) -> None:
         """Removes the cgroups of commands whose processes have all ended."""
@@ -343,20 +368,4 @@ class EpisodeCgroups:
     def remove(self, timeout_s: float = 5.0) -> None:
         """Kills whatever is left and removes the episode's cgroups."""
         for top in {self.pids_dir, self.memory_dir}:
-            if not os.path.isdir(top):
-                continue
-            self._kill(_subtree(top), timeout_s)
-            for path in _subtree(top):
-                deadline = time.monotonic() + timeout_s
-                while True:
-                    try:
-                        os.rmdir(path)
-                        break
-                    except FileNotFoundError:
-                        break
-                    except OSError:
-                        # Killed tasks leave the cgroup once their parent has reaped them.
-                        if time.monotonic() > deadline:
-                            log.warning("sandbox cgroup %s could not be removed", path)
-                            break
-                        time.sleep(0.01)
+            _remove(self.layout.version, top, timeout_s)
