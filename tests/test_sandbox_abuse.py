@@ -311,11 +311,14 @@ with open("suid", "w") as out:
     out.write("x")
 os.chmod("suid", 0o4755)
 top = os.getcwd()
-for i in range(1100):                   # deeper than Python's recursion limit
-    os.mkdir("d")
-    os.chdir("d")
+for i in range(3500):                   # deeper than Python's recursion limit
+    os.mkdir("z")                       # (copied before link.txt: its deepest copy comes first)
+    os.chdir("z")
 with open("deep.txt", "w") as out:
     out.write("deep")
+for i in range(3499):                   # and a link to the deepest file on every level
+    os.chdir("..")
+    os.link("z/deep.txt" if i == 0 else "z/link.txt", "link.txt")
 os.chdir(top)
 for i in range(25):                     # a path longer than PATH_MAX (4096)
     os.mkdir("n" * 200)
@@ -351,27 +354,36 @@ def _scan(root: str) -> tuple[int, dict[str, str]]:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_attack_disk_limit_amplified_at_close(tmp_path, backend):
-    """Class 3 at close(): with disk_bytes = 32 MiB the agent writes a 4 MiB file with 30 hard links and
-    twenty 32 MiB sparse files (about 4 MiB allocated in all), a set-uid file, a directory chain deeper
-    than Python's recursion limit and a path longer than PATH_MAX. Before the fix the copy back into the
-    host directory made every link and every hole a full copy (16 MiB on the image -> 7.5 GiB on the
-    host; a 1 GiB image with 65000 links fills any disk), and the deep chain made close() raise
-    RecursionError halfway through, losing the files. Now the host copy allocates no more than the image,
-    links stay links, holes stay holes, set-uid bits are dropped and every file comes back."""
+    """Class 3 at close(): with disk_bytes = 64 MiB the agent writes a 4 MiB file with 30 hard links and
+    twenty 32 MiB sparse files (about 4 MiB allocated in all), a set-uid file, a directory chain 3500
+    deep (past Python's recursion limit) with a link to its deepest file on every level, and a path
+    longer than PATH_MAX. Against 46b301c the copy back into the host directory made every link and
+    every hole a full copy (16 MiB on the image -> 7.5 GiB on the host; a 1 GiB image with 65000 links
+    fills any disk), and the deep chain made close() raise RecursionError halfway through, losing the
+    files; a first fix that found each link's target by walking from the top took 11 s here (quadratic:
+    an hour for a 1 GiB image). Now the host copy allocates no more than the image, links stay links,
+    holes stay holes, set-uid bits are dropped, every file comes back, and close() stays fast."""
     from klong_jax.sandbox import disk
-    limits = _limits(disk_bytes=32 * MIB, file_size_bytes=64 * MIB)
+    limits = _limits(disk_bytes=64 * MIB, file_size_bytes=64 * MIB)
     episode = tmp_path / "episode"
-    with Sandbox(episode, limits=limits, backend=backend) as sb:
+    sb = Sandbox(episode, limits=limits, backend=backend)
+    try:
         res = sb.run("/usr/bin/python3 -", stdin=AMPLIFY)
+    finally:
+        started = time.monotonic()
+        sb.close()
+        close_s = time.monotonic() - started
     try:
         assert res.output.startswith("written"), res.output
         assert not disk.is_mount_point(str(episode))
         used, texts = _scan(str(episode))
-        assert used <= 32 * MIB, f"{used / MIB:.0f} MiB on the host after close()"
+        assert used <= 64 * MIB, f"{used / MIB:.0f} MiB on the host after close()"
         assert os.stat(episode / "f").st_nlink == 31
+        assert os.stat(episode / "z" / "link.txt").st_nlink == 3500
         assert os.stat(episode / "sparse3").st_size == 32 * MIB
         assert not os.stat(episode / "suid").st_mode & 0o6000
-        assert texts == {"deep.txt": "deep", "long.txt": "long"}
+        assert texts == {"deep.txt": "deep", "link.txt": "deep", "long.txt": "long"}
+        assert close_s < 6.0, f"close() took {close_s:.1f}s"
     finally:
         disk._clear(str(episode))  # pytest's own cleanup cannot remove a tree this deep
 

@@ -25,6 +25,7 @@ import ctypes
 import errno
 import logging
 import os
+import secrets
 import shutil
 import stat
 import subprocess
@@ -83,33 +84,6 @@ _CHUNK = 1 << 20
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-class _Dir:
-    """A directory of the copy: its parent and name, so that its path can be walked again (by name,
-    from the destination's root) to make a hard link to a file in it."""
-
-    __slots__ = ("parent", "name")
-
-    def __init__(self, parent: "_Dir | None", name: str):
-        self.parent, self.name = parent, name
-
-    def names(self) -> list[str]:
-        names, node = [], self
-        while node.parent is not None:
-            names.append(node.name)
-            node = node.parent
-        return names[::-1]
-
-
-def _open_below(root_fd: int, names: list[str]) -> int:
-    """A new fd of the directory at `names` below `root_fd`, walked one name at a time (any depth)."""
-    fd = os.dup(root_fd)
-    for name in names:
-        child = os.open(name, _DIR_FLAGS, dir_fd=fd)
-        os.close(fd)
-        fd = child
-    return fd
-
-
 def _up(fd: int) -> int:
     """An fd of the parent of the directory `fd` (which is closed)."""
     try:
@@ -157,25 +131,30 @@ def copy_tree(source: str, dest: str) -> None:
     set-gid bits dropped (the episode file system is mounted nosuid: they never applied); other file
     types and extended attributes are skipped. So the copy allocates no more than `source` does: a
     size-limited episode file system cannot grow past its limit on the way back to the host.
-    Walks with directory file descriptors (openat), two open at a time, so any depth and any path length
-    is copied (paths past PATH_MAX included). Call only while nothing else writes in either tree."""
+    Walks with directory file descriptors (openat), a few open at a time, so any depth and any path
+    length is copied (paths past PATH_MAX included), in time linear in the number of names: a file with
+    several links is copied once into a flat staging directory in `dest` and linked from there, then
+    the staging directory is removed. Call only while nothing else writes in either tree."""
     src_root = os.open(source, _DIR_FLAGS)
     dst_root = os.open(dest, _DIR_FLAGS)
-    # (device, inode) of a file with several links -> where its first copy went
-    links: dict[tuple[int, int], tuple[_Dir, str]] = {}
+    top_names = set(os.listdir(src_root))
+    stage = f".klong-copy-links-{secrets.token_hex(8)}"
+    while stage in top_names:
+        stage = f".klong-copy-links-{secrets.token_hex(8)}"
+    stage_fd = -1
+    staged: set[str] = set()  # "device-inode" of the files with several links copied so far
     # Depth-first: each level holds the names still to copy; going up re-opens ".." on both sides.
-    src_fd, dst_fd, node = os.dup(src_root), os.dup(dst_root), _Dir(None, "")
-    stack = [(node, sorted(os.listdir(src_fd)))]
+    src_fd, dst_fd = os.dup(src_root), os.dup(dst_root)
+    stack = [sorted(top_names)]
     try:
         while stack:
-            node, pending = stack[-1]
-            if not pending:
+            if not stack[-1]:
                 stack.pop()
                 if stack:  # the finished directory gets its metadata, then back to its parent
                     _set_meta(dst_fd, os.fstat(src_fd))
                     src_fd, dst_fd = _up(src_fd), _up(dst_fd)
                 continue
-            name = pending.pop()
+            name = stack[-1].pop()
             st = os.stat(name, dir_fd=src_fd, follow_symlinks=False)
             if stat.S_ISDIR(st.st_mode):
                 os.mkdir(name, 0o700, dir_fd=dst_fd)
@@ -184,40 +163,52 @@ def copy_tree(source: str, dest: str) -> None:
                 os.close(src_fd)
                 os.close(dst_fd)
                 src_fd, dst_fd = child_src, child_dst
-                stack.append((_Dir(node, name), sorted(os.listdir(src_fd))))
+                stack.append(sorted(os.listdir(src_fd)))
             elif stat.S_ISLNK(st.st_mode):
                 os.symlink(os.readlink(name, dir_fd=src_fd), name, dir_fd=dst_fd)
                 os.chown(name, st.st_uid, st.st_gid, dir_fd=dst_fd, follow_symlinks=False)
             elif stat.S_ISREG(st.st_mode):
-                first = links.get((st.st_dev, st.st_ino)) if st.st_nlink > 1 else None
-                if first is not None:
-                    first_dir, first_name = first
-                    parent = _open_below(dst_root, first_dir.names())
-                    try:
-                        os.link(first_name, name, src_dir_fd=parent, dst_dir_fd=dst_fd,
-                                follow_symlinks=False)
-                    finally:
-                        os.close(parent)
+                if st.st_nlink == 1:
+                    _copy_file(src_fd, name, dst_fd, name, st)
                     continue
-                src_file = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_fd)
-                try:
-                    dst_file = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                                       | os.O_CLOEXEC, 0o600, dir_fd=dst_fd)
-                    try:
-                        _copy_data(src_file, dst_file, st.st_size)
-                        _set_meta(dst_file, st)
-                    finally:
-                        os.close(dst_file)
-                finally:
-                    os.close(src_file)
-                if st.st_nlink > 1:
-                    links[(st.st_dev, st.st_ino)] = (node, name)
+                key = f"{st.st_dev}-{st.st_ino}"
+                if stage_fd < 0:
+                    os.mkdir(stage, 0o700, dir_fd=dst_root)
+                    stage_fd = os.open(stage, _DIR_FLAGS, dir_fd=dst_root)
+                if key not in staged:
+                    _copy_file(src_fd, name, stage_fd, key, st)
+                    staged.add(key)
+                os.link(key, name, src_dir_fd=stage_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
     finally:
-        for fd in (src_fd, dst_fd, src_root, dst_root):
+        for fd in (src_fd, dst_fd, src_root):
             try:
                 os.close(fd)
             except OSError:  # already closed by a failed _up
                 pass
+        try:
+            if stage_fd >= 0:
+                for key in staged:
+                    os.unlink(key, dir_fd=stage_fd)
+                os.close(stage_fd)
+                os.rmdir(stage, dir_fd=dst_root)
+        finally:
+            os.close(dst_root)
+
+
+def _copy_file(src_dir_fd: int, src_name: str, dst_dir_fd: int, dst_name: str, st: os.stat_result
+               ) -> None:
+    """One regular file, as copy_tree copies it (data extents only, then owner, mode and times)."""
+    src = os.open(src_name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir_fd)
+    try:
+        dst = os.open(dst_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                      0o600, dir_fd=dst_dir_fd)
+        try:
+            _copy_data(src, dst, st.st_size)
+            _set_meta(dst, st)
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
 
 
 def _clear(directory: str) -> None:
