@@ -302,7 +302,11 @@ class EpisodeDisk:
             if copy_back:
                 _clear(self.original)
                 copy_tree(self.episode_dir, self.original)
-                shutil.copystat(self.episode_dir, self.original)
+                fd = os.open(self.original, _DIR_FLAGS)
+                try:  # the directory itself as copy_tree treats what is in it
+                    _set_meta(fd, os.stat(self.episode_dir))
+                finally:
+                    os.close(fd)
         finally:
             _umount(self.episode_dir)
             _umount(self.original)
