@@ -20,8 +20,9 @@ STAGES = {
 
 
 # Per variant: optimizer, RL loop sizes and agent sampling limits (stage-independent).
-# smol: its top 8 layers train (config.trainable), so a larger lr than full-parameter RL.
-OPTIMIZER = {"tiny": dict(lr=1e-4), "smol": dict(lr=1e-5), "small": dict(lr=1e-6), "glm45_air": dict(lr=1e-6)}
+# smol: its top 8 layers train (config.trainable), so a larger lr than full-parameter RL: SFT's final lr (2e-5), as
+# each stage has only 2 steps.
+OPTIMIZER = {"tiny": dict(lr=1e-4), "smol": dict(lr=2e-5), "small": dict(lr=1e-6), "glm45_air": dict(lr=1e-6)}
 LOOP = {
     "tiny": dict(steps=4, tasks_per_step=2, group_size=4, ppo_epochs=2, seq_len_factor=2, max_concurrent_episodes=8),
     "smol": dict(steps=2, tasks_per_step=2, group_size=4, ppo_epochs=1, seq_len_factor=2, max_concurrent_episodes=8),
