@@ -285,6 +285,7 @@ class Sandbox:
         return self.run(f"exec {self.python} -", timeout_s=timeout_s, stdin=code)
 
     def episode_time_left(self) -> float | None:
+        """Seconds left of limits.episode_timeout_s (negative once it has passed); None without one."""
         if self.limits.episode_timeout_s is None:
             return None
         return self.limits.episode_timeout_s - (time.monotonic() - self._started)
@@ -296,6 +297,9 @@ class Sandbox:
             self._kill_holder()
 
     def close(self) -> None:
+        """Ends the episode: kills every process it started, copies a disk-limited episode directory
+        back into a plain directory (hard links and holes kept), removes its cgroups and frees its uid.
+        Idempotent; run() raises SandboxClosedError afterwards."""
         if self._closed:
             return
         self._closed = True
