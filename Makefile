@@ -51,8 +51,9 @@ sandbox-deps:
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap e2fsprogs >/dev/null 2>&1 || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap e2fsprogs >/dev/null; } || \
-	  echo "WARNING: could not install bubblewrap; the sandbox uses its unshare fallback"; \
-	else echo "WARNING: bubblewrap is not installed (apt-get install bubblewrap, as root); the sandbox uses its unshare fallback"; fi
+	  echo "WARNING: could not install bubblewrap and e2fsprogs; the sandbox says at start what it falls back to"; \
+	else echo "WARNING: bubblewrap or e2fsprogs (mkfs.ext4) is missing (apt-get install bubblewrap e2fsprogs, as root);" \
+	  "the sandbox says at start what it falls back to"; fi
 
 demo: venv pretrained sandbox-deps
 	JAX_PLATFORMS=cpu $(PY) launch/train.py --config=configs/klong.py:$(VARIANT) --config.seed=$(SEED) \
