@@ -5,6 +5,7 @@ import dataclasses
 import os
 import re
 import resource
+import signal
 import socket
 import threading
 import time
@@ -42,9 +43,20 @@ def test_basic_command(sandbox):
     assert sandbox.uid != 0
 
 
-def test_commands_get_default_signal_dispositions(sandbox):
-    # Nothing ignored or blocked leaks from the sandbox's own (Python) processes into the command.
-    res = sandbox.run("grep -E '^Sig(Ign|Blk)' /proc/self/status; yes | head -1; echo ${PIPESTATUS[@]}")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_commands_get_default_signal_dispositions(backend, tmp_path):
+    # Nothing ignored or blocked leaks into the command, neither from the sandbox's own (Python) processes nor
+    # from the owner's: the owner ignores SIGHUP and SIGQUIT and blocks SIGUSR1 (as under nohup, or as a shell's
+    # background job) while it creates the sandbox and runs the command.
+    hup, quit_ = signal.signal(signal.SIGHUP, signal.SIG_IGN), signal.signal(signal.SIGQUIT, signal.SIG_IGN)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGUSR1,))
+    try:
+        with Sandbox(tmp_path / "episode", limits=SMALL, backend=backend) as sb:
+            res = sb.run("grep -E '^Sig(Ign|Blk)' /proc/self/status; yes | head -1; echo ${PIPESTATUS[@]}")
+    finally:
+        signal.signal(signal.SIGHUP, hup)
+        signal.signal(signal.SIGQUIT, quit_)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     assert res.output == "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\ny\n141 0\n", res
 
 

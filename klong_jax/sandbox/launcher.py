@@ -67,17 +67,25 @@ def _prctl(libc, option: int, arg: int, what: str) -> None:
         _fail(f"prctl({what}) failed: {os.strerror(ctypes.get_errno())}")
 
 
+def _default_signals() -> None:
+    """Every catchable signal to SIG_DFL and an empty signal mask: what a command inherits through execve
+    (`yes | head` ends yes with SIGPIPE, a write past RLIMIT_FSIZE raises SIGXFSZ, a timeout's SIGHUP ends a job)."""
+    for sig in signal.valid_signals():
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        try:
+            signal.signal(sig, signal.SIG_DFL)
+        except (OSError, ValueError):   # signals the C library reserves for itself (e.g. 32, 33)
+            pass
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+
+
 def _child(cfg: dict, libc, cgroup_fds: list[int]) -> None:
     try:
         for fd in cgroup_fds:
             os.write(fd, b"0")  # "0": the writing process itself
             os.close(fd)
         os.setsid()
-        # Python ignores SIGPIPE and SIGXFSZ, and ignored signals stay ignored across execve: the
-        # command must get the default dispositions (`yes | head` ends yes with SIGPIPE, a write past
-        # RLIMIT_FSIZE raises SIGXFSZ).
-        for sig in (signal.SIGPIPE, signal.SIGXFSZ):
-            signal.signal(sig, signal.SIG_DFL)
         for res, soft, hard in cfg["rlimits"]:
             resource.setrlimit(res, (soft, hard))
         for cap in range(cfg["cap_last_cap"] + 1):
@@ -191,11 +199,13 @@ def serve(cfg: dict) -> None:
         except OSError as e:
             child = -e.errno
         if child == 0:
-            # No Python signal handler in the child: once it has the agent's uid, agent processes may
-            # signal it, and a handler (KeyboardInterrupt on SIGINT) would run launcher code in reply.
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            # Every disposition back to the default and nothing blocked, first thing in the child. No Python
+            # handler: once it has the agent's uid, agent processes may signal it, and a handler
+            # (KeyboardInterrupt on SIGINT) would run launcher code in reply. Nothing ignored: ignored
+            # signals stay ignored across execve, and the owner may ignore some (Python: SIGPIPE, SIGXFSZ;
+            # nohup: SIGHUP; a background job of a shell: SIGINT, SIGQUIT).
+            _default_signals()
             signal.set_wakeup_fd(-1)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             os.dup2(stdin_fd, 0)
             os.dup2(output_fd, 1)
             os.dup2(output_fd, 2)
