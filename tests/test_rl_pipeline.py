@@ -63,6 +63,12 @@ def test_pipeline_resumes_after_sigkill(tmp_path):
     assert list(results["achievable_by_stage"]) == ["rl_stage1", "rl_stage2", "rl_stage3"]
     assert all(row["max_turns"] == 2 and 0.0 <= row["mean_score"] <= 1.0
                for row in results["achievable_by_stage"].values())
+    # Each RL step logs its groups: 1 task per step is 1 group, skipped when its 2 episodes tie (no variance).
+    for stage, steps in (("rl_stage1", 2), ("rl_stage2", 1), ("rl_stage3", 1)):
+        rows = [json.loads(line) for line in (workdir / stage / "metrics.jsonl").read_text().splitlines()
+                if line.strip() and json.loads(line).get("split") == "rl"]
+        assert rows and {r["step"] for r in rows} <= set(range(1, steps + 1)), rows   # (the kill may lose one row)
+        assert all(r["groups_total"] == 1 and r["groups_skipped"] in (0, 1) for r in rows), rows
     # Every stage directory carries its own config (what launch/eval.py and tools/ read).
     assert json.loads((workdir / "rl_stage2" / "config.json").read_text())["stage"] == 2
     assert json.loads((workdir / "sft" / "config.json").read_text())["kind"] == "sft"
