@@ -185,8 +185,7 @@ def run_rl(cfg, workdir: str, data_paths: dict) -> dict:
                 rewards = np.array([r.reward or 0.0 for r in results], np.float64).reshape(len(order), rl.group_size)
                 adv, valid = group_advantages(rewards, rl.advantage)
                 metrics.update({k: v for k, v in advantage_stats(rewards, valid).items()
-                                if k in ("groups_total", "groups_skipped")})
-                metrics["reward_mean"], metrics["reward_std"] = float(rewards.mean()), float(rewards.std())
+                                if k in ("groups_total", "groups_skipped", "reward_mean", "reward_std")})
                 by_episode = {r.episode_id: float(adv.reshape(-1)[i]) for i, r in enumerate(results)}
                 rows, stats = build_rows(results, by_episode, seq_len=rl.seq_len, pad_id=st.tokenizer.pad_id,
                                          num_moe_layers=st.model_cfg.num_moe_layers,
