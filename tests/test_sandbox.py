@@ -1,6 +1,7 @@
 """Sandbox behaviour and confinement: every attack must leave the host untouched and the episode usable.
 
 The confinement tests run on both backends (bubblewrap and the unshare fallback)."""
+import ctypes
 import dataclasses
 import os
 import re
@@ -13,7 +14,7 @@ import uuid
 
 import pytest
 
-from klong_jax.sandbox import Sandbox, SandboxLimits, host_python, processes
+from klong_jax.sandbox import Sandbox, SandboxLimits, host_python, launcher, processes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = SandboxLimits(cpu_seconds=20, address_space_bytes=1 << 30, max_processes=48,
@@ -43,17 +44,37 @@ def test_basic_command(sandbox):
     assert sandbox.uid != 0
 
 
+def _raw_sigaction(sig: int, handler: int) -> bytes:
+    """rt_sigaction(2) by number (glibc refuses 32 and 33): sets `handler` (0 SIG_DFL, 1 SIG_IGN) with no flags
+    and an empty mask; returns the old kernel struct, which `_raw_restore` puts back."""
+    nr = launcher.SYS_RT_SIGACTION[os.uname().machine]
+    libc = ctypes.CDLL(None, use_errno=True)
+    act, old = ctypes.create_string_buffer(handler.to_bytes(8, "little"), 32), ctypes.create_string_buffer(32)
+    assert libc.syscall(ctypes.c_long(nr), ctypes.c_long(sig), act, old, ctypes.c_ulong(8)) == 0, ctypes.get_errno()
+    return old.raw
+
+
+def _raw_restore(sig: int, old: bytes) -> None:
+    nr = launcher.SYS_RT_SIGACTION[os.uname().machine]
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.syscall(ctypes.c_long(nr), ctypes.c_long(sig), ctypes.create_string_buffer(old, 32), None,
+                        ctypes.c_ulong(8)) == 0, ctypes.get_errno()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_commands_get_default_signal_dispositions(backend, tmp_path):
     # Nothing ignored or blocked leaks into the command, neither from the sandbox's own (Python) processes nor
     # from the owner's: the owner ignores SIGHUP and SIGQUIT and blocks SIGUSR1 (as under nohup, or as a shell's
-    # background job) while it creates the sandbox and runs the command.
+    # background job) while it creates the sandbox and runs the command; it also ignores signal 32, which glibc
+    # and Python will not touch (CI's runner left it ignored: SigIgn 0000000080000000).
     hup, quit_ = signal.signal(signal.SIGHUP, signal.SIG_IGN), signal.signal(signal.SIGQUIT, signal.SIG_IGN)
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGUSR1,))
+    old32 = _raw_sigaction(32, 1)
     try:
         with Sandbox(tmp_path / "episode", limits=SMALL, backend=backend) as sb:
             res = sb.run("grep -E '^Sig(Ign|Blk)' /proc/self/status; yes | head -1; echo ${PIPESTATUS[@]}")
     finally:
+        _raw_restore(32, old32)
         signal.signal(signal.SIGHUP, hup)
         signal.signal(signal.SIGQUIT, quit_)
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)

@@ -67,16 +67,31 @@ def _prctl(libc, option: int, arg: int, what: str) -> None:
         _fail(f"prctl({what}) failed: {os.strerror(ctypes.get_errno())}")
 
 
-def _default_signals() -> None:
+# rt_sigaction(2) by number, for the signals glibc keeps from sigaction(3) (32 and 33 serve its threads).
+SYS_RT_SIGACTION = {"x86_64": 13, "aarch64": 134}
+_NSIG = 64
+
+
+def _default_signals(libc) -> None:
     """Every catchable signal to SIG_DFL and an empty signal mask: what a command inherits through execve
-    (`yes | head` ends yes with SIGPIPE, a write past RLIMIT_FSIZE raises SIGXFSZ, a timeout's SIGHUP ends a job)."""
-    for sig in signal.valid_signals():
+    (`yes | head` ends yes with SIGPIPE, a write past RLIMIT_FSIZE raises SIGXFSZ, a timeout's SIGHUP ends a job).
+
+    Python (and glibc's sigaction) refuse signals 32 and 33, yet an owner may have them ignored (CI's runner
+    ignored 32) and an ignored signal stays ignored across execve, so those go through the raw syscall. Its
+    kernel struct (handler, flags, [restorer,] mask) is all zeros for SIG_DFL with no flags and an empty mask,
+    so 32 zero bytes are that struct on every architecture."""
+    for sig in range(1, _NSIG + 1):
         if sig in (signal.SIGKILL, signal.SIGSTOP):
             continue
         try:
             signal.signal(sig, signal.SIG_DFL)
-        except (OSError, ValueError):   # signals the C library reserves for itself (e.g. 32, 33)
-            pass
+        except (OSError, ValueError):   # signals the C library reserves for itself (32, 33)
+            nr = SYS_RT_SIGACTION.get(os.uname().machine)
+            if nr is None:
+                _fail(f"no rt_sigaction syscall number for {os.uname().machine!r}: cannot reset signal {sig}")
+            act = ctypes.create_string_buffer(32)
+            if libc.syscall(ctypes.c_long(nr), ctypes.c_long(sig), act, None, ctypes.c_ulong(_NSIG // 8)) != 0:
+                _fail(f"rt_sigaction({sig}, SIG_DFL) failed: {os.strerror(ctypes.get_errno())}")
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
 
 
@@ -204,7 +219,7 @@ def serve(cfg: dict) -> None:
             # (KeyboardInterrupt on SIGINT) would run launcher code in reply. Nothing ignored: ignored
             # signals stay ignored across execve, and the owner may ignore some (Python: SIGPIPE, SIGXFSZ;
             # nohup: SIGHUP; a background job of a shell: SIGINT, SIGQUIT).
-            _default_signals()
+            _default_signals(libc)
             signal.set_wakeup_fd(-1)
             os.dup2(stdin_fd, 0)
             os.dup2(output_fd, 1)
