@@ -6,7 +6,7 @@ stage's checkpoint evaluated on held-out tasks, and the expert's ceiling under e
                                                                                         3's budget alone)
   python launch/train.py --config=configs/klong.py:smol --config.seed=1 --workdir=...     (another seed)
 Sub-configs are the stage configs themselves (`--config.rl_stage2.rl.steps=8`, `--config.sft.train.steps=50`);
-the model, mesh, data and trainable sections are shared by all stages (`--config.sft.model.num_hidden_layers=2`,
+the model, mesh, data, trainable and rollout sections are shared by all stages (`--config.sft.model.num_hidden_layers=2`,
 `--config.sft.trainable.top_layers=4`);
 rerunning the command after an interruption resumes where it stopped.
 
@@ -43,7 +43,7 @@ def get_config(arg: str = "tiny") -> ConfigDict:
         # One model, mesh, data and trainable section for every stage (the same objects): `--config.sft.model.x=...`
         # changes the model of the whole recipe, so stage checkpoints always fit the next stage;
         # `--config.sft.trainable.top_layers=4` trains the top 4 layers in SFT and every RL stage.
-        for section in ("model", "mesh", "data", "trainable"):
+        for section in ("model", "mesh", "data", "trainable", "rollout"):
             c[f"rl_stage{stage}"][section] = c.sft[section]
     if schedule == "stage3_only":
         c.rl_stage3.init_from = "../sft"

@@ -24,12 +24,14 @@ STAGES = {
 # each stage has only 2 steps.
 OPTIMIZER = {"tiny": dict(lr=1e-4), "smol": dict(lr=2e-5), "small": dict(lr=1e-6), "glm45_air": dict(lr=1e-6)}
 LOOP = {
-    "tiny": dict(steps=4, tasks_per_step=2, group_size=4, ppo_epochs=2, seq_len_factor=2, max_concurrent_episodes=8),
-    "smol": dict(steps=2, tasks_per_step=2, group_size=4, ppo_epochs=1, seq_len_factor=2, max_concurrent_episodes=8),
+    "tiny": dict(steps=4, tasks_per_step=2, group_size=4, ppo_epochs=2, seq_len_factor=2, max_concurrent_episodes=8,
+                 replay_gap=True),
+    "smol": dict(steps=2, tasks_per_step=2, group_size=4, ppo_epochs=1, seq_len_factor=2, max_concurrent_episodes=8,
+                 replay_gap=False),
     "small": dict(steps=200, tasks_per_step=64, group_size=16, ppo_epochs=1, seq_len_factor=1,
-                  max_concurrent_episodes=64),
+                  max_concurrent_episodes=64, replay_gap=True),
     "glm45_air": dict(steps=200, tasks_per_step=64, group_size=16, ppo_epochs=1, seq_len_factor=1,
-                      max_concurrent_episodes=64),
+                      max_concurrent_episodes=64, replay_gap=True),
 }
 # max_new_tokens_per_turn (None: the episode's token budget); disk_mib: episode directory space (tiny tasks write a
 # few KiB; an ML experiment writes data and checkpoints); eval_tasks: held-out tasks per stage evaluation.
@@ -58,6 +60,7 @@ def rl_config(stage: int, variant: str) -> ConfigDict:
     c.mesh = base.mesh
     c.data = base.data
     c.trainable = base.trainable   # what trains: SFT's section (klong_jax/training/trainable.py)
+    c.rollout = base.rollout       # the rollout sampler's devices and dtype: SFT's section (its eval uses it too)
     c.optimizer = ConfigDict(dict(**OPTIMIZER[variant], warmup_steps=0, final_lr_fraction=1.0, b1=0.9, b2=0.99,
                                   eps=1e-8, weight_decay=0.0, clip_norm=1.0))
     c.rl = ConfigDict(dict(
@@ -67,6 +70,9 @@ def rl_config(stage: int, variant: str) -> ConfigDict:
         kl_coef=0.0,                   # k3 KL to the frozen stage-start policy (0: off)
         tis_cap=2.0,                   # truncated importance weight cap (0: off)
         routing_replay=True,           # force the sampler's experts in the training forward pass
+        # Also compute the old log-probs without replay and log the sampler-trainer gap both ways (one more forward
+        # pass per batch). smol: off, the demo's updates cost as much as its rollouts.
+        replay_gap=loop["replay_gap"],
         ppo_epochs=loop["ppo_epochs"],
         seq_len=base.train.seq_len * loop["seq_len_factor"], batch_rows=base.train.global_batch,
         packing="shared_prefix", max_concurrent_episodes=loop["max_concurrent_episodes"]))

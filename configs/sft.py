@@ -34,11 +34,24 @@ MESHES = {
 
 RUNTIME = {
     "tiny": dict(compute_dtype="float32", param_dtype="float32", attention_impl="blockwise"),
-    # fp32 on a CPU: bf16 matmuls are slower there (shared/notes/smollm2_gguf.md).
-    "smol": dict(compute_dtype="float32", param_dtype="float32", attention_impl="blockwise"),
+    # bf16 compute, fp32 master weights: on this AMX CPU a bf16 matmul is 4.8x an fp32 one, and the SFT step of the
+    # top 8 layers (2 x 1,024 tokens, 2 devices) takes 8.6 s against 14.0 s in fp32 (BUILD_NOTES, session 9).
+    "smol": dict(compute_dtype="bfloat16", param_dtype="float32", attention_impl="blockwise"),
     "small": dict(compute_dtype="bfloat16", param_dtype="float32", attention_impl="blockwise"),
     "glm45_air": dict(compute_dtype="bfloat16", param_dtype="float32", remat_policy="full", attention_impl="pallas",
                       moe_token_chunk=4096),
+}
+
+# The rollout sampler's copy of the policy (klong_jax.agent.RolloutConfig; RL rollouts and held-out evaluation):
+# devices (0: all, the trainer's mesh), dtype ("": the model's), session_chunk (tokens per row of a prefill call).
+# smol: bf16 on one device; a turn appends ~15-50 tokens per episode, so 32-token chunks (a 128-token chunk computes
+# 4x the padding). Decode step, 8 episodes, 1,792 cache slots: 250 ms on the 2-device fp32 mesh, ~150 ms on one
+# device (BUILD_NOTES, session 9).
+ROLLOUT = {
+    "tiny": dict(devices=0, dtype="", session_chunk=128),
+    "smol": dict(devices=1, dtype="bfloat16", session_chunk=32),
+    "small": dict(devices=0, dtype="", session_chunk=128),
+    "glm45_air": dict(devices=0, dtype="", session_chunk=128),
 }
 
 # Training schedule per variant. seq_len is also the context budget of the ContextPolicy (tokens per window).
@@ -131,6 +144,8 @@ def get_config(variant: str = "tiny") -> ConfigDict:
                               max_new_tokens_per_turn=AGENT[variant]["max_new_tokens_per_turn"], temperature=0.0,
                               disk_mib=AGENT[variant]["disk_mib"],
                               one_call_per_turn=AGENT[variant]["one_call_per_turn"]))
+
+    c.rollout = ConfigDict(dict(ROLLOUT[variant], mesh={}))
 
     c.data = ConfigDict()
     # Trajectory JSONL files (comma-separated globs); empty: the embedded task suite below.

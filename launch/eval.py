@@ -148,7 +148,7 @@ def main(_):
     setup_devices(cfg.cpu_devices)
     import jax
 
-    from klong_jax.agent import evaluate
+    from klong_jax.agent import RolloutConfig, evaluate
     from klong_jax.agent.sampler_policy import SamplerPolicy
     from klong_jax.data.chat_template import check_chat_template_name, make_chat_template
     from klong_jax.data.tokenizer import load_tokenizer
@@ -193,6 +193,7 @@ def main(_):
     concurrent = min(_MAX_CONCURRENT.value, len(tasks) * _N_PER_TASK.value)
     ckpt_ref = os.path.abspath(_CHECKPOINT.value) if os.path.exists(_CHECKPOINT.value) else _CHECKPOINT.value
     policy = SamplerPolicy.from_model(model, mesh, seed=_SEED.value,
+                                      rollout=RolloutConfig.from_mapping(cfg.get("rollout")),
                                       **SamplerPolicy.rollout_buckets(config, concurrent, template))
     evaluate(tasks, policy, template=template, config=config,
              workdir=workdir, n_per_task=_N_PER_TASK.value,

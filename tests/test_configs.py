@@ -58,7 +58,8 @@ def test_smol_base_loads_into_the_config_architecture():
     from klong_jax.hf.gguf import load_gguf
     from klong_jax.training.state import initial_model
     cfg = sft.get_config("smol")
-    model_cfg = model_config_from(cfg.model)
+    # fp32 compute (the variant trains in bf16): the check is that upcycling keeps the dense function.
+    model_cfg = model_config_from(cfg.model).replace(compute_dtype="float32")
     model = initial_model(model_cfg, None, init_from=cfg.init_from, seed=0, upcycle=upcycle_config_from(cfg.model))
     assert model.cfg.arch_dict() == model_cfg.arch_dict()
     dense = load_gguf(resolve_source(cfg.init_from), compute_dtype="float32")

@@ -66,6 +66,13 @@ def test_rows_reproduce_sampler_logprobs_with_routing_replay(rollout):
         with_replay, without = old_logprobs(params, rest, batch, graphdef=graphdef)
         np.testing.assert_allclose(np.asarray(with_replay)[mask], batch["sampler_logprobs"][mask], atol=1e-4)
         assert (np.sign(batch["advantages"][mask]) != 0).all()
+        # rl.replay_gap=False: only the pass the update uses, the same numbers.
+        only_replay, none = old_logprobs(params, rest, batch, graphdef=graphdef, replay_gap=False)
+        none2, only_plain = old_logprobs(params, rest, batch, graphdef=graphdef, routing_replay=False,
+                                         replay_gap=False)
+        assert none is None and none2 is None
+        np.testing.assert_array_equal(np.asarray(only_replay), np.asarray(with_replay))
+        np.testing.assert_array_equal(np.asarray(only_plain), np.asarray(without))
 
 
 def test_tempered_rollouts_are_reproduced_at_the_rollout_temperature(tmp_path):

@@ -22,12 +22,15 @@ def pipeline_cmd(workdir):
         # The 600-token vocabulary spells the system prompt's call-format line out in many pieces (~770-token
         # prefix): a smaller reserve keeps it within the 1024-token windows.
         "sft.data.pipeline.context.reserve_tokens": 128,
+        # The smol variant's rollout placement (a bf16 sampler on one of the 2 devices; every stage shares this
+        # section): RL weight syncs reach a sampler outside the trainer's mesh.
+        "sft.rollout.devices": 1, "sft.rollout.dtype": "bfloat16", "sft.rollout.session_chunk": 32,
     }
     for stage in (1, 2, 3):
         values.update({f"rl_stage{stage}.rl.steps": 2 if stage == 1 else 1,
                        f"rl_stage{stage}.rl.tasks_per_step": 1, f"rl_stage{stage}.rl.group_size": 2,
                        f"rl_stage{stage}.rl.ppo_epochs": 1, f"rl_stage{stage}.rl.batch_rows": 2,
-                       f"rl_stage{stage}.agent.max_turns": 2,
+                       f"rl_stage{stage}.agent.max_turns": 2, f"rl_stage{stage}.rl.replay_gap": stage != 2,
                        f"rl_stage{stage}.agent.max_new_tokens_per_turn": 12})
     return [sys.executable, os.path.join(ROOT, "launch", "train.py"), "--config=configs/klong.py:tiny",
             f"--workdir={workdir}", *[f"--config.{k}={v}" for k, v in values.items()]]

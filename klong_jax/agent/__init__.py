@@ -14,7 +14,7 @@ A policy is anything with `generate(prompts, params, *, requests) -> completions
 mesh, seed=0)`, `.update_params(params)`; in `klong_jax.agent.sampler_policy`, which imports JAX) or
 `ScriptedPolicy` (replays recorded assistant turns through the real loop). This package imports no JAX.
 """
-from klong_jax.agent.config import AgentConfig
+from klong_jax.agent.config import AgentConfig, RolloutConfig
 from klong_jax.agent.episode import AgentEpisode, prefix_messages
 from klong_jax.agent.evaluate import aggregate, evaluate, format_table, summarize
 from klong_jax.agent.policy import Completion, GenerationParams, Policy, TurnRequest, clip_completion
@@ -24,7 +24,7 @@ from klong_jax.agent.runner import run_episodes
 from klong_jax.agent.scripted import ScriptedPolicy
 from klong_jax.agent.turn import ARG_TYPES, parse_turn
 
-__all__ = ["ARG_TYPES", "AgentConfig", "AgentEpisode", "Completion", "EpisodeResult",
+__all__ = ["ARG_TYPES", "AgentConfig", "RolloutConfig", "AgentEpisode", "Completion", "EpisodeResult",
            "FINISH_REASONS", "GenerationParams", "Policy", "RolloutWindow", "ScriptedPolicy",
            "TurnRecord", "TurnRequest", "aggregate", "clip_completion", "evaluate", "format_table",
            "parse_turn", "prefix_messages", "rollout_windows", "run_episodes", "summarize"]

@@ -75,3 +75,38 @@ class AgentConfig:
         out = dataclasses.asdict(self)
         out["context"] = dataclasses.asdict(self.context)
         return out
+
+
+ROLLOUT_DTYPES = ("", "float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Where and how the rollout sampler holds the policy (config.rollout; RL rollouts and evaluation alike).
+
+    The sampler keeps its own copy of the weights (the trainer's are donated each step), so it need not share the
+    trainer's devices or dtype, as in verl's and Tunix's rollout engines: its copy may be cast (bfloat16 halves
+    the bytes every decode step reads) and placed on fewer devices (on a CPU, decoding a small model on one
+    emulated device of two is 1.7x faster than sharding it over both: no gather of every weight per step).
+    The trainer recomputes every log-probability it trains on in its own dtype; the sampler's, in another dtype,
+    only enter through the truncated importance weight (rl.tis_cap), which is there for this mismatch."""
+    devices: int = 0            # the first N devices of the process (0: all of them, the trainer's mesh)
+    mesh: tuple = ()            # axis sizes over those devices, e.g. (("tensor", 4),) (empty: fsdp over all)
+    dtype: str = ""             # params and compute of the sampler's copy ("": the model's own dtypes)
+    session_chunk: int = 128    # C: tokens per row of one prefill call of a session (klong_jax/sampling/sessions.py)
+
+    def __post_init__(self):
+        if self.devices < 0:
+            raise ValueError(f"rollout.devices={self.devices} must be >= 0 (0: every device)")
+        if self.dtype not in ROLLOUT_DTYPES:
+            raise ValueError(f"rollout.dtype={self.dtype!r} must be one of {ROLLOUT_DTYPES} ('': the model's)")
+        if self.session_chunk < 1:
+            raise ValueError(f"rollout.session_chunk={self.session_chunk} must be >= 1 (e.g. 128)")
+
+    @classmethod
+    def from_mapping(cls, section: Mapping | None) -> RolloutConfig:
+        """From a dict or ConfigDict (None or empty: the defaults); unknown keys are an error."""
+        items = known_items(dict(section or {}), cls, "rollout")
+        mesh = items.pop("mesh", ())
+        mesh = tuple(sorted((str(k), int(v)) for k, v in (mesh.items() if isinstance(mesh, Mapping) else mesh)))
+        return cls(mesh=mesh, **items)

@@ -10,15 +10,45 @@ episode id, so a turn prefills only what its prompt adds to the previous turn's 
 template tokens, the next assistant header), from the first token that differs; `end_episode` (called by
 run_episodes when an episode ends) frees its row. Outputs equal those without reuse (up to float rounding).
 `stats`: the sampler's counters (prompt_tokens, prefill_tokens, reused_tokens, compactions, ...).
+
+rollout (config.rollout, `RolloutConfig`): the sampler's own copy of the weights may be cast and placed on a mesh
+over the first N devices (`rollout_model`); `update_params` casts and moves each update the same way.
 """
 from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
 
-from klong_jax.agent.config import AgentConfig
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from klong_jax.agent.config import AgentConfig, RolloutConfig
 from klong_jax.agent.policy import GenerationParams, TurnRequest
+from klong_jax.models.init import abstract_model
 from klong_jax.sampling import Sampler, SamplingParams
+from klong_jax.sharding import make_mesh
+
+
+def rollout_model(model, mesh, rollout: RolloutConfig | None):
+    """(model, mesh) the sampler is built from: `model` cast to rollout.dtype (params and compute: a model of the
+    same architecture whose floating-point variables are cast copies) and `mesh` replaced by a mesh of
+    rollout.mesh's axes over the first rollout.devices devices. None or the defaults: (model, mesh) unchanged."""
+    if rollout is None:
+        return model, mesh
+    if rollout.dtype and (model.cfg.param_dtype != rollout.dtype or model.cfg.compute_dtype != rollout.dtype):
+        cfg = model.cfg.replace(param_dtype=rollout.dtype, compute_dtype=rollout.dtype)
+        graphdef = nnx.split(abstract_model(cfg))[0]
+        dtype = jnp.dtype(rollout.dtype)
+        state = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                             nnx.state(model))
+        model = nnx.merge(graphdef, state)
+    if rollout.devices:
+        if rollout.devices > jax.device_count():
+            raise ValueError(f"rollout.devices={rollout.devices}: this process has {jax.device_count()} devices "
+                             "(0: all of them)")
+        mesh = make_mesh(dict(rollout.mesh) or {"fsdp": -1}, jax.devices()[:rollout.devices])
+    return model, mesh
 
 
 class SamplerPolicy:
@@ -31,10 +61,14 @@ class SamplerPolicy:
 
     @classmethod
     def from_model(cls, model, mesh=None, *, seed: int | None = 0, reuse_cache: bool = True, tokenizer=None,
-                   **sampler_kwargs) -> SamplerPolicy:
+                   rollout: RolloutConfig | None = None, **sampler_kwargs) -> SamplerPolicy:
         """tokenizer: only needed for stop strings (agent.one_call_per_turn; `rollout_buckets` passes it then).
         Otherwise the sampler gets none: the agent parses ids itself, and a model vocabulary padded past the
-        tokenizer's would make the sampler's text decoding fail."""
+        tokenizer's would make the sampler's text decoding fail.
+        rollout: the sampler's dtype, devices and session chunk (`rollout_model`); None: the model's, on mesh."""
+        model, mesh = rollout_model(model, mesh, rollout)
+        if rollout is not None:
+            sampler_kwargs.setdefault("session_chunk", rollout.session_chunk)
         return cls(Sampler(model, tokenizer, mesh, **sampler_kwargs), seed=seed, reuse_cache=reuse_cache)
 
     @property

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from klong_jax.agent import AgentConfig, run_episodes
+from klong_jax.agent import AgentConfig, RolloutConfig, run_episodes
 from klong_jax.agent.evaluate import leaf_pass_rate
 from klong_jax.agent.sampler_policy import SamplerPolicy
 from klong_jax.data.chat_template import ChatTemplate, make_chat_template
@@ -79,6 +79,7 @@ class StageSetup:
     template: ChatTemplate
     tasks: list
     agent_cfg: AgentConfig
+    rollout_cfg: RolloutConfig       # the sampler's devices, dtype and session chunk (config.rollout)
     tx: object
     graphdef: object
     abs_params: object
@@ -111,7 +112,8 @@ class StageSetup:
                                                 min(rl.max_concurrent_episodes, rl.tasks_per_step * rl.group_size),
                                                 self.template)
         params = self.layout.full_params(state, frozen)
-        return SamplerPolicy.from_model(nnx.merge(self.graphdef, params, rest), self.mesh, seed=cfg.seed, **buckets)
+        return SamplerPolicy.from_model(nnx.merge(self.graphdef, params, rest), self.mesh, seed=cfg.seed,
+                                        rollout=self.rollout_cfg, **buckets)
 
     def sync_params(self, state, frozen):
         """What the sampler gets after an update: the variables that train (a stack cut by the plan whole)."""
@@ -138,7 +140,8 @@ def setup_stage(cfg, data_paths: dict) -> StageSetup:
                                    temperature=agent_cfg.temperature, plan=plan, frozen_sh=layout.frozen_sh)
     template = make_chat_template(tokenizer, cfg.data.get("chat_template", "auto"))
     return StageSetup(model_cfg=model_cfg, mesh=mesh, tokenizer=tokenizer, template=template,
-                      tasks=load_tasks(data_paths["train_tasks"]), agent_cfg=agent_cfg, tx=tx,
+                      tasks=load_tasks(data_paths["train_tasks"]), agent_cfg=agent_cfg,
+                      rollout_cfg=RolloutConfig.from_mapping(cfg.get("rollout")), tx=tx,
                       graphdef=graphdef, abs_params=abs_params, abs_rest=abs_rest, state_sh=state_sh,
                       rest_sh=rest_sh, update_fn=update_fn, old_fn=old_fn,
                       batch_spec=logical_to_spec(("batch", "seq"), (rl.batch_rows, rl.seq_len), mesh), layout=layout)
@@ -250,6 +253,8 @@ def update_policy(update_fn, old_fn, state, rest, ref_params, rows, rl, mesh, ba
         mask = host_batch["rl_mask"] > 0
         samp = host_batch["sampler_logprobs"]
         for name, logprobs in (("mismatch_with_replay", with_replay), ("mismatch_without_replay", without)):
+            if logprobs is None:    # rl.replay_gap=False: only the log-probs the update uses
+                continue
             totals.setdefault(name, []).append(
                 float(np.abs(np.asarray(logprobs) - samp)[mask].mean()) if mask.any() else 0.0)
     for _ in range(rl.ppo_epochs):

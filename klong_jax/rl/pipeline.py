@@ -10,7 +10,7 @@ import time
 import jax
 import numpy as np
 
-from klong_jax.agent import AgentConfig, ScriptedPolicy, evaluate
+from klong_jax.agent import AgentConfig, RolloutConfig, ScriptedPolicy, evaluate
 from klong_jax.agent.evaluate import SUMMARY_FILE
 from klong_jax.agent.runner import clock_text
 from klong_jax.agent.sampler_policy import SamplerPolicy
@@ -76,8 +76,10 @@ def evaluate_checkpoint(name, cfg, workdir, data_paths) -> dict:
                                   upcycle=upcycle_config_from(cfg.sft.model))
         else:
             model, _ = load_trained_model(os.path.join(workdir, name), model_cfg, mesh)
-        policy = SamplerPolicy.from_model(model, mesh, seed=cfg.eval.seed, **SamplerPolicy.rollout_buckets(
-            agent_cfg, min(EVAL_CONCURRENCY, len(tasks) * cfg.eval.n_per_task), template))
+        buckets = SamplerPolicy.rollout_buckets(agent_cfg, min(EVAL_CONCURRENCY, len(tasks) * cfg.eval.n_per_task),
+                                                template)
+        policy = SamplerPolicy.from_model(model, mesh, seed=cfg.eval.seed,
+                                          rollout=RolloutConfig.from_mapping(cfg.sft.get("rollout")), **buckets)
         report, _ = evaluate(tasks, policy, template=template, config=agent_cfg, workdir=eval_dir,
                              n_per_task=cfg.eval.n_per_task, tag=f"{name}-", max_concurrent=EVAL_CONCURRENCY,
                              print_fn=_eval_printer(name))

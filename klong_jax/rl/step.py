@@ -37,11 +37,17 @@ def token_logprobs(graphdef, params, rest, batch, *, routing_replay: bool, tempe
     return -loss_BT, token_entropy(logits_BTV)
 
 
-def old_logprobs(params, rest, batch, frozen=None, *, graphdef, temperature: float = 1.0, plan=None):
-    """Trainer log-probs before the update, with and without routing replay (the mismatch study)."""
+def old_logprobs(params, rest, batch, frozen=None, *, graphdef, temperature: float = 1.0, plan=None,
+                 routing_replay: bool = True, replay_gap: bool = True):
+    """Trainer log-probs before the update: (with routing replay, without). replay_gap=True computes both (the
+    mismatch study: how much of the sampler-trainer gap replay closes); False only the one the update uses
+    (`routing_replay`), the other is None: one forward pass per batch instead of two."""
     kw = dict(temperature=temperature, frozen=frozen, plan=plan)
-    with_replay, _ = token_logprobs(graphdef, params, rest, batch, routing_replay=True, **kw)
-    without, _ = token_logprobs(graphdef, params, rest, batch, routing_replay=False, **kw)
+    with_replay = without = None
+    if replay_gap or routing_replay:
+        with_replay, _ = token_logprobs(graphdef, params, rest, batch, routing_replay=True, **kw)
+    if replay_gap or not routing_replay:
+        without, _ = token_logprobs(graphdef, params, rest, batch, routing_replay=False, **kw)
     return with_replay, without
 
 
@@ -84,5 +90,7 @@ def jit_rl_fns(graphdef, tx, rl_cfg, lr_schedule, state_sh, rest_sh, mesh, tempe
                                        temperature=temperature, plan=plan),
                      in_shardings=(state_sh, rest_sh, state_sh["params"], None, frozen_sh),
                      out_shardings=(state_sh, replicated), donate_argnums=(0,))
-    old = jax.jit(functools.partial(old_logprobs, graphdef=graphdef, temperature=temperature, plan=plan))
+    old = jax.jit(functools.partial(old_logprobs, graphdef=graphdef, temperature=temperature, plan=plan,
+                                    routing_replay=bool(rl_cfg.routing_replay),
+                                    replay_gap=bool(getattr(rl_cfg, "replay_gap", True))))
     return update, old

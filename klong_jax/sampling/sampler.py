@@ -117,7 +117,8 @@ class Sampler:
         only safe when the caller will not donate or delete them (a training step that donates its
         params would leave the sampler with deleted arrays).
         """
-        with self._lock:
+        # Under the sampler's own mesh: the caller's (a trainer's, with jax.set_mesh) may span other devices.
+        with self._lock, self._mesh_context():
             self._update_params(params, copy)
             self.sessions.invalidate_all()     # cached k/v were computed with the old weights
 

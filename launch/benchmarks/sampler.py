@@ -26,6 +26,16 @@ Reported per policy: wall seconds of the rollout and of its sampling, prompt tok
 two rollouts produced the same tokens (tokens_match; the routing and log-prob agreement are reported too).
 --presets names an SFT config variant (smol: SmolLM2-135M-Instruct upcycled, its pretrained weights unless
 --init_from=random).
+
+  .venv/bin/python launch/bench.py sampler --mode=rollout_config [--presets=smol] [--rollouts="trainer;config"]
+                                           [--tasks=8] [--max_turns=4] [--max_new_tokens_per_turn=96] [--cpu_devices=2]
+
+rollout_config: where the rollout sampler holds the policy (config.rollout: devices, dtype, session chunk). The model
+sits on the variant's training mesh over --cpu_devices emulated devices (as in the RL loop and the pipeline); the
+same greedy, graded rollout (cache reuse on) runs once per --rollouts entry, the first the baseline: `trainer` (the
+sampler before config.rollout: the model's dtype, every device, 128-token chunks), `config` (the variant's section)
+or explicit fields. Reported per entry: wall and sampling seconds, turns, tokens, mean score, the share of turns
+whose tokens equal the baseline's, and the speedups over the baseline.
 """
 import argparse
 import os
@@ -229,9 +239,76 @@ def bench_rollout(name, a):
             "prompt_routing_agreement": routing_agreement("prompt_routed_experts")}
 
 
+def _rollout_spec(spec: str, name: str):
+    """A RolloutConfig from --rollouts: `trainer` (the defaults: the model's dtype on every device, 128-token
+    chunks: the sampler before config.rollout), `config` (the variant's config.rollout) or `k=v,...` fields."""
+    from configs.sft import get_config
+    from klong_jax.agent import RolloutConfig
+    if spec == "trainer":
+        return RolloutConfig()
+    if spec == "config":
+        return RolloutConfig.from_mapping(get_config(name).rollout)
+    try:
+        items = dict(item.split("=", 1) for item in spec.split(",") if item)
+    except ValueError:
+        raise SystemExit(f"--rollouts: {spec!r} is not trainer, config or k=v[,k=v...]") from None
+    return RolloutConfig.from_mapping({k: (v if k == "dtype" else int(v)) for k, v in items.items()})
+
+
+def bench_rollout_configs(name, a):
+    """The same greedy rollout (graded) under each --rollouts sampler placement, the first the baseline; the model
+    sits on the variant's training mesh, as in the RL loop and the pipeline's evaluations."""
+    import dataclasses
+    import tempfile
+
+    from configs.sft import get_config
+    from klong_jax.agent import run_episodes
+    from klong_jax.agent.sampler_policy import SamplerPolicy
+    from klong_jax.sandbox import SandboxPool
+    from klong_jax.sharding import make_mesh, state_shardings
+    model, template, config, tasks, source = _rollout_setup(name, a.init_from, a.max_turns,
+                                                             a.max_new_tokens_per_turn, a.tasks)
+    mesh = make_mesh(dict(get_config(name).mesh.shape))
+    graphdef, state = nnx.split(model)
+    model = nnx.merge(graphdef, jax.device_put(state, state_shardings(state, mesh)))
+    workdir = tempfile.mkdtemp(prefix="bench_rollout_configs_")
+    pool = SandboxPool(max_concurrent=len(tasks))
+    buckets = SamplerPolicy.rollout_buckets(config, len(tasks), template)
+    rows, results = [], []
+    for i, spec in enumerate(a.rollouts.split(";")):
+        rollout = _rollout_spec(spec, name)
+        policy = SamplerPolicy.from_model(model, mesh, seed=0, rollout=rollout, **buckets)
+        t0 = time.perf_counter()   # warm-up: one turn of one task compiles every function the rollout uses
+        run_episodes(tasks[:1], policy, n_per_task=1, template=template, config=dataclasses.replace(config, max_turns=1),
+                     pool=pool, workdir=os.path.join(workdir, f"warm_{i}"), grade=False)
+        warm_s = time.perf_counter() - t0
+        timings = {}
+        t0 = time.perf_counter()
+        res = run_episodes(tasks, policy, n_per_task=1, template=template, config=config, pool=pool,
+                           workdir=os.path.join(workdir, str(i)), timings=timings)
+        wall = time.perf_counter() - t0
+        rows.append({"rollout": spec, **dataclasses.asdict(rollout), "wall_s": round(wall, 2),
+                     "sampling_s": round(timings["sampling_s"], 2), "tools_s": round(timings["tools_s"], 2),
+                     "warmup_s": round(warm_s, 2), "turns": sum(len(r.turns) for r in res),
+                     "sampled_tokens": sum(r.sampled_tokens for r in res),
+                     "mean_score": round(float(np.mean([r.reward for r in res])), 4)})
+        results.append(res)
+        del policy
+        print(f"{name} rollout {spec}: {rows[-1]}", file=sys.stderr, flush=True)
+    for row, res in zip(rows, results):
+        pairs = [(x, y) for ra, rb in zip(results[0], res) for x, y in zip(ra.turns, rb.turns)]
+        row["turns_same_tokens_as_baseline"] = round(
+            sum(x.sampled_ids.tolist() == y.sampled_ids.tolist() for x, y in pairs) / max(len(pairs), 1), 4)
+        row["wall_speedup"] = round(rows[0]["wall_s"] / max(row["wall_s"], 1e-9), 2)
+        row["sampling_speedup"] = round(rows[0]["sampling_s"] / max(row["sampling_s"], 1e-9), 2)
+    return {"preset": name, "init_from": source, "tasks": len(tasks), "max_turns": config.max_turns,
+            "max_new_tokens_per_turn": config.max_new_tokens_per_turn, "model_compute_dtype": model.cfg.compute_dtype,
+            "rollouts": rows}
+
+
 def run(argv):
     p = argparse.ArgumentParser(prog="bench.py sampler")
-    p.add_argument("--mode", default="decode", choices=("decode", "rollout"),
+    p.add_argument("--mode", default="decode", choices=("decode", "rollout", "rollout_config"),
                    help="decode: cached vs uncached decoding; rollout: KV-cache reuse across agent turns")
     p.add_argument("--tasks", type=int, default=2, help="rollout: held-out tasks (one episode each)")
     p.add_argument("--max_turns", type=int, default=3, help="rollout: turns per episode at most")
@@ -239,6 +316,10 @@ def run(argv):
     p.add_argument("--session_chunk", type=int, default=128, help="rollout: tokens per row of a prefill chunk")
     p.add_argument("--init_from", default="", help="rollout: weights ('' the config's, 'random' random init)")
     p.add_argument("--presets", default="tiny,small", help="model presets or SFT config variants (smol)")
+    p.add_argument("--rollouts", default="trainer;config",
+                   help="rollout_config: ';'-separated sampler placements, the first the baseline: trainer | config | "
+                        "devices=1,dtype=bfloat16,session_chunk=32")
+    p.add_argument("--cpu_devices", type=int, default=2, help="rollout_config: emulated CPU devices (the configs' 2)")
     p.add_argument("--batches", default="1,16")
     p.add_argument("--prompt_len", type=int, default=32)
     p.add_argument("--gen_tokens", default="tiny:64,small:32", help="preset:tokens,...")
@@ -246,6 +327,13 @@ def run(argv):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--baseline_repeats", type=int, default=1, help="runs of the (slow) uncached decoder; 0: none")
     a = p.parse_args(argv)
+    if a.mode == "rollout_config":
+        from klong_jax.runtime import setup_devices
+        setup_devices(a.cpu_devices)     # before the first use of a device
+        names = a.presets.split(",") if a.presets != "tiny,small" else ["smol"]
+        rows = [bench_rollout_configs(name, a) for name in names]
+        return {"device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+                "backend": jax.default_backend(), "mode": "rollout_config", "results": rows}
     if a.mode == "rollout":
         names = a.presets.split(",") if a.presets != "tiny,small" else ["smol"]
         rows = [bench_rollout(name, a) for name in names]
