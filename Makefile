@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= tpu,serve,dev
+EXTRAS ?= tpu,serve,dev,factory
 
 # python3.12: on PATH, or through pyenv, or a pyenv install directory.
 PY312 := $(shell for c in python3.12 "env PYENV_VERSION=3.12 python3.12" $$HOME/.pyenv/versions/3.12*/bin/python3.12 /usr/bin/python3.12 /usr/local/bin/python3.12; do \

@@ -13,7 +13,11 @@ Orbax model directory (klong_jax.model_checkpoint), or a Hugging Face directory 
 safetensors). --config gives the model's runtime fields (dtypes, kernels), the mesh, the context
 policy (data.pipeline.context) and an `agent` section when it has one; flags override.
 --tasks: a task directory, a directory of them, or a generated set (DIR/tasks/<task_id>); default: the
-held-out tasks of the config's embedded suite (generated into the cache if needed).
+held-out tasks of the config's embedded suite (generated into the cache if needed). A task directory is an
+embedded task (task.json) or a PaperBench paper directory (paper.md, addendum.md, blacklist.txt,
+rubric.json, config.yaml: klong_jax.tasks.paperbench), e.g. --tasks=frontier-evals/project/paperbench/data/papers.
+--judge_base_url, --judge_model: the OpenAI-compatible endpoint that grades paper rubric leaves without a
+`check` command (key from $OPENAI_API_KEY or --judge_api_key_env); without it such leaves are invalid.
 --workdir: default /tmp/klong_eval/<checkpoint name>.
 Writes OUT/eval_summary.json and OUT/episodes.jsonl (klong_jax.agent.evaluate) and prints the table.
 """
@@ -40,6 +44,11 @@ _MAX_TASKS = flags.DEFINE_integer("max_tasks", 0, "evaluate the first N tasks on
 _MAX_CONCURRENT = flags.DEFINE_integer("max_concurrent", 8, "episodes (sandboxes) at once")
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
 _KEEP = flags.DEFINE_bool("keep_episodes", False, "keep the episode directories")
+_JUDGE_URL = flags.DEFINE_string("judge_base_url", "", "paper tasks: OpenAI-compatible endpoint of the rubric "
+                                 "judge, e.g. http://127.0.0.1:8000/v1 (empty: leaves without a check are invalid)")
+_JUDGE_MODEL = flags.DEFINE_string("judge_model", "", "paper tasks: the judge endpoint's model name")
+_JUDGE_KEY_ENV = flags.DEFINE_string("judge_api_key_env", "OPENAI_API_KEY", "paper tasks: environment variable "
+                                     "holding the judge endpoint's API key")
 # Agent budgets and sampling: None keeps the config's agent section (or AgentConfig's default).
 _AGENT_FLAGS = {
     "timeout_s": flags.DEFINE_float("timeout_s", None, "wall-clock seconds per episode"),
@@ -57,15 +66,24 @@ RUNTIME_FIELDS = ("compute_dtype", "param_dtype", "attention_impl", "moe_impl", 
                   "moe_token_chunk")
 
 
-def load_task_dirs(path: str) -> list[str]:
-    if os.path.isfile(os.path.join(path, "task.json")):
-        return [path]
-    root = os.path.join(path, "tasks") if os.path.isdir(os.path.join(path, "tasks")) else path
-    found = sorted(os.path.join(root, d) for d in os.listdir(root)
-                   if os.path.isfile(os.path.join(root, d, "task.json")))
-    if not found:
-        raise app.UsageError(f"--tasks={path}: no task directory (with task.json) found")
-    return found
+def judge_endpoint():
+    """The paper tasks' LLM judge from the --judge_* flags (None when not set)."""
+    from klong_jax.tasks import JudgeEndpoint
+    if bool(_JUDGE_URL.value) != bool(_JUDGE_MODEL.value):
+        raise app.UsageError("--judge_base_url and --judge_model go together: give both, or neither")
+    if not _JUDGE_URL.value:
+        return None
+    return JudgeEndpoint(_JUDGE_URL.value, _JUDGE_MODEL.value, api_key_env=_JUDGE_KEY_ENV.value)
+
+
+def load_tasks_from(path: str, judge=None) -> list:
+    """Embedded tasks and PaperBench paper directories at `path` (klong_jax.tasks.load_tasks); a directory
+    that is not a task, or a task that does not load, is a usage error naming it."""
+    from klong_jax.tasks import load_tasks
+    try:
+        return load_tasks(path, judge=judge)
+    except (OSError, ValueError) as e:   # PaperTaskError and RubricError are ValueErrors
+        raise app.UsageError(f"--tasks={path}: {e}") from None
 
 
 def agent_config(cfg):
@@ -154,7 +172,6 @@ def main(_):
     from klong_jax.data.tokenizer import load_tokenizer
     from klong_jax.sandbox import SandboxPool
     from klong_jax.sharding import make_mesh
-    from klong_jax.tasks import load_task
 
     if _CHAT_TEMPLATE.value:   # fail before loading anything
         try:
@@ -167,7 +184,7 @@ def main(_):
         tasks_dir = prepare_embedded(cfg.data.embedded)["heldout_tasks"]
     workdir = _WORKDIR.value or os.path.join(
         "/tmp/klong_eval", os.path.basename(os.path.normpath(_CHECKPOINT.value)).replace(":", "_") or "base")
-    tasks = [load_task(d) for d in load_task_dirs(tasks_dir)]
+    tasks = load_tasks_from(tasks_dir, judge=judge_endpoint())
     if _MAX_TASKS.value:
         tasks = tasks[:_MAX_TASKS.value]
     config = agent_config(cfg)

@@ -1,11 +1,13 @@
 """Rubric loading, validation, variants and score aggregation (hand-computed scores)."""
 import json
+import os
+import warnings
 
 import pytest
 
 from klong_jax.rubric import (GradingContext, LeafVerdict, RecordedJudge, RubricError, code_dev_variant,
-                              files_touched, grade, load_rubric, parse_rubric, resources_provided_variant,
-                              snapshot_files)
+                              duplicate_ids, files_touched, grade, load_rubric, parse_rubric,
+                              resources_provided_variant, snapshot_files)
 
 
 def leaf(id_, weight, category, finegrained=None, **extra):
@@ -170,8 +172,6 @@ def test_load_accepts_paperbench_nulls_and_keeps_extra_fields(tmp_path):
     (node("r", 1, [leaf("x", -1, "Code Development")]), r"\(id 'x'\): 'weight' must be a non-negative"),
     (node("r", 1, [leaf("x", 1.5, "Code Development")]), r"'weight' must be a non-negative integer, got 1.5"),
     (node("r", 1, [leaf("x", True, "Code Development")]), r"'weight' must be a non-negative integer"),
-    (node("r", 1, [leaf("x", 1, "Code Development"), node("m", 1, [leaf("x", 1, "Code Execution")])]),
-     r"node root.sub_tasks\[1\].sub_tasks\[0\] \(id 'x'\): duplicate id 'x' \(first at root.sub_tasks\[0\]\)"),
     (node("r", 1, {"id": "x"}), r"node root \(id 'r'\): 'sub_tasks' must be a list"),
     (node("r", 1, [{"requirements": "no id", "weight": 1}]), r"root.sub_tasks\[0\]: 'id' must be"),
     (node("r", 1, [leaf("x", 1, "Coding")]), r"a leaf needs 'task_category' in"),
@@ -191,3 +191,152 @@ def test_invalid_json_names_the_file(tmp_path):
     path.write_text("{not json")
     with pytest.raises(RubricError, match=f"{path}: not valid JSON"):
         load_rubric(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Repeated ids (official PaperBench files repeat some leaf ids) and unreadable files.
+
+class RequirementJudge:
+    """Passes exactly the leaves whose requirement text contains "PASS" (a judge that reads each leaf)."""
+
+    name = "requirement"
+
+    def __init__(self):
+        self.seen = []
+
+    def accepts(self, leaf):
+        return True
+
+    def judge(self, leaf, context):
+        self.seen.append((leaf.id, leaf.key))
+        return LeafVerdict(1.0 if "PASS" in leaf.requirements else 0.0, True, "read", self.name)
+
+
+def official_shape_with_repeats():
+    """Official shape: uuid ids, internal task_category null, no finegrained category; the leaf id
+    "gt-acc" appears under two parents with different requirements and weights, and the internal id
+    "setup" twice."""
+    def leaf_(id_, weight, requirements, category="Result Analysis"):
+        return {"id": id_, "requirements": requirements, "weight": weight, "sub_tasks": [],
+                "task_category": category}
+    return node("4f1c9a0e-0d6c-4a55-9b5e-2d7d3c2e9a11", 1, [
+        node("setup", 1, [leaf_("gt-acc", 3, "GSM8K accuracy is reported. PASS"),
+                          leaf_("3c9e5b0a-71a2-4b7e-8f0f-1c2d3e4f5a6b", 1, "Code is written",
+                                "Code Development")]),
+        node("setup", 2, [leaf_("gt-acc", 1, "TruthfulQA accuracy is reported"),
+                          leaf_("a8d0e7c4-5b6a-4c3d-9e2f-0a1b2c3d4e5f", 1, "Code runs. PASS", "Code Execution")]),
+    ])
+
+
+def test_repeated_ids_load_and_every_leaf_gets_its_own_verdict_and_weight(tmp_path):
+    path = tmp_path / "rubric.json"
+    path.write_text(json.dumps(official_shape_with_repeats()))
+    rubric = load_rubric(path)
+    assert [n.id for n in rubric.leaves()].count("gt-acc") == 2
+    assert [n.key for n in rubric.walk()] == ["/", "/0", "/0/0", "/0/1", "/1", "/1/0", "/1/1"]
+    assert duplicate_ids(rubric) == {"setup": ["/0", "/1"], "gt-acc": ["/0/0", "/1/0"]}
+    judge = RequirementJudge()
+    result = grade(rubric, judge, CTX)
+    assert sorted(judge.seen) == sorted((n.id, n.key) for n in rubric.leaves())  # each leaf judged once
+    leaves = {n.key: n for n in result.leaves()}
+    assert leaves["/0/0"].id == leaves["/1/0"].id == "gt-acc"
+    assert leaves["/0/0"].score == 1.0 and leaves["/1/0"].score == 0.0
+    assert leaves["/0/0"].duplicate_id and not leaves["/0/1"].duplicate_id
+    # first setup = (3*1 + 1*0) / 4; second setup = (1*0 + 1*1) / 2; root = (1*0.75 + 2*0.5) / 3
+    assert result.score == pytest.approx((0.75 + 2 * 0.5) / 3)
+    summary = result.summary()
+    assert summary["duplicate_ids"] == ["gt-acc", "setup"] and summary["leaves"] == 4
+    assert summary["passed"] == 2
+    out = result.to_dict()
+    second = out["children"][1]["children"][0]
+    assert (second["id"], second["key"], second["duplicate_id"], second["score"]) == ("gt-acc", "/1/0", True, 0.0)
+    json.dumps(out)
+
+
+def test_recorded_verdicts_of_repeated_ids_survive_a_variant():
+    rubric = parse_rubric(official_shape_with_repeats())
+    first = grade(rubric, RequirementJudge(), CTX)
+    again = grade(rubric, RecordedJudge.from_result(first), CTX)
+    assert [n.score for n in again.leaves()] == [n.score for n in first.leaves()] == [1.0, 0.0, 0.0, 1.0]
+    assert again.score == pytest.approx(first.score)
+    # The Result Analysis leaves (both "gt-acc") pruned: the kept leaves keep their keys and verdicts.
+    variant = code_dev_variant(rubric)
+    assert [n.key for n in variant.leaves()] == ["/0/1"]
+    assert grade(variant, RecordedJudge.from_result(first), CTX).score == 0.0
+
+
+def test_hand_built_trees_get_position_keys():
+    from klong_jax.rubric import RubricNode
+    leaf_a = RubricNode("x", "a PASS", 1, task_category="Code Development")
+    leaf_b = RubricNode("x", "b", 1, task_category="Code Development")
+    tree = RubricNode("r", "root", 1, [leaf_a, leaf_b])
+    result = grade(tree, RequirementJudge(), CTX)
+    assert [(n.key, n.score) for n in result.leaves()] == [("/0", 1.0), ("/1", 0.0)]
+    assert result.score == 0.5
+    spliced = RubricNode("r", "root", 1, [parse_rubric(leaf("p", 1, "Code Development")),
+                                          parse_rubric(leaf("q", 1, "Code Development"))])
+    with pytest.raises(RubricError, match="share the key '/'"):
+        grade(spliced, RequirementJudge(), CTX)
+
+
+def test_missing_rubric_file_names_it(tmp_path):
+    path = tmp_path / "paper" / "rubric.json"
+    with pytest.raises(RubricError, match=f"^{path}: no such file"):
+        load_rubric(path)
+
+
+def test_directory_instead_of_rubric_file_names_it(tmp_path):
+    path = tmp_path / "rubric.json"
+    path.mkdir()
+    with pytest.raises(RubricError, match=f"^{path}: is a directory, not a rubric file"):
+        load_rubric(path)
+
+
+def test_non_utf8_rubric_names_the_file_and_the_byte(tmp_path):
+    path = tmp_path / "rubric.json"
+    path.write_bytes(json.dumps(TREE, indent=1).encode().replace(b"requirement a1", b"requirement \xe9a1"))
+    with pytest.raises(RubricError, match=rf"^{path}: the rubric file is not UTF-8 text: byte 0xe9 at offset "
+                                          r"\d+ \(line \d+\) is invalid \(re-save the file as UTF-8\)"):
+        load_rubric(path)
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(TREE).encode())  # a UTF-8 byte-order mark is UTF-8
+    assert load_rubric(path).id == "root"
+
+
+def test_git_lfs_pointer_instead_of_rubric_names_it(tmp_path):
+    path = tmp_path / "rubric.json"
+    path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:4a5a\nsize 101711\n")
+    with pytest.raises(RubricError, match=f"^{path}: is a Git LFS pointer"):
+        load_rubric(path)
+
+
+def test_unreadable_rubric_file_names_it(tmp_path):
+    path = tmp_path / "rubric.json"
+    path.write_text(json.dumps(TREE))
+    path.chmod(0o000)
+    if os.geteuid() != 0:
+        with pytest.raises(RubricError, match=f"^{path}: cannot read the rubric file: permission denied"):
+            load_rubric(path)
+        return
+    # Root reads any file: load it from a child that has switched to an unprivileged uid.
+    read_end, write_end = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork() of a threaded process: the child only reads
+        pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            try:
+                load_rubric(path)
+                message = "loaded"
+            except RubricError as e:
+                message = str(e)
+            os.write(write_end, message.encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        message = f.read().decode()
+    os.waitpid(pid, 0)
+    assert message.startswith(f"{path}: cannot read the rubric file: permission denied"), message

@@ -4,7 +4,8 @@ import os
 import pytest
 
 from klong_jax.sandbox import Sandbox
-from klong_jax.tasks.tools import MAX_CHUNK_LINES, TOOL_NAMES, execute_tool, run_tool, system_prompt
+from klong_jax.tasks.tools import (MAX_CHUNK_LINES, TOOL_NAMES, blacklist_hit, execute_tool,
+                                    normalize_blacklist_entry, run_tool, system_prompt)
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +105,58 @@ def test_system_prompt_lists_every_tool():
     prompt = system_prompt()
     for name in TOOL_NAMES:
         assert f"- {name}(" in prompt
+
+
+# --------------------------------------------------------------------------------------------------
+# The task's blacklist (PaperBench blacklist.txt)
+
+BLACKLIST = ("https://github.com/Authors/Method-Code", "# a comment", "none", "http://www.example.org/data/")
+
+
+@pytest.mark.parametrize("name, arguments", [
+    ("bash", {"cmd": "touch RAN && git clone https://github.com/Authors/Method-Code"}),
+    ("bash", {"cmd": "touch RAN && git clone HTTP://WWW.GitHub.com/authors/method-code.git"}),
+    ("bash", {"cmd": "touch RAN; curl -sL github.com/authors/method-code/archive/main.zip"}),
+    ("bash", {"cmd": "touch RAN; git clone git@github.com:Authors/Method-Code.git"}),
+    ("bash", {"cmd": "touch RAN; wget https://raw.githubusercontent.com/Authors/Method-Code/main/train.py"}),
+    ("bash", {"cmd": "touch RAN; echo 'see https://github.com/Authors/Method-Code/.' "}),
+    ("bash", {"cmd": "touch RAN; curl 'https://github.com/Authors/Method-Code?tab=readme#top'"}),
+    ("bash", {"cmd": "touch RAN; curl example.org/data/train.csv"}),
+    ("python", {"code": "open('RAN', 'w'); import urllib.request as u; "
+                        "u.urlopen('https://github.com/authors/method-code/')"}),
+    ("write_file", {"path": "RAN", "content": "source: https://github.com/Authors/Method-Code\n"}),
+])
+def test_blacklisted_calls_are_refused_and_not_run(sandbox, name, arguments):
+    result = run_tool(sandbox, name, arguments, blacklist=BLACKLIST)
+    assert not result.ok
+    assert "blacklisted for this task" in result.observation and "not run" in result.observation
+    assert not os.path.exists(os.path.join(sandbox.episode_dir, "RAN"))
+
+
+@pytest.mark.parametrize("url", [
+    "https://github.com/Authors/Method-Code-fork",
+    "https://github.com/Authors/Method-Codes",
+    "https://github.com/OtherAuthors/Method-Code",
+    "https://github.com/Authors",
+    "https://notgithub.com/Authors/Method-Code",
+    "https://github.com/Authors/Method-Code.github.io",
+    "https://example.org/database",
+])
+def test_similar_urls_are_allowed(sandbox, url):
+    marker = os.path.join(sandbox.episode_dir, "ALLOWED")
+    result = run_tool(sandbox, "bash", {"cmd": f"echo '{url}' > ALLOWED && cat ALLOWED"}, blacklist=BLACKLIST)
+    assert result.ok and result.observation == url
+    assert open(marker).read() == url + "\n"
+    os.unlink(marker)
+
+
+def test_blacklist_normalisation_and_empty_blacklists():
+    assert normalize_blacklist_entry("https://www.GitHub.com/Org/Repo.git/") == "github.com/org/repo"
+    assert normalize_blacklist_entry("git://user@GitLab.com/a/b?x=1#y") == "gitlab.com/a/b"
+    for nothing in ("", "  ", "none", "NONE", "# comment"):
+        assert normalize_blacklist_entry(nothing) is None
+    assert blacklist_hit({"cmd": "git clone https://github.com/org/repo"}, ("none",)) is None
+    assert blacklist_hit({"cmd": "git clone https://github.com/org/repo"}, ()) is None
+    # Any argument text counts, nested ones included; the entry is reported as written.
+    assert blacklist_hit({"a": ["x", {"b": "github.com/ORG/REPO"}]}, ("https://github.com/org/repo/",)) \
+        == "https://github.com/org/repo/"

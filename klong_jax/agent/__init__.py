@@ -12,8 +12,11 @@
 A policy is anything with `generate(prompts, params, *, requests) -> completions`
 (`klong_jax.agent.policy`): `SamplerPolicy` (the KV-cache sampler: `SamplerPolicy.from_model(model,
 mesh, seed=0)`, `.update_params(params)`; in `klong_jax.agent.sampler_policy`, which imports JAX) or
-`ScriptedPolicy` (replays recorded assistant turns through the real loop). This package imports no JAX.
+`ScriptedPolicy` (replays recorded assistant turns through the real loop) or `ChatPolicy` (a model behind
+an OpenAI-compatible chat endpoint: the Research-Factory's teacher; `klong_jax.agent.chat_policy`). This
+package imports no JAX.
 """
+from klong_jax.agent.chat_policy import ChatPolicy, tool_schemas
 from klong_jax.agent.config import AgentConfig, RolloutConfig
 from klong_jax.agent.episode import AgentEpisode, prefix_messages
 from klong_jax.agent.evaluate import aggregate, evaluate, format_table, summarize
@@ -24,7 +27,7 @@ from klong_jax.agent.runner import run_episodes
 from klong_jax.agent.scripted import ScriptedPolicy
 from klong_jax.agent.turn import ARG_TYPES, parse_turn
 
-__all__ = ["ARG_TYPES", "AgentConfig", "RolloutConfig", "AgentEpisode", "Completion", "EpisodeResult",
+__all__ = ["ARG_TYPES", "AgentConfig", "ChatPolicy", "RolloutConfig", "AgentEpisode", "Completion", "EpisodeResult",
            "FINISH_REASONS", "GenerationParams", "Policy", "RolloutWindow", "ScriptedPolicy",
            "TurnRecord", "TurnRequest", "aggregate", "clip_completion", "evaluate", "format_table",
-           "parse_turn", "prefix_messages", "rollout_windows", "run_episodes", "summarize"]
+           "parse_turn", "prefix_messages", "rollout_windows", "run_episodes", "summarize", "tool_schemas"]

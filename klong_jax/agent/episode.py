@@ -111,15 +111,21 @@ class AgentEpisode:
                                              f"(max_new_tokens={view.max_new_tokens})")
             return None
         self._view, self._limit = view, int(limit)
-        request = TurnRequest(self.episode_id, self.task.task_id, j, self._limit)
+        request = TurnRequest(self.episode_id, self.task.task_id, j, self._limit,
+                              messages=tuple(self.context.context_messages(view)))
         return request, self.context.prompt_ids(view).tolist()
 
     def advance(self, completion) -> None:
-        """Takes the completion of the requested turn: parse, run tools, extend the context."""
+        """Takes the completion of the requested turn: parse, run tools, extend the context. A completion
+        with `error` set ends the episode as an error (finish_reason "error"), adding no turn."""
         if self._view is None or self.finished:
             raise RuntimeError(f"episode {self.episode_id}: advance() without a pending request")
         cfg, j, view = self.config, len(self.turns), self._view
         self._view = None
+        error = getattr(completion, "error", None)
+        if error:   # the policy produced no turn (e.g. its chat endpoint failed after its retries)
+            self._finish("error", f"turn {j}: {error}")
+            return
         clipped = clip_completion(completion, self._limit, self.template.stop_ids)
         stopped_after_call = False
         if cfg.one_call_per_turn:
@@ -134,7 +140,9 @@ class AgentEpisode:
             prompt_routed = prompt_routed[:, routing_from:]
         turn = parse_turn(self.template, clipped.tokens, j, stopped_after_call=stopped_after_call)
         tool_messages, submitted, out_of_time = run_calls(
-            turn.parsed, lambda name, args: run_tool(self.sandbox, name, args), self.time_left)
+            turn.parsed, lambda name, args: run_tool(self.sandbox, name, args,
+                                                     blacklist=getattr(self.task, "blacklist", ())),
+            self.time_left)
         reminder = None
         if cfg.reminder_every and (j + 1) % cfg.reminder_every == 0:
             reminder = reminder_text(j, self.elapsed(), cfg.timeout_s, cfg.max_turns)

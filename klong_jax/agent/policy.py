@@ -3,13 +3,17 @@
     completions = policy.generate(prompts, params, requests=requests)
 
 `prompts[i]` is the exact context of one episode's next turn (prefix + kept turns + generation prompt);
-`requests[i]` says whose turn it is (episode, task, turn index, its own token limit): a sampler
-ignores it, the scripted policy replays by it. A completion holds the sampled ids (the end-of-turn
+`requests[i]` says whose turn it is (episode, task, turn index, its own token limit) and carries the same
+context as messages (`messages`: the prefix and the kept turns, tool results truncated as in the prompt): a
+sampler ignores it, the scripted policy replays by it, a chat-API policy (`klong_jax.agent.chat_policy`)
+sends its messages. A completion holds the sampled ids (the end-of-turn
 token included when sampling stopped on it), optionally their log-probs `[n]` (under the model's
 unmodified distribution, and under the tempered/filtered one sampled from), the routed experts of the
 MoE layers for the generated tokens `[L_moe, n, k]` (each as it was fed to the model) and for the
 prompt `[L_moe, P, k]`, and why it stopped ("stop" or "length"). These are the field names of
-`klong_jax.sampling.Completion`, so a sampler's completions pass through unchanged.
+`klong_jax.sampling.Completion`, so a sampler's completions pass through unchanged. A completion whose
+`error` is set is no turn: the policy could not produce one (a chat endpoint that failed after its retries),
+and the episode ends with finish_reason "error" and that message; the other episodes of the batch go on.
 
 Optional, used by `run_episodes` when present: `end_episode(episode_id)` (the episode has ended: a policy
 that caches its context frees it) and `stats` (a mapping with `prefill_tokens` and `reused_tokens`
@@ -22,6 +26,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+
+from klong_jax.data.trajectory import Message
 
 FINISH_REASONS = ("stop", "length")
 
@@ -44,6 +50,9 @@ class TurnRequest:
     task_id: str
     turn: int
     max_new_tokens: int
+    # The prompt as messages (ContextPolicy.context_messages: prefix + kept turns, tool results truncated);
+    # AgentEpisode fills it, None when a caller builds requests without it.
+    messages: tuple[Message, ...] | None = None
 
 
 @dataclass
@@ -54,6 +63,7 @@ class Completion:
     routed_experts: np.ndarray | None = None        # int32 [L_moe, n, k]
     prompt_routed_experts: np.ndarray | None = None  # int32 [L_moe, P, k]
     finish_reason: str = "stop"
+    error: str | None = None    # set: no turn was produced (the episode ends as an error with this message)
 
 
 class Policy(Protocol):

@@ -4,6 +4,10 @@ A leaf's score is 0 or 1 from the first judge that accepts it. A leaf whose grad
 and is marked invalid (valid = False); invalid leaves are counted in the summary, never hidden. A
 parent's score is sum(w_i * s_i) / sum(w_i) over its children, 0 when the weights sum to 0; a parent is
 valid when all its children are.
+
+Verdicts are stored and looked up by node key (RubricNode.key: the node's position in its rubric file),
+never by id: official rubrics repeat some ids, and each such leaf still gets its own verdict and weight.
+Results keep the id as written, carry the key, and mark nodes whose id repeats (`duplicate_id`).
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import dataclasses
 import os
 from typing import Any, Iterator, Protocol, Sequence
 
-from klong_jax.rubric.tree import RubricNode
+from klong_jax.rubric.tree import RubricNode, duplicate_ids, ensure_keys
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +67,8 @@ class GradeResult:
     judge: str | None = None
     graded: bool = True  # False for leaves skipped because their weight in the tree is 0
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    key: str = ""               # the node's key (position in the rubric file): unique, unlike ids
+    duplicate_id: bool = False  # another node of the graded tree has the same id
     children: list["GradeResult"] = dataclasses.field(default_factory=list)
 
     @property
@@ -79,7 +85,8 @@ class GradeResult:
 
     def summary(self) -> dict[str, Any]:
         """Score, leaf pass rate, invalid count, and the same per task category and per fine-grained
-        category. Pass rates count graded leaves only."""
+        category; `duplicate_ids`: the ids held by several nodes (each still graded on its own). Pass
+        rates count graded leaves only."""
         def stats(leaves: list[GradeResult]) -> dict[str, Any]:
             graded = [leaf for leaf in leaves if leaf.graded]
             passed = sum(1 for leaf in graded if leaf.score >= 1.0)
@@ -93,7 +100,8 @@ class GradeResult:
         for leaf in leaves:
             per_category.setdefault(leaf.task_category or "None", []).append(leaf)
             per_finegrained.setdefault(leaf.finegrained_task_category or "None", []).append(leaf)
-        return {"score": self.score, "valid": self.valid, **stats(leaves),
+        repeated = sorted({node.id for node in self.walk() if node.duplicate_id})
+        return {"score": self.score, "valid": self.valid, **stats(leaves), "duplicate_ids": repeated,
                 "per_task_category": {k: stats(v) for k, v in sorted(per_category.items())},
                 "per_finegrained_category": {k: stats(v) for k, v in sorted(per_finegrained.items())}}
 
@@ -105,7 +113,11 @@ class GradeResult:
 
 class RecordedJudge:
     """Grades from recorded verdicts, e.g. the leaves of an earlier grading, so a tree can be re-scored
-    (under a variant, or after fixing weights) without judging again. Unknown leaves are invalid."""
+    (under a variant, or after fixing weights) without judging again.
+
+    verdicts: by leaf key (RubricNode.key, GradeResult.key; what from_result records) or by leaf id. A
+    leaf takes the verdict of its key if there is one, else that of its id (which then applies to every
+    leaf with that id); a leaf with neither is invalid."""
 
     name = "recorded"
 
@@ -114,17 +126,20 @@ class RecordedJudge:
 
     @classmethod
     def from_result(cls, result: GradeResult) -> "RecordedJudge":
-        return cls({leaf.id: LeafVerdict(leaf.score, leaf.valid, leaf.explanation,
-                                         leaf.judge or cls.name, dict(leaf.metadata))
+        """The graded leaves of `result`, by key: leaves with a repeated id keep their own verdicts."""
+        return cls({leaf.key or leaf.id: LeafVerdict(leaf.score, leaf.valid, leaf.explanation,
+                                                     leaf.judge or cls.name, dict(leaf.metadata))
                     for leaf in result.leaves() if leaf.graded})
 
     def accepts(self, leaf: RubricNode) -> bool:
         return True
 
     def judge(self, leaf: RubricNode, context: GradingContext) -> LeafVerdict:
-        if leaf.id not in self.verdicts:
-            return LeafVerdict(0.0, False, f"no recorded verdict for leaf {leaf.id!r}", self.name)
-        return self.verdicts[leaf.id]
+        for name in (leaf.key, leaf.id):
+            if name and name in self.verdicts:
+                return self.verdicts[name]
+        return LeafVerdict(0.0, False, f"no recorded verdict for leaf {leaf.id!r} (key {leaf.key!r})",
+                           self.name)
 
 
 def grade(rubric: RubricNode, judges: Judge | Sequence[Judge], context: GradingContext, *,
@@ -138,11 +153,12 @@ def grade(rubric: RubricNode, judges: Judge | Sequence[Judge], context: GradingC
     judge_list = [judges] if hasattr(judges, "judge") else list(judges)
     if not judge_list:
         raise ValueError("grade() needs at least one judge")
+    rubric = ensure_keys(rubric)
     to_grade: list[RubricNode] = []
     skipped: set[str] = set()
     # The root's own weight has no siblings to be relative to: it never zeroes the tree.
     for leaf, effective_zero in _leaves_with_zero_flag(rubric, False, is_root=True):
-        (skipped.add(leaf.id) if skip_zero_weight and effective_zero else to_grade.append(leaf))
+        (skipped.add(leaf.key) if skip_zero_weight and effective_zero else to_grade.append(leaf))
 
     def grade_leaf(leaf: RubricNode) -> LeafVerdict:
         if leaf.task_category == "Result Analysis" and context.reproduction_touched_files is False:
@@ -164,10 +180,10 @@ def grade(rubric: RubricNode, judges: Judge | Sequence[Judge], context: GradingC
 
     if max_workers > 1 and len(to_grade) > 1:
         with concurrent.futures.ThreadPoolExecutor(max_workers) as pool:
-            verdicts = dict(zip((leaf.id for leaf in to_grade), pool.map(grade_leaf, to_grade)))
+            verdicts = dict(zip((leaf.key for leaf in to_grade), pool.map(grade_leaf, to_grade)))
     else:
-        verdicts = {leaf.id: grade_leaf(leaf) for leaf in to_grade}
-    return _aggregate(rubric, verdicts, skipped)
+        verdicts = {leaf.key: grade_leaf(leaf) for leaf in to_grade}
+    return _aggregate(rubric, verdicts, skipped, set(duplicate_ids(rubric)))
 
 
 def _leaves_with_zero_flag(node: RubricNode, zero_above: bool, is_root: bool = False):
@@ -178,18 +194,21 @@ def _leaves_with_zero_flag(node: RubricNode, zero_above: bool, is_root: bool = F
         yield from _leaves_with_zero_flag(child, zero)
 
 
-def _aggregate(node: RubricNode, verdicts: dict[str, LeafVerdict], skipped: set[str]) -> GradeResult:
+def _aggregate(node: RubricNode, verdicts: dict[str, LeafVerdict], skipped: set[str],
+               repeated: set[str]) -> GradeResult:
+    """The result tree; `verdicts` and `skipped` are by node key, `repeated` holds the repeated ids."""
     common = dict(id=node.id, requirements=node.requirements, weight=node.weight,
                   task_category=node.task_category,
-                  finegrained_task_category=node.finegrained_task_category)
+                  finegrained_task_category=node.finegrained_task_category,
+                  key=node.key, duplicate_id=node.id in repeated)
     if node.is_leaf:
-        if node.id in skipped:
+        if node.key in skipped:
             return GradeResult(score=0.0, valid=True, explanation="not graded: weight 0 in this tree",
                                graded=False, **common)
-        v = verdicts[node.id]
+        v = verdicts[node.key]
         return GradeResult(score=v.score, valid=v.valid, explanation=v.explanation, judge=v.judge,
                            metadata=dict(v.metadata), **common)
-    children = [_aggregate(child, verdicts, skipped) for child in node.sub_tasks]
+    children = [_aggregate(child, verdicts, skipped, repeated) for child in node.sub_tasks]
     total_weight = sum(child.weight for child in children)
     score = (sum(child.weight * child.score for child in children) / total_weight
              if total_weight > 0 else 0.0)

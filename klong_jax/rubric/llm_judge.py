@@ -5,6 +5,12 @@ own server, OpenAI). The model sees the task, the requirement with its ancestors
 bounded selection of the submission's files, and must end its answer with a line `VERDICT: PASS` or
 `VERDICT: FAIL`. Transport errors, HTTP 429/5xx, timeouts and answers without a strict verdict are
 retried with exponential back-off; when every attempt fails the leaf scores 0 with valid = False.
+
+The HTTP call and the retry loop are shared with every other chat-completions client of the project
+(`klong_jax.factory.endpoint.ChatEndpoint`): `post_chat_completions` (one POST; `TransientError` for what
+is worth retrying, its subclass `MalformedResponse` for a body that is no chat completion, `PermanentError`
+for what is not worth it) and `call_with_retries` (attempts with exponential
+back-off; `RetriesExhausted` with every attempt's error when none succeeded).
 """
 from __future__ import annotations
 
@@ -15,11 +21,12 @@ import re
 import time
 import urllib.error
 import urllib.request
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from klong_jax.rubric.evidence import collect_files, cut_middle
 from klong_jax.rubric.grading import GradingContext, LeafVerdict
-from klong_jax.rubric.tree import RubricNode
+from klong_jax.rubric.tree import RubricNode, ensure_keys
 
 SYSTEM_PROMPT = (
     "You grade one requirement of a research-paper reproduction. You are given the task the agent was "
@@ -28,7 +35,86 @@ SYSTEM_PROMPT = (
     "the evidence shown. Explain briefly, then end your answer with exactly one final line, either\n"
     "VERDICT: PASS\nor\nVERDICT: FAIL")
 _VERDICT = re.compile(r"^VERDICT: (PASS|FAIL)$")
-_RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+_T = TypeVar("_T")
+
+
+class TransientError(Exception):
+    """A failed attempt worth retrying: transport error, timeout, HTTP 408/409/425/429/5xx, a malformed
+    response body."""
+
+
+class MalformedResponse(TransientError):
+    """A response that is no chat completion (not JSON, or without the fields of one): retried."""
+
+
+class PermanentError(Exception):
+    """A failed attempt that a retry would repeat (HTTP 400, 401, 403, 404, ...): no further attempts."""
+
+
+class RetriesExhausted(Exception):
+    """Every attempt failed; `errors` holds one message per attempt, `permanent` says whether the last
+    one stopped the retries early (a PermanentError)."""
+
+    def __init__(self, errors: list[str], permanent: bool):
+        self.errors, self.permanent = list(errors), permanent
+        super().__init__(f"failed after {len(self.errors)} attempt(s): {self.errors[-1] if self.errors else '?'}")
+
+
+def backoff_delay(attempt: int, backoff_s: float, max_backoff_s: float) -> float:
+    """Seconds to wait before attempt `attempt` (0-based): 0 for the first, then backoff_s * 2^(attempt-1),
+    capped at max_backoff_s."""
+    return 0.0 if attempt <= 0 else min(max_backoff_s, backoff_s * 2 ** (attempt - 1))
+
+
+def call_with_retries(attempt_fn: Callable[[], _T], *, max_attempts: int, backoff_s: float,
+                      max_backoff_s: float, retry_on: tuple[type[BaseException], ...] = (TransientError,),
+                      sleep: Callable[[float], None] = time.sleep) -> tuple[_T, list[str]]:
+    """(attempt_fn's value, the errors of the failed attempts before it). An exception in `retry_on` is
+    retried after `backoff_delay`; a PermanentError ends the attempts at once; anything else propagates
+    (a bug, not a bad answer). Raises RetriesExhausted when no attempt succeeded."""
+    if max_attempts < 1:
+        raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+    errors: list[str] = []
+    for attempt in range(max_attempts):
+        if attempt:
+            sleep(backoff_delay(attempt, backoff_s, max_backoff_s))
+        try:
+            return attempt_fn(), errors
+        except PermanentError as e:
+            errors.append(str(e))
+            raise RetriesExhausted(errors, permanent=True) from e
+        except retry_on as e:
+            errors.append(str(e))
+    raise RetriesExhausted(errors, permanent=False)
+
+
+def post_chat_completions(url: str, body: dict[str, Any], *, api_key: str | None,
+                          timeout_s: float) -> dict[str, Any]:
+    """POSTs `body` to `url` (a `.../chat/completions` address) and returns the decoded JSON object.
+    TransientError: transport failure, timeout, HTTP in RETRY_STATUS, a body that is not a JSON object;
+    PermanentError: any other HTTP error status. Messages name the url and quote the server's answer."""
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            raw = response.read()
+    except urllib.error.HTTPError as e:
+        detail = e.read()[:500].decode(errors="replace")
+        error = f"HTTP {e.code} from {url}: {detail}"
+        raise (TransientError if e.code in RETRY_STATUS else PermanentError)(error) from e
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+        raise TransientError(f"request to {url} failed: {type(e).__name__}: {e}") from e
+    try:
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise TypeError(f"the body is a JSON {type(data).__name__}, not an object")
+    except (ValueError, TypeError) as e:
+        raise MalformedResponse(f"malformed chat-completions response from {url} ({e}): "
+                             f"{raw[:300].decode(errors='replace')!r}") from e
+    return data
 
 
 class VerdictFormatError(ValueError):
@@ -70,7 +156,7 @@ class LLMJudge:
         self.max_evidence_chars = max_evidence_chars
         self.max_task_chars = max_task_chars
         self.extra_body = dict(extra_body or {})
-        # Ancestors' requirements per leaf id, set by grade() through with_ancestors(); optional.
+        # Ancestors' requirements per leaf key (ids may repeat), set through with_ancestors(); optional.
         self._ancestors: dict[str, list[str]] = {}
 
     def accepts(self, leaf: RubricNode) -> bool:
@@ -80,17 +166,17 @@ class LLMJudge:
         """Lets prompts show each leaf's parent requirements (context PaperBench's judge also gets)."""
         def visit(node: RubricNode, path: list[str]) -> None:
             if node.is_leaf:
-                self._ancestors[node.id] = path
+                self._ancestors[node.key] = path
             for child in node.sub_tasks:
                 visit(child, path + [node.requirements])
-        visit(rubric, [])
+        visit(ensure_keys(rubric), [])
         return self
 
     def build_messages(self, leaf: RubricNode, context: GradingContext) -> tuple[list[dict], list[str]]:
         evidence, files = collect_files(context.episode_dir, leaf.requirements,
                                         max_file_chars=self.max_file_chars,
                                         max_total_chars=self.max_evidence_chars)
-        ancestors = self._ancestors.get(leaf.id, [])
+        ancestors = self._ancestors.get(leaf.key, [])
         task = cut_middle(context.task, self.max_task_chars) or "(none)"
         parts = [f"# Task given to the agent\n{task}"]
         if ancestors:
@@ -108,57 +194,31 @@ class LLMJudge:
             messages, files = self.build_messages(leaf, context)
         except OSError as e:
             return LeafVerdict(0.0, False, f"could not read the submission: {e}", self.name)
-        errors: list[str] = []
-        for attempt in range(self.max_attempts):
-            if attempt:
-                time.sleep(min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)))
-            try:
-                answer, usage = self._complete(messages)
-                score, explanation = parse_verdict(answer)
-            except _Permanent as e:
-                errors.append(str(e))
-                break
-            except (_Transient, VerdictFormatError) as e:
-                errors.append(str(e))
-                continue
-            return LeafVerdict(score, True, explanation, self.name,
-                               {"model": self.model, "attempts": attempt + 1, "files": files,
-                                "usage": usage, "errors": errors})
-        return LeafVerdict(0.0, False, f"grading failed after {len(errors)} attempt(s): {errors[-1]}",
-                           self.name, {"model": self.model, "attempts": len(errors), "errors": errors,
-                                       "files": files})
+
+        def attempt() -> tuple[float, str, dict]:
+            answer, usage = self._complete(messages)
+            return (*parse_verdict(answer), usage)
+        try:
+            (score, explanation, usage), errors = call_with_retries(
+                attempt, max_attempts=self.max_attempts, backoff_s=self.backoff_s,
+                max_backoff_s=self.max_backoff_s, retry_on=(TransientError, VerdictFormatError))
+        except RetriesExhausted as e:
+            return LeafVerdict(0.0, False, f"grading failed after {len(e.errors)} attempt(s): {e.errors[-1]}",
+                               self.name, {"model": self.model, "attempts": len(e.errors), "errors": e.errors,
+                                           "files": files})
+        return LeafVerdict(score, True, explanation, self.name,
+                           {"model": self.model, "attempts": len(errors) + 1, "files": files,
+                            "usage": usage, "errors": errors})
 
     def _complete(self, messages: list[dict]) -> tuple[str, dict]:
         body = {"model": self.model, "messages": messages, "temperature": self.temperature,
                 "max_tokens": self.max_tokens, **self.extra_body}
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers,
-                                         method="POST")
+        data = post_chat_completions(self.url, body, api_key=self.api_key, timeout_s=self.timeout_s)
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as e:
-            detail = e.read()[:500].decode(errors="replace")
-            error = f"HTTP {e.code} from {self.url}: {detail}"
-            raise (_Transient if e.code in _RETRY_STATUS else _Permanent)(error) from e
-        except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
-            raise _Transient(f"request to {self.url} failed: {type(e).__name__}: {e}") from e
-        try:
-            data = json.loads(raw)
             content = data["choices"][0]["message"]["content"]
             if not isinstance(content, str):
                 raise TypeError(f"content is {type(content).__name__}")
-        except (ValueError, KeyError, IndexError, TypeError) as e:
-            raise _Transient(f"malformed chat-completions response ({e}): "
-                             f"{raw[:300].decode(errors='replace')!r}") from e
+        except (KeyError, IndexError, TypeError) as e:
+            raise MalformedResponse(f"malformed chat-completions response from {self.url} ({e}): "
+                                 f"{json.dumps(data)[:300]!r}") from e
         return content, data.get("usage") or {}
-
-
-class _Transient(Exception):
-    pass
-
-
-class _Permanent(Exception):
-    pass

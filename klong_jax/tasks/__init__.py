@@ -12,6 +12,10 @@ kinds, statistics and function templates occur) and `length` (rubric items per t
         trajectory = run_expert(task, sb, mistake_prob=0.1)
     observation = execute_tool(sb, "read_file_chunk", {"file": "a.txt", "start_line": 1})
 
+PaperBench paper directories are tasks too (klong_jax.tasks.paperbench):
+
+    tasks = load_tasks(DIR, judge=JudgeEndpoint(url, model))   # embedded task dirs and paper dirs alike
+
 Trajectory (one JSON line): {"id", "task_id", "messages": [{"role": "system"|"user"|"assistant"|"tool",
 "content", "reasoning"?, "tool_calls"?: [{"id", "name", "arguments": {...}}], "tool_call_id"?}],
 "meta", "reward"}. CLI: python -m klong_jax.tasks.generate --out=DIR --n=8 [--seed --split ...].
@@ -20,8 +24,12 @@ Imports no JAX.
 from klong_jax.tasks.expert import ExpertError, run_expert, solve_task
 from klong_jax.tasks.grading import grade_episode
 from klong_jax.tasks.task import Task, generate_task, generate_tasks, load_task, save_task
-from klong_jax.tasks.tools import TOOL_NAMES, TOOL_SPECS, execute_tool, run_tool, system_prompt
+from klong_jax.tasks.tools import (TOOL_NAMES, TOOL_SPECS, blacklist_hit, execute_tool, run_tool,
+                                    system_prompt)
+from klong_jax.tasks.paperbench import (JudgeEndpoint, PaperTask, PaperTaskError, find_task_dirs,
+                                        is_paper_dir, load_paper_task, load_tasks)
 
-__all__ = ["ExpertError", "TOOL_NAMES", "TOOL_SPECS", "Task", "execute_tool", "generate_task",
-           "generate_tasks", "grade_episode", "load_task", "run_expert", "run_tool", "save_task",
-           "solve_task", "system_prompt"]
+__all__ = ["ExpertError", "JudgeEndpoint", "PaperTask", "PaperTaskError", "TOOL_NAMES", "TOOL_SPECS", "Task",
+           "blacklist_hit", "execute_tool", "find_task_dirs", "generate_task", "generate_tasks",
+           "grade_episode", "is_paper_dir", "load_paper_task", "load_task", "load_tasks", "run_expert",
+           "run_tool", "save_task", "solve_task", "system_prompt"]

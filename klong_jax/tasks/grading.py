@@ -1,4 +1,5 @@
-"""Grading an episode of a task with its rubric: every leaf's `check` runs in the episode's sandbox."""
+"""Grading an episode of a task with its rubric: every leaf's `check` runs in the episode's sandbox
+(a PaperTask grades itself: klong_jax.tasks.paperbench)."""
 from klong_jax.rubric import CommandJudge, GradeResult, GradingContext, grade, parse_rubric
 from klong_jax.tasks.task import Task
 
@@ -6,7 +7,11 @@ CHECK_TIMEOUT_S = 30.0  # the checks are greps and tiny scripts; far more than t
 
 
 def grade_episode_result(task: Task, sandbox, check_timeout_s: float = CHECK_TIMEOUT_S) -> GradeResult:
-    """The whole grading tree (per-node scores and check outputs) of the episode in `sandbox`."""
+    """The whole grading tree (per-node scores and check outputs) of the episode in `sandbox`. A task with
+    its own grading (a PaperTask: `grade_result(sandbox, check_timeout_s)`) is graded by it."""
+    own = getattr(task, "grade_result", None)
+    if own is not None:
+        return own(sandbox, check_timeout_s)
     rubric = parse_rubric(task.rubric, source=str(task.rubric_path or f"<rubric of {task.task_id}>"))
     judge = CommandJudge(sandbox, timeout_s=check_timeout_s)
     return grade(rubric, judge, GradingContext(sandbox.episode_dir, task=task.spec))

@@ -5,10 +5,18 @@ search_file read from the host, only regular files inside the episode directory 
 actually opened, so a symlink swapped in meanwhile cannot leak a host file). write_file too accepts only
 paths inside the episode directory. Bad calls never raise: the agent gets an error observation, as it
 would from a real tool server.
+
+A task may carry a blacklist (PaperBench's blacklist.txt: resources, usually the authors' code repository,
+the agent must not access). A call whose arguments name a blacklisted resource is refused and not run
+(`blacklist_hit`, `run_tool(..., blacklist=)`). The sandbox has no outside network anyway; the refusal
+makes the rule visible to the agent and keeps trajectories free of attempts that would count as cheating
+where the network is open. It matches what a call names, so it is a rule, not a firewall.
 """
 import dataclasses
+import functools
 import os
 import pathlib
+import re
 import shlex
 import stat
 from typing import Any
@@ -176,8 +184,91 @@ def _write_file(sandbox, arguments: dict) -> ToolResult:
     return ToolResult(f"Wrote {n_lines} lines to {path}", True)
 
 
-def run_tool(sandbox, name: str, arguments: Any) -> ToolResult:
-    """Execute one tool call in `sandbox`; never raises for bad calls (they become error observations)."""
+# ------------------------------------------------------------------------------------------------
+# Blacklist
+
+_SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*://", re.IGNORECASE)
+# Other hosts serving the same GitHub repository (raw files, archives, the REST API).
+_GITHUB_MIRRORS = ("raw.githubusercontent.com/{repo}", "codeload.github.com/{repo}",
+                   "api.github.com/repos/{repo}", "github.com/{repo}")
+
+
+def normalize_blacklist_entry(entry: str) -> str | None:
+    """`host/path` of a blacklist line, lower-cased, without scheme, user, `www.`, query, fragment,
+    trailing slash or `.git`; None for a line that blacklists nothing (empty, a `#` comment, `none`)."""
+    text = entry.strip()
+    if not text or text.startswith("#") or text.lower() == "none":
+        return None
+    text = _SCHEME.sub("", text)
+    text = re.sub(r"[?#].*$", "", text)
+    host, _, path = text.partition("/")
+    host = host.rsplit("@", 1)[-1].lower()
+    if host.startswith("www."):
+        host = host[4:]
+    path = path.strip("/")
+    if path.lower().endswith(".git"):
+        path = path[:-4]
+    return f"{host}/{path}".rstrip("/").lower() if host else None
+
+
+@functools.lru_cache(maxsize=256)
+def _blacklist_patterns(blacklist: tuple[str, ...]) -> tuple[tuple[str, re.Pattern], ...]:
+    patterns = []
+    for entry in blacklist:
+        normal = normalize_blacklist_entry(entry)
+        if normal is None:
+            continue
+        host, _, path = normal.partition("/")
+        forms = [normal]
+        if host == "github.com" and path.count("/") == 1:
+            forms = [form.format(repo=path) for form in _GITHUB_MIRRORS]
+        alternatives = []
+        for form in forms:
+            form_host, _, form_path = form.partition("/")
+            # The host may be written with `www.` and any case, and a path after `/` (or `:`, as in
+            # git@github.com:org/repo); the name must end there: `repo`, `repo/...`, `repo.git`, `repo?x`
+            # match, `repo-fork`, `repo2`, `repository` do not.
+            body = re.escape(form_host) + (r"[/:]" + re.escape(form_path) if form_path else "")
+            alternatives.append(r"(?<![\w.-])(?:www\.)?" + body + r"(?:\.git)?(?![\w-]|\.[\w-])")
+        patterns.append((entry.strip(), re.compile("|".join(alternatives), re.IGNORECASE)))
+    return tuple(patterns)
+
+
+def _argument_texts(value: Any):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield str(key)
+            yield from _argument_texts(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _argument_texts(item)
+
+
+def blacklist_hit(arguments: Any, blacklist: tuple[str, ...] | list[str]) -> str | None:
+    """The first blacklist entry (as written) that some text of `arguments` names, or None.
+
+    Entries are URLs or `host/path`s; a text names one when it contains that host and path with any
+    scheme (or none), `www.` or not, any letter case (hosts ignore it; GitHub owner/repo paths too), and
+    anything after a path boundary (`/more`, `.git`, `?query`, `#anchor`). A github.com/OWNER/REPO entry
+    also covers raw.githubusercontent.com, codeload.github.com and api.github.com/repos for that repo.
+    Blank lines, `#` comments and `none` blacklist nothing."""
+    patterns = _blacklist_patterns(tuple(blacklist))
+    if not patterns:
+        return None
+    for text in _argument_texts(arguments):
+        for entry, pattern in patterns:
+            if pattern.search(text):
+                return entry
+    return None
+
+
+def run_tool(sandbox, name: str, arguments: Any, blacklist: tuple[str, ...] = ()) -> ToolResult:
+    """Execute one tool call in `sandbox`; never raises for bad calls (they become error observations).
+
+    blacklist: the task's blacklisted resources (see blacklist_hit); a call whose arguments name one is
+    not run, and its observation says why."""
     if name not in TOOL_NAMES:
         return ToolResult(f"Error: unknown tool {name!r}; tools: {', '.join(TOOL_NAMES)}", False)
     if not isinstance(arguments, dict):
@@ -186,6 +277,11 @@ def run_tool(sandbox, name: str, arguments: Any) -> ToolResult:
     missing = [key for key in _REQUIRED[name] if key not in arguments]
     if missing:
         return ToolResult(f"Error: {name} needs argument(s) {', '.join(missing)}", False)
+    hit = blacklist_hit(arguments, blacklist)
+    if hit is not None:
+        return ToolResult(f"Error: refused, not run: this call names {hit}, a resource blacklisted for "
+                          "this task (its blacklist.txt); you must not access it. Reproduce the work "
+                          "without it.", False)
     try:
         if name == "bash":
             return _command_observation(sandbox.run(str(arguments["cmd"])))
