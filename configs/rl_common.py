@@ -25,13 +25,13 @@ STAGES = {
 OPTIMIZER = {"tiny": dict(lr=1e-4), "smol": dict(lr=2e-5), "small": dict(lr=1e-6), "glm45_air": dict(lr=1e-6)}
 LOOP = {
     "tiny": dict(steps=4, tasks_per_step=2, group_size=4, ppo_epochs=2, seq_len_factor=2, max_concurrent_episodes=8,
-                 replay_gap=True),
+                 replay_gap=True, minibatches=2),
     "smol": dict(steps=2, tasks_per_step=2, group_size=4, ppo_epochs=1, seq_len_factor=2, max_concurrent_episodes=8,
-                 replay_gap=False),
+                 replay_gap=False, minibatches=0),
     "small": dict(steps=200, tasks_per_step=64, group_size=16, ppo_epochs=1, seq_len_factor=1,
-                  max_concurrent_episodes=64, replay_gap=True),
+                  max_concurrent_episodes=64, replay_gap=True, minibatches=0),
     "glm45_air": dict(steps=200, tasks_per_step=64, group_size=16, ppo_epochs=1, seq_len_factor=1,
-                      max_concurrent_episodes=64, replay_gap=True),
+                      max_concurrent_episodes=64, replay_gap=True, minibatches=0),
 }
 # max_new_tokens_per_turn (None: the episode's token budget); disk_mib: episode directory space (tiny tasks write a
 # few KiB; an ML experiment writes data and checkpoints); eval_tasks: held-out tasks per stage evaluation.
@@ -74,6 +74,9 @@ def rl_config(stage: int, variant: str) -> ConfigDict:
         # pass per batch). smol: off, the demo's updates cost as much as its rollouts.
         replay_gap=loop["replay_gap"],
         ppo_epochs=loop["ppo_epochs"],
+        # Optimizer steps per pass over a step's rows: each over a mini-batch of whole batches whose gradients
+        # are summed exactly (0, off: one step per batch of batch_rows rows, a step on 1-2 episodes).
+        minibatches=loop["minibatches"],
         seq_len=base.train.seq_len * loop["seq_len_factor"], batch_rows=base.train.global_batch,
         packing="shared_prefix", max_concurrent_episodes=loop["max_concurrent_episodes"]))
     c.agent = ConfigDict(dict(timeout_s=timeout_s, max_turns=max_turns, max_total_tokens=max_tokens,

@@ -13,7 +13,7 @@ from klong_jax.data.context import ContextConfig
 from klong_jax.data.tokenizer import load_tokenizer
 from klong_jax.models import init_model, preset
 from klong_jax.rl.batch import build_rows, to_batches
-from klong_jax.rl.step import old_logprobs, rl_update
+from klong_jax.rl.step import jit_rl_fns, old_logprobs, rl_update
 from klong_jax.sandbox import SandboxPool
 from klong_jax.sharding import make_mesh
 from klong_jax.tasks import load_task
@@ -142,3 +142,69 @@ def test_clipping_reference_is_the_rollout_policy_for_every_batch(rollout):
                                        rows, rl, mesh, logical_to_spec(("batch", "seq"), (1, SEQ), mesh))
     assert metrics["mismatch_with_replay"] < 1e-4, metrics
     assert metrics["grad_norm"] > 0
+
+
+def test_an_update_raises_the_positive_episode_and_lowers_the_negative_one(rollout):
+    """The sign of the whole path (rows, masks, advantages, loss, optimizer): one small SGD step on the
+    packed rows, episode 0 at advantage +1 and episode 1 at -1, raises the mean log-prob of episode 0's
+    sampled tokens and lowers episode 1's. (First order: d(mean logp_e) = lr * g_e . g, and the loss is
+    -sum_e A_e sum_t logp / N, so the step moves each episode's log-probs in the direction of its advantage
+    as long as its own term dominates its dot product with the other's, true for a small step on two
+    different samples; the test would fail with the sign of the advantages or of the loss flipped.)"""
+    import optax
+    model, cfg, rows, _ = rollout
+    graphdef, params, rest = split_model(model)
+    batch = to_batches(rows, 8)[0]
+    with_replay, _ = old_logprobs(params, rest, batch, graphdef=graphdef)
+    batch["old_logprobs"] = np.asarray(with_replay)
+    tx = optax.sgd(0.05)
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    new_state, m = jax.jit(lambda s, b: rl_update(s, rest, s["params"], b, graphdef=graphdef, tx=tx, rl_cfg=RL,
+                                                  lr_schedule=learning_rate_schedule(OPT, 10)))(state, batch)
+    assert int(m["nonfinite"]) == 0
+    after, _ = old_logprobs(new_state["params"], rest, batch, graphdef=graphdef)
+    mask = batch["rl_mask"] > 0
+    delta = (np.asarray(after) - np.asarray(with_replay))
+    pos, neg = mask & (batch["advantages"] > 0), mask & (batch["advantages"] < 0)
+    assert pos.any() and neg.any()
+    assert delta[pos].mean() > 0 > delta[neg].mean(), (delta[pos].mean(), delta[neg].mean())
+
+
+def test_minibatch_of_micro_batches_equals_one_big_batch(rollout):
+    """rl.minibatches=1: the rows fed one per micro-batch (batch_rows=1), gradients summed on device with every
+    loss normalised by the mini-batch's loss tokens, then ONE optimizer step, give the same parameters and loss
+    as one rl_update on all rows as a single batch (AdamW's first step amplifies any difference: m/sqrt(v) is
+    sign(g) elementwise, so a wrong normalisation or a missing micro-batch flips parameters by 2 lr)."""
+    from klong_jax.rl.loop import update_policy
+    from klong_jax.rl.step import jit_rl_accumulate_fns
+    from klong_jax.sharding import logical_to_spec
+    from klong_jax.training.optimizer import make_optimizer
+    from klong_jax.training.state import abstract_layout, new_state
+    from klong_jax.training.step import state_shardings
+    model, cfg, rows, _ = rollout
+    assert len(rows) >= 2
+    mesh = make_mesh({"fsdp": 1}, devices=jax.devices()[:1])
+    tx = make_optimizer(OPT, 10)
+    graphdef, abs_params, _, param_sh, rest_sh = abstract_layout(cfg, mesh)
+    state_sh = state_shardings(tx, param_sh, abs_params, mesh)
+    _, params, rest = split_model(model)
+    lr = learning_rate_schedule(OPT, 10)
+    results = {}
+    for name, batch_rows, minibatches in (("one batch", len(rows), 0), ("micro-batches", 1, 1)):
+        rl = ConfigDict({**RL.to_dict(), "batch_rows": batch_rows, "ppo_epochs": 1, "seq_len": SEQ,
+                         "minibatches": minibatches})
+        update_fn, old_fn = jit_rl_fns(graphdef, tx, rl, lr, state_sh, rest_sh, mesh)
+        accumulate = jit_rl_accumulate_fns(graphdef, tx, rl, lr, state_sh, rest_sh, mesh) if minibatches else None
+        with jax.set_mesh(mesh):
+            state = new_state(jax.tree.map(jnp.copy, params), tx, state_sh)
+            state, metrics = update_policy(update_fn, old_fn, state, jax.device_put(rest, rest_sh), state["params"],
+                                           rows, rl, mesh, logical_to_spec(("batch", "seq"), (batch_rows, SEQ), mesh),
+                                           accumulate_fns=accumulate)
+        results[name] = (jax.device_get(state["params"]), metrics, int(state["step"]))
+    (p1, m1, s1), (p2, m2, s2) = results["one batch"], results["micro-batches"]
+    assert s1 == s2 == 1, "one optimizer step each"
+    np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(m2["grad_norm"], m1["grad_norm"], rtol=1e-4)
+    # lr 1e-3: a flipped sign would differ by 2e-3; summation order alone moves elements whose gradient is near
+    # Adam's eps by a few 1e-6.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=2e-5), p2, p1)

@@ -24,7 +24,7 @@ from klong_jax.data.tokenizer import load_tokenizer
 from klong_jax.models.from_config import model_config_from, upcycle_config_from
 from klong_jax.rl.advantages import advantage_stats, group_advantages
 from klong_jax.rl.batch import build_rows, to_batches
-from klong_jax.rl.step import jit_rl_fns
+from klong_jax.rl.step import jit_rl_accumulate_fns, jit_rl_fns
 from klong_jax.sandbox import SandboxPool
 from klong_jax.sharding import logical_to_spec, make_mesh
 from klong_jax.tasks import load_task
@@ -90,6 +90,7 @@ class StageSetup:
     old_fn: object
     batch_spec: object
     layout: TrainLayout = None    # what trains (config.trainable): state["params"] is its trainable subset
+    accumulate_fns: tuple = None  # (grads, add, apply) when rl.minibatches > 0 (jit_rl_accumulate_fns)
 
     def initial_train_state(self, cfg, workdir):
         """(state, rest, frozen) at the start of the stage: init_from's weights and a fresh optimizer over the
@@ -138,12 +139,17 @@ def setup_stage(cfg, data_paths: dict) -> StageSetup:
                          "full tempered distribution (top_k=0, top_p=1.0)")
     update_fn, old_fn = jit_rl_fns(graphdef, tx, rl, lr_schedule, state_sh, rest_sh, mesh,
                                    temperature=agent_cfg.temperature, plan=plan, frozen_sh=layout.frozen_sh)
+    accumulate_fns = None
+    if rl.get("minibatches", 0):
+        accumulate_fns = jit_rl_accumulate_fns(graphdef, tx, rl, lr_schedule, state_sh, rest_sh, mesh,
+                                               temperature=agent_cfg.temperature, plan=plan,
+                                               frozen_sh=layout.frozen_sh)
     template = make_chat_template(tokenizer, cfg.data.get("chat_template", "auto"))
     return StageSetup(model_cfg=model_cfg, mesh=mesh, tokenizer=tokenizer, template=template,
                       tasks=load_tasks(data_paths["train_tasks"]), agent_cfg=agent_cfg,
                       rollout_cfg=RolloutConfig.from_mapping(cfg.get("rollout")), tx=tx,
                       graphdef=graphdef, abs_params=abs_params, abs_rest=abs_rest, state_sh=state_sh,
-                      rest_sh=rest_sh, update_fn=update_fn, old_fn=old_fn,
+                      rest_sh=rest_sh, update_fn=update_fn, old_fn=old_fn, accumulate_fns=accumulate_fns,
                       batch_spec=logical_to_spec(("batch", "seq"), (rl.batch_rows, rl.seq_len), mesh), layout=layout)
 
 
@@ -196,7 +202,8 @@ def run_rl(cfg, workdir: str, data_paths: dict) -> dict:
                 t1 = time.perf_counter()
                 if rows:
                     state, update_metrics = update_policy(st.update_fn, st.old_fn, state, rest, ref_params, rows, rl,
-                                                          st.mesh, st.batch_spec, frozen=frozen)
+                                                          st.mesh, st.batch_spec, frozen=frozen,
+                                                          accumulate_fns=st.accumulate_fns)
                     metrics.update(update_metrics)
                     metrics["windows"] = stats.windows
                     policy.update_params(st.sync_params(state, frozen))
@@ -230,9 +237,16 @@ def _rollout_metrics(results, rl) -> dict:
     return out
 
 
-def update_policy(update_fn, old_fn, state, rest, ref_params, rows, rl, mesh, batch_spec, frozen=None):
+def update_policy(update_fn, old_fn, state, rest, ref_params, rows, rl, mesh, batch_spec, frozen=None,
+                  accumulate_fns=None):
     """ppo_epochs passes over the packed rows; returns the new state and the mean update metrics.
     frozen: the params the run's TrainablePlan freezes ({} / None: every parameter trains).
+
+    Optimizer steps per pass: `rl.minibatches` (> 0: the rows split into that many mini-batches of whole
+    batches, each one step on the exact sum of its micro-batches' gradients, every loss normalised by the
+    mini-batch's loss tokens; needs `accumulate_fns`, jit_rl_accumulate_fns) or, with 0 (off), one step per
+    batch of `rl.batch_rows` rows (`update_fn`). Metrics: per optimizer step (a mini-batch's additive metrics
+    summed, `*_max` maxed), then the mean over steps.
 
     The trainer's log-probs of the rollout policy ("old", the clipping reference) are computed for every
     batch before the first update: computed batch by batch between updates they would already be those of
@@ -257,9 +271,29 @@ def update_policy(update_fn, old_fn, state, rest, ref_params, rows, rl, mesh, ba
                 continue
             totals.setdefault(name, []).append(
                 float(np.abs(np.asarray(logprobs) - samp)[mask].mean()) if mask.any() else 0.0)
+    minibatches = int(rl.get("minibatches", 0))
+    if minibatches and accumulate_fns is None:
+        raise ValueError(f"rl.minibatches={minibatches} needs the accumulating update (jit_rl_accumulate_fns)")
+    groups = (np.array_split(np.arange(len(batches)), min(minibatches, len(batches))) if minibatches
+              else [[i] for i in range(len(batches))])
     for _ in range(rl.ppo_epochs):
-        for host_batch in batches:
-            state, m = update_fn(state, rest, ref_params, put(host_batch), frozen)
-            for k, v in jax.device_get(m).items():
-                totals.setdefault(k, []).append(float(v))
+        for group in groups:
+            if not minibatches:
+                state, m = update_fn(state, rest, ref_params, put(batches[group[0]]), frozen)
+                metrics = {k: float(v) for k, v in jax.device_get(m).items()}
+            else:
+                grads_fn, add_fn, apply_fn = accumulate_fns
+                total = np.float32(max(sum(float((batches[i]["rl_mask"] > 0).sum()) for i in group), 1.0))
+                acc, loss, metrics = None, 0.0, {}
+                for i in group:
+                    g, l, m = grads_fn(state["params"], rest, ref_params, put(batches[i]), total, frozen)
+                    acc = g if acc is None else add_fn(acc, g)
+                    loss = loss + l
+                    for k, v in jax.device_get(m).items():
+                        metrics[k] = max(metrics.get(k, float(v)), float(v)) if k.endswith("_max") \
+                            else metrics.get(k, 0.0) + float(v)
+                state, applied = apply_fn(state, acc, loss)
+                metrics.update({k: float(v) for k, v in jax.device_get(applied).items()})
+            for k, v in metrics.items():
+                totals.setdefault(k, []).append(v)
     return state, {k: float(np.mean(v)) for k, v in totals.items()}

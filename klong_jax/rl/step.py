@@ -1,6 +1,7 @@
 """The jit'd RL update: the trainer's log-probs of the sampled tokens (optionally with the sampler's
 expert routing forced: routing replay), the clipped policy loss with truncated importance weights, the
-optional k3 KL to a frozen reference, one AdamW update; same sharding/donation scheme as SFT.
+optional k3 KL to a frozen reference, one AdamW update per mini-batch (one batch, or micro-batches whose
+gradients are summed exactly: `jit_rl_accumulate_fns`); same sharding/donation scheme as SFT.
 
 The policy being optimised is the one the sampler draws from: softmax(logits / temperature). The trainer
 therefore divides its logits by the rollout temperature too; otherwise the ratio against the sampler's
@@ -51,12 +52,13 @@ def old_logprobs(params, rest, batch, frozen=None, *, graphdef, temperature: flo
     return with_replay, without
 
 
-def rl_update(state, rest, ref_params, batch, frozen=None, *, graphdef, tx, rl_cfg, lr_schedule,
-              temperature: float = 1.0, plan=None):
-    """One update of state["params"] (the trainable subset) on the clipped policy loss; `ref_params`: the
+def rl_grads(params, rest, ref_params, batch, total_tokens, frozen=None, *, graphdef, rl_cfg,
+             temperature: float = 1.0, plan=None):
+    """(grads, loss, metrics) of the clipped policy loss of one micro-batch, normalised by `total_tokens`: the
+    loss tokens of the whole mini-batch whose micro-batches are summed (objective.py: summing the micro-batches'
+    losses, gradients and additive metrics gives exactly those of the mini-batch as one batch). `ref_params`: the
     trainable subset of the KL reference (its frozen part is `frozen`, which never moves)."""
     mask = batch["rl_mask"]
-    total = jnp.maximum(jnp.sum(mask.astype(jnp.float32)), 1.0)
     kw = dict(routing_replay=rl_cfg.routing_replay, temperature=temperature, frozen=frozen, plan=plan)
 
     def loss_fn(p):
@@ -67,13 +69,30 @@ def rl_update(state, rest, ref_params, batch, frozen=None, *, graphdef, tx, rl_c
         loss, metrics = policy_loss(
             logp_new, batch["sampler_logprobs"], batch["advantages"], mask, eps_low=rl_cfg.eps_low,
             eps_high=rl_cfg.eps_high, kl_coef=rl_cfg.kl_coef, logp_ref_BT=logp_ref,
-            tis_cap=rl_cfg.tis_cap or None, logp_old_BT=batch["old_logprobs"], total_tokens=total)
-        metrics["entropy"] = jnp.sum(entropy * mask) / total
+            tis_cap=rl_cfg.tis_cap or None, logp_old_BT=batch["old_logprobs"], total_tokens=total_tokens)
+        metrics["entropy"] = jnp.sum(entropy * mask) / total_tokens
         return loss, metrics
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return grads, loss, metrics
+
+
+def rl_apply(state, grads, loss, *, tx, lr_schedule):
+    """The optimizer step on (summed) gradients through the one update path shared with SFT
+    (`apply_gradients`: clip, AdamW, non-finite guard); returns (new_state, metrics)."""
     new_state, grad_norm, finite = apply_gradients(state, grads, loss, tx)
-    metrics.update(grad_norm=grad_norm, lr=lr_schedule(state["step"]), nonfinite=1 - finite.astype(jnp.int32))
+    return new_state, {"grad_norm": grad_norm, "lr": lr_schedule(state["step"]),
+                       "nonfinite": 1 - finite.astype(jnp.int32)}
+
+
+def rl_update(state, rest, ref_params, batch, frozen=None, *, graphdef, tx, rl_cfg, lr_schedule,
+              temperature: float = 1.0, plan=None):
+    """One update of state["params"] (the trainable subset) on the clipped policy loss of `batch` alone."""
+    total = jnp.maximum(jnp.sum(batch["rl_mask"].astype(jnp.float32)), 1.0)
+    grads, loss, metrics = rl_grads(state["params"], rest, ref_params, batch, total, frozen, graphdef=graphdef,
+                                    rl_cfg=rl_cfg, temperature=temperature, plan=plan)
+    new_state, applied = rl_apply(state, grads, loss, tx=tx, lr_schedule=lr_schedule)
+    metrics.update(applied)
     return new_state, metrics
 
 
@@ -94,3 +113,26 @@ def jit_rl_fns(graphdef, tx, rl_cfg, lr_schedule, state_sh, rest_sh, mesh, tempe
                                     routing_replay=bool(rl_cfg.routing_replay),
                                     replay_gap=bool(getattr(rl_cfg, "replay_gap", True))))
     return update, old
+
+
+def jit_rl_accumulate_fns(graphdef, tx, rl_cfg, lr_schedule, state_sh, rest_sh, mesh, temperature: float = 1.0,
+                          plan=None, frozen_sh=None):
+    """(grads(params, rest, ref_params, batch, total_tokens, frozen), add(acc, grads), apply(state, grads, loss)),
+    jit'd: an optimizer step over a mini-batch fed as host micro-batches (rl.minibatches), its gradient summed
+    exactly on device (rl/loop.py `update_policy`)."""
+    if not temperature > 0:
+        raise ValueError(f"RL needs a sampling temperature > 0 (greedy rollouts have no policy gradient), "
+                         f"got {temperature}")
+    replicated = NamedSharding(mesh, P())
+    frozen_sh = {} if frozen_sh is None else frozen_sh
+    param_sh = state_sh["params"]
+    grads = jax.jit(functools.partial(rl_grads, graphdef=graphdef, rl_cfg=rl_cfg, temperature=temperature,
+                                      plan=plan),
+                    in_shardings=(param_sh, rest_sh, param_sh, None, None, frozen_sh),
+                    out_shardings=(param_sh, replicated, replicated))
+    add = jax.jit(lambda acc, g: jax.tree.map(jnp.add, acc, g), in_shardings=(param_sh, param_sh),
+                  out_shardings=param_sh, donate_argnums=(0,))
+    apply = jax.jit(functools.partial(rl_apply, tx=tx, lr_schedule=lr_schedule),
+                    in_shardings=(state_sh, param_sh, None), out_shardings=(state_sh, replicated),
+                    donate_argnums=(0,))
+    return grads, add, apply
