@@ -51,7 +51,7 @@ def tool_schemas(specs: Sequence[Mapping[str, Any]] | None = None) -> list[dict[
             properties[key] = {"type": json_type}
             if note.strip("() "):
                 properties[key]["description"] = note.strip("() ")
-        required = [key for key in task_tools._REQUIRED.get(spec["name"], ()) if key in properties]
+        required = [key for key in task_tools.REQUIRED_ARGUMENTS.get(spec["name"], ()) if key in properties]
         out.append({"type": "function", "function": {
             "name": spec["name"], "description": spec["description"],
             "parameters": {"type": "object", "properties": properties, "required": required}}})

@@ -24,6 +24,7 @@ from klong_jax.data.tokenizer import load_tokenizer
 from klong_jax.models.from_config import model_config_from, upcycle_config_from
 from klong_jax.rl.advantages import advantage_stats, group_advantages
 from klong_jax.rl.batch import build_rows, to_batches
+from klong_jax.rl.config import RLConfig
 from klong_jax.rl.step import jit_rl_accumulate_fns, jit_rl_fns
 from klong_jax.sandbox import SandboxPool
 from klong_jax.sharding import logical_to_spec, make_mesh
@@ -122,7 +123,7 @@ class StageSetup:
 
 
 def setup_stage(cfg, data_paths: dict) -> StageSetup:
-    rl = cfg.rl
+    rl = RLConfig.from_mapping(cfg.rl)
     model_cfg = model_config_from(cfg.model)
     mesh = make_mesh(dict(cfg.mesh.shape))
     tokenizer = load_tokenizer(data_paths["tokenizer"])
@@ -140,7 +141,7 @@ def setup_stage(cfg, data_paths: dict) -> StageSetup:
     update_fn, old_fn = jit_rl_fns(graphdef, tx, rl, lr_schedule, state_sh, rest_sh, mesh,
                                    temperature=agent_cfg.temperature, plan=plan, frozen_sh=layout.frozen_sh)
     accumulate_fns = None
-    if rl.get("minibatches", 0):
+    if rl.minibatches:
         accumulate_fns = jit_rl_accumulate_fns(graphdef, tx, rl, lr_schedule, state_sh, rest_sh, mesh,
                                                temperature=agent_cfg.temperature, plan=plan,
                                                frozen_sh=layout.frozen_sh)
@@ -155,7 +156,7 @@ def setup_stage(cfg, data_paths: dict) -> StageSetup:
 
 def run_rl(cfg, workdir: str, data_paths: dict) -> dict:
     os.makedirs(workdir, exist_ok=True)
-    rl = cfg.rl
+    rl = RLConfig.from_mapping(cfg.rl)
     st = setup_stage(cfg, data_paths)
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep_last=2, async_save=False)
@@ -271,7 +272,7 @@ def update_policy(update_fn, old_fn, state, rest, ref_params, rows, rl, mesh, ba
                 continue
             totals.setdefault(name, []).append(
                 float(np.abs(np.asarray(logprobs) - samp)[mask].mean()) if mask.any() else 0.0)
-    minibatches = int(rl.get("minibatches", 0))
+    minibatches = int(getattr(rl, "minibatches", 0))   # an RLConfig; a mapping without the key: off
     if minibatches and accumulate_fns is None:
         raise ValueError(f"rl.minibatches={minibatches} needs the accumulating update (jit_rl_accumulate_fns)")
     groups = (np.array_split(np.arange(len(batches)), min(minibatches, len(batches))) if minibatches

@@ -18,6 +18,7 @@ from klong_jax.data.chat_template import make_chat_template
 from klong_jax.data.tokenizer import load_tokenizer
 from klong_jax.data.trajectory import read_jsonl
 from klong_jax.models.from_config import model_config_from, upcycle_config_from
+from klong_jax.rl.config import RLConfig
 from klong_jax.rl.loop import load_tasks, run_rl
 from klong_jax.sharding import make_mesh
 from klong_jax.training.sft import run_sft
@@ -189,6 +190,10 @@ def run_pipeline(cfg, workdir: str, data_paths: dict) -> dict:
     """Zero-shot evaluation of the base, then each stage followed by the held-out evaluation of its checkpoint,
     then the expert's replay under each RL stage's budget; prints the tables, writes results.json."""
     stages = stages_of(cfg)
+    for name in stages:   # every stage's rl and agent sections checked before the first phase spends any time
+        if name.startswith("rl_"):
+            RLConfig.from_mapping(cfg[name].rl)
+            AgentConfig.from_mapping(cfg[name].agent, context=cfg.sft.data.pipeline.context)
     phases = ["eval base"] + [p for s in stages for p in (s, f"eval {s}")] + ["expert replay"]
     clock = _PhaseClock(workdir, phases)
     heldout = {"base": clock.run("eval base", lambda: evaluate_checkpoint("base", cfg, workdir, data_paths))}

@@ -44,8 +44,8 @@ TOOL_SPECS: list[dict[str, Any]] = [
     {"name": "submit", "description": "End the task.", "parameters": {"end_message": "string"}},
 ]
 TOOL_NAMES = tuple(spec["name"] for spec in TOOL_SPECS)
-_REQUIRED = {"bash": ("cmd",), "python": ("code",), "read_file_chunk": ("file",),
-             "write_file": ("path", "content"), "search_file": ("file", "query"), "submit": ()}
+REQUIRED_ARGUMENTS = {"bash": ("cmd",), "python": ("code",), "read_file_chunk": ("file",),
+                      "write_file": ("path", "content"), "search_file": ("file", "query"), "submit": ()}
 
 
 def system_prompt() -> str:
@@ -274,7 +274,7 @@ def run_tool(sandbox, name: str, arguments: Any, blacklist: tuple[str, ...] = ()
     if not isinstance(arguments, dict):
         return ToolResult(f"Error: arguments of {name} must be an object, got {type(arguments).__name__}",
                           False)
-    missing = [key for key in _REQUIRED[name] if key not in arguments]
+    missing = [key for key in REQUIRED_ARGUMENTS[name] if key not in arguments]
     if missing:
         return ToolResult(f"Error: {name} needs argument(s) {', '.join(missing)}", False)
     hit = blacklist_hit(arguments, blacklist)
