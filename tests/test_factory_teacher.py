@@ -188,6 +188,7 @@ def test_openai_messages_convert_the_agent_conversation():
     assert schemas["submit"]["required"] == [] and schemas["write_file"]["required"] == ["path", "content"]
 
 
+@pytest.mark.slow   # the default run trains on kept trajectories end to end in test_factory_launch.py
 def test_kept_trajectories_train_one_sft_step(suite, expert_run, tmp_path):
     report, _, _ = expert_run
     workdir = tmp_path / "sft"
