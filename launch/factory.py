@@ -166,7 +166,7 @@ def teacher_stage(manifest, task_dirs, cfg) -> None:
     teacher = endpoint(_TEACHER.value, _TEACHER_MODEL.value)
     judge = JudgeEndpoint(_JUDGE.value, _JUDGE_MODEL.value, api_key_env=_API_KEY_ENV.value,
                           timeout_s=_ENDPOINT_TIMEOUT.value, max_attempts=_ENDPOINT_ATTEMPTS.value)
-    template, template_id, config = student_template(cfg), student_template_id(cfg), agent_config(cfg)
+    (template, template_id), config = student_template(cfg), agent_config(cfg)
     ready = [d for d in task_dirs if (manifest.record(os.path.basename(d), "rubric") or {}).get("status") == "done"
              and os.path.exists(os.path.join(d, "rubric.json"))]
     for d in task_dirs:
@@ -177,7 +177,7 @@ def teacher_stage(manifest, task_dirs, cfg) -> None:
     for i, task_dir in enumerate(ready):
         pid = os.path.basename(task_dir)
         h = hash_inputs("teacher/v1", teacher.model, judge.model, _N_PER_TASK.value, _THRESHOLD.value,
-                        _TEACHER_MAX_TOKENS.value, template_id, json.dumps(config_record(config), sort_keys=True),
+                        _TEACHER_MAX_TOKENS.value, template_id, json.dumps(config.to_dict(), sort_keys=True, default=str),
                         *(file_sha256(os.path.join(task_dir, f)) for f in
                           ("paper.md", "addendum.md", "blacklist.txt", "rubric.json")))
         out_rel = os.path.join("trajectories", f"{pid}.jsonl")
@@ -213,31 +213,23 @@ def teacher_stage(manifest, task_dirs, cfg) -> None:
     print(f"[factory teacher] {len(lines)} kept trajectories -> {manifest.out_dir / 'teacher.jsonl'}", flush=True)
 
 
-def student_tokenizer(cfg):
+def student_template(cfg):
+    """(the trained model's chat template, an id of it for cache keys: template name and tokenizer file hash)."""
+    from klong_jax.data.chat_template import check_chat_template_name, make_chat_template
     from klong_jax.data.tokenizer import load_tokenizer
+    from klong_jax.factory.manifest import file_sha256
     from klong_jax.training.embedded_data import tokenizer_of
     path = tokenizer_of(cfg.data)
     if not path:
         raise app.UsageError("--config names no tokenizer (data.tokenizer or an embedded suite's): the "
                              "trajectories are measured in the trained model's tokens")
-    return load_tokenizer(path), path
-
-
-def student_template(cfg):
-    from klong_jax.data.chat_template import check_chat_template_name, make_chat_template
-    tokenizer, _ = student_tokenizer(cfg)
     name = cfg.data.get("chat_template", "auto")
     try:
-        return make_chat_template(tokenizer, check_chat_template_name(name, "data.chat_template"),
-                                  field="data.chat_template")
+        template = make_chat_template(load_tokenizer(path), check_chat_template_name(name, "data.chat_template"),
+                                      field="data.chat_template")
     except ValueError as e:
         raise app.UsageError(f"--config: {e}") from None
-
-
-def student_template_id(cfg) -> str:
-    from klong_jax.factory.manifest import file_sha256
-    _, path = student_tokenizer(cfg)
-    return f"{cfg.data.get('chat_template', 'auto')}:{file_sha256(path) if os.path.isfile(path) else path}"
+    return template, f"{name}:{file_sha256(path) if os.path.isfile(path) else path}"
 
 
 def agent_config(cfg):
@@ -248,11 +240,6 @@ def agent_config(cfg):
         return AgentConfig.from_mapping(section, context=context)
     except ValueError as e:
         raise app.UsageError(f"--config agent section: {e}") from None
-
-
-def config_record(config) -> dict:
-    import dataclasses
-    return json.loads(json.dumps(dataclasses.asdict(config), default=str))
 
 
 def main(argv):
