@@ -23,15 +23,21 @@ STAGES = {
 # smol: its top 8 layers train (config.trainable), so a larger lr than full-parameter RL: SFT's final lr (2e-5), as
 # each stage has only 2 steps.
 OPTIMIZER = {"tiny": dict(lr=1e-4), "smol": dict(lr=2e-5), "small": dict(lr=1e-6), "glm45_air": dict(lr=1e-6)}
+# loss_chunk: tokens per logits chunk of the update's log-probs (0: the whole row at once). Tiny and smol: off, their
+# rows' logits are small (2048 x 2048 x 4 B = 16 MiB, 2048 x 49152 x 4 B = 384 MiB). The large variants: 2048, half
+# SFT's 4096, because the RL pass keeps more [tokens, V] fp32 arrays alive per chunk than the SFT loss (the tempered
+# logits, and the entropy's log_softmax and softmax): glm45_air's 131072-token rows hold 131072 x 151552 x 4 B =
+# 79.5 GB of logits unchunked, a chunk 2048 x 151552 x 4 B = 1.24 GB per array (64 chunks, no padding); small's
+# 8192 x 32000 x 4 B = 1.05 GB per row becomes 0.26 GB per array.
 LOOP = {
     "tiny": dict(steps=4, tasks_per_step=2, group_size=4, ppo_epochs=2, seq_len_factor=2, max_concurrent_episodes=8,
-                 replay_gap=True, minibatches=2),
+                 replay_gap=True, minibatches=2, loss_chunk=0),
     "smol": dict(steps=2, tasks_per_step=2, group_size=4, ppo_epochs=1, seq_len_factor=2, max_concurrent_episodes=8,
-                 replay_gap=False, minibatches=0),
+                 replay_gap=False, minibatches=0, loss_chunk=0),
     "small": dict(steps=200, tasks_per_step=64, group_size=16, ppo_epochs=1, seq_len_factor=1,
-                  max_concurrent_episodes=64, replay_gap=True, minibatches=0),
+                  max_concurrent_episodes=64, replay_gap=True, minibatches=0, loss_chunk=2048),
     "glm45_air": dict(steps=200, tasks_per_step=64, group_size=16, ppo_epochs=1, seq_len_factor=1,
-                      max_concurrent_episodes=64, replay_gap=True, minibatches=0),
+                      max_concurrent_episodes=64, replay_gap=True, minibatches=0, loss_chunk=2048),
 }
 # max_new_tokens_per_turn (None: the episode's token budget); disk_mib: episode directory space (tiny tasks write a
 # few KiB; an ML experiment writes data and checkpoints); eval_tasks: held-out tasks per stage evaluation.
@@ -78,7 +84,8 @@ def rl_config(stage: int, variant: str) -> ConfigDict:
         # are summed exactly (0, off: one step per batch of batch_rows rows, a step on 1-2 episodes).
         minibatches=loop["minibatches"],
         seq_len=base.train.seq_len * loop["seq_len_factor"], batch_rows=base.train.global_batch,
-        packing="shared_prefix", max_concurrent_episodes=loop["max_concurrent_episodes"]))
+        packing="shared_prefix", max_concurrent_episodes=loop["max_concurrent_episodes"],
+        loss_chunk=loop["loss_chunk"]))   # tokens per logits chunk of the log-probs (0: whole row; LOOP says why)
     c.agent = ConfigDict(dict(timeout_s=timeout_s, max_turns=max_turns, max_total_tokens=max_tokens,
                               max_new_tokens_per_turn=agent["max_new_tokens_per_turn"], temperature=1.0, top_p=1.0,
                               top_k=0, reminder_every=10, disk_mib=agent["disk_mib"],

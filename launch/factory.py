@@ -27,6 +27,7 @@ minute per stage) is printed and written to OUT/report.json and OUT/report.txt.
 """
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -62,6 +63,13 @@ _NGRAM_THRESHOLD = flags.DEFINE_float("ngram_threshold", 0.1, "decontamination: 
 _MIN_WORDS = flags.DEFINE_integer("min_words", 20, "ingest: a paper with fewer words is an error")
 _RUBRIC_ATTEMPTS = flags.DEFINE_integer("rubric_attempts", 3, "drafter answers per drafting step")
 _RUBRIC_MAX_TOKENS = flags.DEFINE_integer("rubric_max_tokens", 4096, "tokens per drafter answer")
+_JUDGE_JSON_SCHEMA = flags.DEFINE_bool(
+    "judge_json_schema", False, 'ask the judge for {"explanation", "verdict"} under a JSON schema (response_format) '
+    "instead of a final VERDICT line: for small local judges (launch/serve.py decodes under the schema)")
+_RUBRIC_JSON_SCHEMA = flags.DEFINE_bool(
+    "rubric_json_schema", True, "send each drafting step's JSON schema as response_format (answers decoded under "
+    "it by servers that support it: launch/serve.py, vLLM, SGLang, OpenAI); --norubric_json_schema for endpoints "
+    "that reject response_format")
 _RUBRIC_SIZES = flags.DEFINE_list("rubric_sizes", ["8", "8", "8"],
                                   "most sections, subtasks per section, criteria per subtask")
 _N_PER_TASK = flags.DEFINE_integer("n_per_task", 2, "teacher episodes per task")
@@ -124,7 +132,8 @@ def rubric_stage(manifest, task_dirs) -> None:
     clock = Clock(len(task_dirs))
     for i, task_dir in enumerate(task_dirs):
         pid = os.path.basename(task_dir)
-        h = hash_inputs("rubric/v1", drafter.model, _RUBRIC_ATTEMPTS.value, _RUBRIC_MAX_TOKENS.value,
+        h = hash_inputs("rubric/v2", drafter.model, _RUBRIC_ATTEMPTS.value, _RUBRIC_MAX_TOKENS.value,
+                        _RUBRIC_JSON_SCHEMA.value,
                         sections, subtasks, criteria, file_sha256(os.path.join(task_dir, "paper.md")),
                         file_sha256(os.path.join(task_dir, "addendum.md")))
         rubric_path = os.path.join(task_dir, "rubric.json")
@@ -138,7 +147,8 @@ def rubric_stage(manifest, task_dirs) -> None:
                 paper = open(os.path.join(task_dir, "paper.md"), encoding="utf-8").read()
                 draft = draft_rubric(drafter, paper, title, max_attempts=_RUBRIC_ATTEMPTS.value,
                                      max_tokens=_RUBRIC_MAX_TOKENS.value, max_sections=sections,
-                                     max_subtasks=subtasks, max_criteria=criteria)
+                                     max_subtasks=subtasks, max_criteria=criteria,
+                                     json_schema=_RUBRIC_JSON_SCHEMA.value)
                 st.add_tokens(draft.prompt_tokens, draft.completion_tokens)
                 drafts_rel = os.path.join("drafts", f"{pid}.json")
                 atomic_write_text(manifest.out_dir / drafts_rel, json.dumps(draft.to_dict(), indent=1))
@@ -165,7 +175,8 @@ def teacher_stage(manifest, task_dirs, cfg) -> None:
     from klong_jax.tasks import JudgeEndpoint, load_paper_task
     teacher = endpoint(_TEACHER.value, _TEACHER_MODEL.value)
     judge = JudgeEndpoint(_JUDGE.value, _JUDGE_MODEL.value, api_key_env=_API_KEY_ENV.value,
-                          timeout_s=_ENDPOINT_TIMEOUT.value, max_attempts=_ENDPOINT_ATTEMPTS.value)
+                          timeout_s=_ENDPOINT_TIMEOUT.value, max_attempts=_ENDPOINT_ATTEMPTS.value,
+                          verdict_format="json" if _JUDGE_JSON_SCHEMA.value else "text")
     (template, template_id), config = student_template(cfg), agent_config(cfg)
     ready = [d for d in task_dirs if (manifest.record(os.path.basename(d), "rubric") or {}).get("status") == "done"
              and os.path.exists(os.path.join(d, "rubric.json"))]
@@ -176,8 +187,8 @@ def teacher_stage(manifest, task_dirs, cfg) -> None:
     clock, kept_files = Clock(len(ready)), []
     for i, task_dir in enumerate(ready):
         pid = os.path.basename(task_dir)
-        h = hash_inputs("teacher/v1", teacher.model, judge.model, _N_PER_TASK.value, _THRESHOLD.value,
-                        _TEACHER_MAX_TOKENS.value, template_id, json.dumps(config.to_dict(), sort_keys=True, default=str),
+        h = hash_inputs("teacher/v2", teacher.model, judge.model, judge.verdict_format, _N_PER_TASK.value,
+                        _THRESHOLD.value, _TEACHER_MAX_TOKENS.value, template_id, json.dumps(config.to_dict(), sort_keys=True, default=str),
                         *(file_sha256(os.path.join(task_dir, f)) for f in
                           ("paper.md", "addendum.md", "blacklist.txt", "rubric.json")))
         out_rel = os.path.join("trajectories", f"{pid}.jsonl")
@@ -185,10 +196,14 @@ def teacher_stage(manifest, task_dirs, cfg) -> None:
             if st.cached:
                 what = f"cached, {st.record['metrics'].get('kept', 0)} kept"
             else:
+                episodes_dir = manifest.out_dir / "episodes" / pid
+                if episodes_dir.exists():      # the episodes of a run that did not finish this stage: redone
+                    print(f"[factory teacher] {pid}: removing {episodes_dir} (a run that did not finish)", flush=True)
+                    shutil.rmtree(episodes_dir)
                 task = load_paper_task(task_dir, judge=judge)
                 report = run_teacher(
                     [task], teacher, template=template, config=config, pool=pool,
-                    workdir=str(manifest.out_dir / "episodes" / pid), out_path=str(manifest.out_dir / out_rel),
+                    workdir=str(episodes_dir), out_path=str(manifest.out_dir / out_rel),
                     n_per_task=_N_PER_TASK.value, threshold=_THRESHOLD.value,
                     max_tokens=_TEACHER_MAX_TOKENS.value or None,
                     on_step=lambda p, k=i: print(f"[factory teacher] {k + 1}/{len(ready)} {pid}: {p.line()}",

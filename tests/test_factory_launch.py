@@ -125,6 +125,29 @@ def test_rerun_is_cached(scripted_run):
     assert scripted_run["out"].joinpath("teacher.jsonl").read_text().count("\n") == 3
 
 
+def test_an_interrupted_teacher_stage_is_redone(scripted_run, tmp_path):
+    """A run stopped during a paper's teacher stage leaves its episode directory and no finished record (before the
+    fix: FileExistsError on rerun): the rerun removes it and redoes that paper's episodes (3 teacher turns + 4 judge
+    calls), nothing else."""
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(scripted_run["out"], out, symlinks=True)
+    manifest_path = out / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    pid = sorted(p for p, e in manifest["papers"].items() if "teacher" in e["stages"])[0]
+    del manifest["papers"][pid]["stages"]["teacher"]
+    manifest_path.write_text(json.dumps(manifest))
+    leftover = out / "episodes" / pid / f"teacher-{pid}-g0" / "paper"    # what a killed run leaves
+    leftover.mkdir(parents=True)
+    (leftover / "paper.md").write_text("copied in before the run stopped\n")
+    papers = scripted_run["root"] / "papers"
+    with ScriptedEndpoint(factory_script) as server:
+        proc = run_factory(papers, out, server.url, "--n_per_task=1", "--threshold=0.9")
+        assert len(server.requests) == 3 + 4, len(server.requests)
+    assert f"{pid}: removing" in proc.stdout
+    assert (out / "teacher.jsonl").read_text().count("\n") == 3
+
+
 def test_kept_trajectories_train_one_sft_step(scripted_run, tmp_path):
     out = scripted_run["out"]
     from klong_jax.training.embedded_data import tokenizer_of
@@ -162,3 +185,21 @@ def test_served_smol_model_makes_tasks_and_counts_failed_drafts(tmp_path, smol_s
         else:
             load_rubric(out / record["outputs"]["rubric"])
     assert "[factory rubric] 3/3" in proc.stdout and "papers in" in proc.stdout.lower()
+
+
+@pytest.mark.slow
+def test_served_smol_model_drafts_rubrics_that_load_under_the_json_schema(tmp_path, smol_server):
+    """The acceptance run: SmolLM2-135M behind launch/serve.py drafts every paper's rubric, because each drafting
+    call sends its JSON schema as response_format and the server decodes under it (without it: 0 of 3 load).
+    About 3 minutes per paper on 2 cores."""
+    papers = make_papers(tmp_path)
+    out = tmp_path / "out"
+    proc = run_factory(papers, out, smol_server, "--rubric_attempts=2", "--rubric_max_tokens=384",
+                       "--rubric_sizes=1,1,2", "--judge_model=smol", "--teacher_model=smol", "--stages=ingest,rubric")
+    report = json.loads((out / "report.json").read_text())
+    assert report["stages"]["rubric"]["done"] >= 2, report["stages"]["rubric"]
+    for task in (out / "tasks").iterdir():
+        if (task / "rubric.json").exists():
+            root = load_rubric(task / "rubric.json")
+            assert 1 <= len(list(root.leaves())) <= 2
+    assert "[factory rubric] 3/3" in proc.stdout

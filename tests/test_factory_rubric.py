@@ -179,6 +179,42 @@ def rubric_script(bad_first: dict | None = None):
     return script
 
 
+def test_each_drafting_call_sends_its_json_schema_and_the_schema_takes_the_answers():
+    """Every call carries response_format with its step's schema (under which a constrained server decodes), the
+    scripted valid answers are texts that schema's grammar accepts, and json_schema=False sends none."""
+    from klong_jax.sampling.json_schema import compile_schema
+    good = {"sections": {"sections": SECTIONS}, "subtasks": {"subtasks": SUBTASKS}, "criteria": {"criteria": CRITERIA}}
+    with ScriptedEndpoint(rubric_script()) as server:
+        assert draft_rubric(endpoint_for(server), PAPER, "Sparse Widgets").ok
+        assert draft_rubric(endpoint_for(server), PAPER, "Sparse Widgets", json_schema=False).ok
+    with_schema, without = server.requests[:7], server.requests[7:]
+    for body in with_schema:
+        fmt = body["response_format"]
+        assert fmt["type"] == "json_schema"
+        step = step_of(body)
+        assert fmt["json_schema"]["name"] == f"rubric_{step}"
+        assert compile_schema(fmt["json_schema"]["schema"]).accepts(json.dumps(good[step], indent=2))
+    assert len(without) == 7 and all("response_format" not in body for body in without)
+
+
+def test_an_answer_cut_at_max_tokens_is_retried_with_that_reason():
+    """Under a schema a whole answer ends by itself; one cut at max_tokens is named as such (here its inner item
+    parses as an object, which would otherwise be read as the answer), then the retry loads."""
+    cut = '{"sections": [{"requirements": "The model", "weight": 1}, {"requirements": "The trai'
+    state = {"n": 0}
+
+    def script(body, n):
+        if step_of(body) == "sections" and state["n"] == 0:
+            state["n"] += 1
+            return chat_answer(cut, finish_reason="length")
+        return rubric_script()(body, n)
+
+    with ScriptedEndpoint(script) as server:
+        draft = draft_rubric(endpoint_for(server), PAPER, "Sparse Widgets", max_tokens=64)
+    assert draft.ok and draft.steps[0].attempts == 2
+    assert "max_tokens=64 before its JSON was complete" in draft.errors[0]
+
+
 def test_draft_builds_a_rubric_that_loads_top_down():
     with ScriptedEndpoint(rubric_script()) as server:
         endpoint = endpoint_for(server)
@@ -282,13 +318,15 @@ def test_draft_against_the_served_smol_model_counts_attempts_and_records_failure
     assert stats["prompt_tokens"] > 200 * stats["requests"]
     assert 0 < stats["completion_tokens"] <= 48 * stats["requests"]
     assert (draft.prompt_tokens, draft.completion_tokens) == (stats["prompt_tokens"], stats["completion_tokens"])
-    if draft.ok:   # unlikely from a 135M model, but then it must load
+    if draft.ok:   # unlikely in 48 tokens per answer, but then it must load
         parse_rubric(draft.rubric)
         return
-    # A 135M model rarely writes a loadable rubric: the failure is recorded, with each rejected answer's error
-    # (no JSON in it, a list check, or the loader's message), after max_attempts answers of the failing step.
+    # The server decodes under each step's schema, so an answer is whole JSON of the right shape unless 48 tokens
+    # cut it: the failure is recorded, with each rejected answer's error (cut at max_tokens, or the loader's
+    # message), after max_attempts answers of the failing step.
     assert draft.failure == "invalid" and draft.rubric is None
     failed = next(s for s in draft.steps if s.name == draft.failed_step)
     assert failed.attempts == 2 and len(failed.errors) == 2 and not failed.ok
-    known = re.compile(r"no JSON object|expected \{|is empty|has \d+ items|drafted \"|must be")
+    known = re.compile(r"before its JSON was complete|no JSON object|expected \{|is empty|has \d+ items|drafted \"|"
+                       r"must be")
     assert all(known.search(e) for e in failed.errors), failed.errors

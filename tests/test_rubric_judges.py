@@ -55,7 +55,8 @@ def test_command_judge_sandbox_failure_is_invalid(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------------
 class ScriptedServer:
     """A chat-completions endpoint on 127.0.0.1 that answers each request with the next scripted step:
-    ("status", code) | ("sleep", seconds) | ("content", text) | ("raw", bytes)."""
+    ("status", code) | ("sleep", seconds) | ("content", text) | ("cut", text: finish_reason "length") |
+    ("raw", bytes)."""
 
     def __init__(self, script):
         self.script = list(script)
@@ -81,8 +82,11 @@ class ScriptedServer:
                     self.end_headers()
                     self.wfile.write(b'{"error": "scripted"}')
                     return
+                finish = "stop"
+                if kind == "cut":                 # an answer that reached max_tokens
+                    kind, finish = "content", "length"
                 payload = value if kind == "raw" else json.dumps(
-                    {"choices": [{"message": {"role": "assistant", "content": value}}],
+                    {"choices": [{"message": {"role": "assistant", "content": value}, "finish_reason": finish}],
                      "usage": {"prompt_tokens": 10}}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -204,3 +208,28 @@ def test_parse_verdict_accepts_strict_format(text, score):
 def test_parse_verdict_rejects_anything_else(text):
     with pytest.raises(VerdictFormatError):
         parse_verdict(text)
+
+
+def test_llm_judge_json_verdicts_under_the_schema(submission):
+    """verdict_format="json": the request carries VERDICT_SCHEMA as response_format and a JSON system prompt; a
+    verdict line, a cut answer and a verdict outside the enum are retried; the JSON answer grades."""
+    from klong_jax.rubric.llm_judge import VERDICT_SCHEMA, parse_json_verdict
+    from klong_jax.sampling.json_schema import compile_schema
+    good = '{"explanation": "train.py has the loss.", "verdict": "PASS"}'
+    script = [("content", "Fine.\nVERDICT: PASS"), ("cut", '{"explanation": "train.py has'),
+              ("content", '{"explanation": "x", "verdict": "MAYBE"}'), ("content", good)]
+    with ScriptedServer(script) as server:
+        result = grade(llm_rubric(), judge_for(server, max_attempts=4, verdict_format="json"), submission)
+    leaf = next(result.leaves())
+    assert result.score == 1.0 and leaf.valid and leaf.explanation == "train.py has the loss."
+    assert leaf.metadata["attempts"] == 4 and "max_tokens" in leaf.metadata["errors"][1]
+    body = server.requests[0]["body"]
+    assert body["response_format"]["json_schema"]["schema"] == VERDICT_SCHEMA
+    assert "JSON object" in body["messages"][0]["content"] and "VERDICT: PASS" not in body["messages"][0]["content"]
+    # The schema's grammar takes exactly the answers parse_json_verdict takes.
+    grammar = compile_schema(VERDICT_SCHEMA)
+    assert grammar.accepts(good) and parse_json_verdict(good) == (1.0, "train.py has the loss.")
+    assert not grammar.accepts('{"explanation": "x", "verdict": "MAYBE"}')
+    with pytest.raises(ValueError, match="verdict_format"):
+        judge_for(server, verdict_format="yaml")
+

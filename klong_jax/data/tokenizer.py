@@ -44,6 +44,11 @@ class Tokenizer(abc.ABC):
         """The model's own Jinja chat template when the tokenizer file carries one (GGUF), else None."""
         return None
 
+    @property
+    def special_token_ids(self) -> frozenset[int]:
+        """Every special id (constrained decoding never writes one as text)."""
+        return frozenset()
+
     def special_ids(self, tokens: Sequence[str]) -> dict[str, int]:
         """Ids of the given special tokens; a clear error names every one that is missing."""
         found = {t: self.special_id(t) for t in tokens}
@@ -126,6 +131,12 @@ class SentencePieceTokenizer(Tokenizer):
     def special_id(self, token: str) -> int | None:
         return self._special.get(token)
 
+    @property
+    def special_token_ids(self) -> frozenset[int]:
+        # Whitespace symbols ("\n") are text (encode makes them); unk decodes to " \u2047 ", not to its text.
+        unk = self._sp.unk_id()
+        return frozenset(i for p, i in self._special.items() if p.strip()) | ({unk} if unk >= 0 else set())
+
 
 class HuggingFaceTokenizer(Tokenizer):
     """A `tokenizer.json` read with the `tokenizers` package; special tokens are its added tokens."""
@@ -190,6 +201,10 @@ class HuggingFaceTokenizer(Tokenizer):
 
     def special_id(self, token: str) -> int | None:
         return self._special.get(token)
+
+    @property
+    def special_token_ids(self) -> frozenset[int]:
+        return frozenset(self._special.values())
 
 
 # ------------------------------------------------------------------------------------------------

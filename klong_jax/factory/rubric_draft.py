@@ -10,6 +10,11 @@ Three kinds of steps, each one chat call answered with JSON (rubrics.md has the 
   2. per section:   {"subtasks": [{"requirements": "...", "weight": 1}, ...]}
   3. per subtask:   {"criteria": [{"requirements": "...", "task_category": "Code Development",
                                     "finegrained_task_category": "Method Implementation", "weight": 1}, ...]}
+With `json_schema` (the default) each call also sends the step's JSON schema as `response_format` (`step_schema`:
+the list under its key, at most the step's limit of items, each with a non-empty requirement, an integer weight
+and, for criteria, the categories as enums), so a server that decodes under it (launch/serve.py, vLLM, SGLang,
+OpenAI) can only answer in the shape asked for; the loader still checks every answer, and an answer cut at
+max_tokens (finish_reason "length": under the schema a whole answer ends by itself) is rejected with that reason.
 Each answer's JSON is taken from the text robustly (`extract_json`: a fenced block, a value after prose, a
 `<think>` block skipped), its items are made rubric nodes with fresh uuid ids and loaded with
 `klong_jax.rubric.parse_rubric` (sections and subtasks as not-yet-expanded "Subtree" leaves, criteria as the
@@ -172,13 +177,31 @@ def _nodes(items: list, key: str, new_id: Callable[[], str], *, leaves: bool, ti
     return nodes
 
 
+MAX_REQUIREMENT_CHARS = 600
+MAX_WEIGHT = 100
+
+
+def step_schema(key: str, limit: int, leaves: bool) -> dict:
+    """The JSON schema of one drafting step's answer: {key: [item, ...]} with 1..limit items."""
+    item: dict[str, Any] = {"requirements": {"type": "string", "minLength": 1, "maxLength": MAX_REQUIREMENT_CHARS}}
+    if leaves:
+        item["task_category"] = {"enum": list(DRAFT_CATEGORIES)}
+        item["finegrained_task_category"] = {"enum": list(FINEGRAINED_CATEGORIES)}
+    item["weight"] = {"type": "integer", "minimum": 1, "maximum": MAX_WEIGHT}
+    return {"type": "object", "additionalProperties": False, "required": [key],
+            "properties": {key: {"type": "array", "minItems": 1, "maxItems": limit,
+                                 "items": {"type": "object", "properties": item, "required": list(item),
+                                           "additionalProperties": False}}}}
+
+
 def draft_rubric(endpoint: Any, paper_markdown: str, title: str, *, max_attempts: int = 3,
                  reference_code: str = "", max_paper_chars: int = 100_000, max_code_chars: int = 30_000,
                  max_sections: int = 8, max_subtasks: int = 8, max_criteria: int = 8,
                  max_tokens: int | None = 4096, temperature: float | None = None,
-                 new_id: Callable[[], str] | None = None) -> RubricDraft:
+                 new_id: Callable[[], str] | None = None, json_schema: bool = True) -> RubricDraft:
     """Drafts the rubric of one paper (module docstring). endpoint: a ChatEndpoint (anything with
-    `chat(messages, max_tokens=, temperature=) -> reply` with `content` and `usage`, raising on failure).
+    `chat(messages, max_tokens=, temperature=, extra=) -> reply` with `content` and `usage`, raising on failure;
+    `extra` carries the response_format when json_schema is True).
     paper_markdown / reference_code: cut in the middle to max_paper_chars / max_code_chars. max_attempts:
     answers per step (>= 1). max_sections / max_subtasks / max_criteria: list lengths accepted per step.
     new_id: id source (default: uuid4 strings). Never raises for a bad answer or a failing endpoint: the
@@ -200,7 +223,12 @@ def draft_rubric(endpoint: Any, paper_markdown: str, title: str, *, max_attempts
         for _ in range(max_attempts):
             record.attempts += 1
             try:
-                reply = endpoint.chat(messages, max_tokens=max_tokens, temperature=temperature)
+                if json_schema:
+                    extra = {"response_format": {"type": "json_schema", "json_schema": {
+                        "name": f"rubric_{key}", "schema": step_schema(key, limit, leaves)}}}
+                    reply = endpoint.chat(messages, max_tokens=max_tokens, temperature=temperature, extra=extra)
+                else:
+                    reply = endpoint.chat(messages, max_tokens=max_tokens, temperature=temperature)
             except Exception as e:   # EndpointError after its retries, or a client that fails otherwise
                 error = f"{name}: {type(e).__name__}: {e}"
                 record.errors.append(error)
@@ -209,6 +237,10 @@ def draft_rubric(endpoint: Any, paper_markdown: str, title: str, *, max_attempts
             draft.prompt_tokens += _usage(reply, "prompt_tokens")
             draft.completion_tokens += _usage(reply, "completion_tokens")
             try:
+                if json_schema and getattr(reply, "finish_reason", None) == "length":
+                    # Decoded under the schema, an answer stops only once its JSON is whole: this one was cut.
+                    raise DraftJSONError(f"the answer reached max_tokens={max_tokens} before its JSON was complete "
+                                         "(write shorter requirements, or fewer items)")
                 nodes = _nodes(_items(extract_json(reply.content), key, limit), key, new_id, leaves=leaves,
                                title=title)
             except ValueError as e:   # DraftJSONError, RubricError and the list checks are ValueErrors

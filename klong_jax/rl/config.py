@@ -2,8 +2,8 @@
 
     rl = RLConfig.from_mapping(cfg.rl)      # unknown keys, wrong types and out-of-range values are errors
 
-One convention for "off": 0 (kl_coef, tis_cap, minibatches); booleans are true/false. Per-variant values live
-in configs/rl_common.py (the LOOP table and the stage table); this class only says what each field means and
+One convention for "off": 0 (kl_coef, tis_cap, minibatches, loss_chunk); booleans are true/false. Per-variant values
+live in configs/rl_common.py (the LOOP table and the stage table); this class only says what each field means and
 which values are legal.
 """
 from __future__ import annotations
@@ -56,6 +56,11 @@ class RLConfig:
     batch_rows: int = 1
     packing: str = "shared_prefix"
     max_concurrent_episodes: int = 8    # sandboxes (and sampler rows) live at once during the rollout
+    # Tokens per logits chunk in the update's log-probs and entropies (training/loss.py chunked_token_logprobs):
+    # each chunk's [B, loss_chunk, V] fp32 logits are made from the hidden states, reduced and dropped, and
+    # recomputed in the backward pass, instead of [B, seq_len, V] at once (GLM's 151552-token vocabulary: 19.9 GB
+    # per 32K-token row). The same numbers either way; 0: off (one pass over the whole row).
+    loss_chunk: int = 0
 
     def __post_init__(self):
         def fail(field: str, why: str):
@@ -72,6 +77,10 @@ class RLConfig:
         if isinstance(self.minibatches, bool) or not isinstance(self.minibatches, numbers.Integral) \
                 or self.minibatches < 0:
             fail("minibatches", "must be an integer >= 0 (0: one optimizer step per batch of batch_rows rows)")
+        if isinstance(self.loss_chunk, bool) or not isinstance(self.loss_chunk, numbers.Integral) \
+                or self.loss_chunk < 0:
+            fail("loss_chunk", "must be an integer >= 0 (tokens per logits chunk, e.g. 2048; 0: off, the whole "
+                               "row's logits at once)")
         if self.advantage not in METHODS:
             fail("advantage", f"must be one of {METHODS}")
         if self.packing not in PACK_MODES:

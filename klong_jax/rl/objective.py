@@ -1,4 +1,5 @@
-"""The token-level PPO-style policy loss for RL over packed rows, and a token-entropy helper.
+"""The token-level PPO-style policy loss for RL over packed rows, a token-entropy helper, and the per-token
+log-probs and entropies made a chunk of tokens at a time (`chunked_token_logprobs`).
 
 All per-token arrays are [B, T], aligned on TARGET tokens (position t holds the log-prob of target t,
 as in training/loss.py), and `loss_mask_BT` marks the generated assistant tokens that are trained.
@@ -12,6 +13,8 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+
+from klong_jax.training.loss import token_losses
 
 f32 = jnp.float32
 
@@ -143,3 +146,50 @@ def token_entropy(logits_BTV):
     p_BTV = jnp.exp(logp_BTV)
     safe_logp_BTV = jnp.where(p_BTV > 0, logp_BTV, 0.0)
     return -jnp.sum(p_BTV * safe_logp_BTV, axis=-1)
+
+
+def chunked_token_logprobs(logits_fn, h_BTD, targets_BT, chunk: int, temperature: float = 1.0):
+    """(logp_BT, entropy_BT), both [B, T] float32, of the policy softmax(logits / temperature), without
+    materialising [B, T, V] logits.
+
+    logits_BTV = logits_fn(h_BTD) (e.g. the model's `logits`: h @ W_DV); z = logits / temperature (as fp32; left
+    as is at temperature 1), and per token t:
+      logp_t    = z_t[target_t] - logsumexp(z_t)          (= -token_losses, no z-loss)
+      entropy_t = -sum_v p_tv log p_tv,  p_t = softmax(z_t)   (token_entropy)
+    The same functions on the same per-token logits as the unchunked path, so the values (and gradients) agree
+    up to float rounding of differently shaped matmuls.
+
+    chunk <= 0 or chunk >= T: one call on the whole [B, T, V]. Otherwise T is padded to a multiple of `chunk`
+    (padded tokens: zero hidden state, target 0, cut off the outputs) and a `lax.scan` over the T / chunk chunks
+    makes one chunk's logits, reduces them to its [B, chunk] log-probs and entropies and drops them; under
+    `jax.checkpoint` the backward pass recomputes each chunk's logits instead of keeping them. Memory: the live
+    fp32 logits (and the log_softmax / softmax copies the entropy needs) shrink from B * T * V to B * chunk * V
+    elements: at GLM's 151552-token vocabulary a 32K-token row holds 32768 * 151552 * 4 B = 19.9 GB of logits,
+    a 2048-token chunk 2048 * 151552 * 4 B = 1.24 GB. Costs one more logits matmul per chunk in the backward.
+    """
+    B, T, D = h_BTD.shape
+
+    def logp_entropy(h_btD, targets_bt):
+        logits_btV = logits_fn(h_btD)
+        if temperature != 1.0:
+            logits_btV = logits_btV.astype(jnp.float32) / temperature
+        loss_bt, _ = token_losses(logits_btV, targets_bt)
+        return -loss_bt, token_entropy(logits_btV)
+
+    if chunk <= 0 or chunk >= T:
+        return logp_entropy(h_BTD, targets_BT)
+    pad = (-T) % chunk
+    if pad:
+        h_BTD = jnp.pad(h_BTD, ((0, 0), (0, pad), (0, 0)))
+        targets_BT = jnp.pad(targets_BT, ((0, 0), (0, pad)))
+    n = (T + pad) // chunk
+    split = lambda x: jnp.moveaxis(x.reshape((B, n, chunk) + x.shape[2:]), 1, 0)  # noqa: E731  [n, B, chunk, ...]
+    merge = lambda y_NBc: jnp.moveaxis(y_NBc, 0, 1).reshape(B, n * chunk)[:, :T]  # noqa: E731  [B, T]
+
+    @jax.checkpoint
+    def one(carry, xs):
+        h_bcD, targets_bc = xs
+        return carry, logp_entropy(h_bcD, targets_bc)
+
+    _, (logp_NBc, entropy_NBc) = jax.lax.scan(one, None, (split(h_BTD), split(targets_BT)))
+    return merge(logp_NBc), merge(entropy_NBc)

@@ -7,6 +7,10 @@ The policy being optimised is the one the sampler draws from: softmax(logits / t
 therefore divides its logits by the rollout temperature too; otherwise the ratio against the sampler's
 (tempered) log-probs would carry a systematic bias at any temperature other than 1.
 
+rl.loss_chunk > 0 makes the log-probs and entropies from the hidden states `loss_chunk` tokens at a time
+(rl/objective.py `chunked_token_logprobs`), so no [B, T, V] logits are ever live: the same numbers, a fraction of
+the memory at a large vocabulary; 0 (off): one [B, T, V] pass.
+
 What trains follows the run's TrainablePlan (klong_jax/training/trainable.py): state["params"] and
 `ref_params` are the trainable subset, `frozen` the rest of the parameters ({}: every parameter trains); the
 update itself is the SFT step's (`apply_gradients`)."""
@@ -16,34 +20,38 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from klong_jax.rl.objective import policy_loss, token_entropy
-from klong_jax.training.loss import token_losses
+from klong_jax.rl.objective import chunked_token_logprobs, policy_loss
 from klong_jax.training.step import apply_gradients
 from klong_jax.training.trainable import bind_model
 
 MODEL_KEYS = ("input_ids", "targets", "positions", "doc_ids", "window_ids")
 
 
+def _loss_chunk(rl_cfg) -> int:
+    """rl.loss_chunk of an RLConfig; a mapping without the key (older configs, tests): 0, off."""
+    return int(getattr(rl_cfg, "loss_chunk", 0) or 0)
+
+
 def token_logprobs(graphdef, params, rest, batch, *, routing_replay: bool, temperature: float = 1.0, frozen=None,
-                   plan=None):
-    """log p(target) [B, T] and entropy [B, T] of softmax(logits / temperature) under (params, frozen); routed
-    experts forced when replaying."""
+                   plan=None, loss_chunk: int = 0):
+    """log p(target) [B, T] and entropy [B, T] (fp32) of softmax(logits / temperature) under (params, frozen);
+    routed experts forced when replaying. The logits are made from the final hidden states `loss_chunk` tokens at
+    a time (chunked_token_logprobs; <= 0: all T at once, exactly the model's forward)."""
     model, pieces = bind_model(graphdef, params, rest, frozen, plan)
     forced = jnp.transpose(batch["routed"], (2, 0, 1, 3)) if routing_replay else None   # [L, B, T, k]
-    logits_BTV = model(batch["input_ids"], positions_BT=batch["positions"], doc_ids_BT=batch["doc_ids"],
-                       window_ids_BT=batch["window_ids"], forced_experts_LBTK=forced, stack_pieces=pieces)
-    if temperature != 1.0:
-        logits_BTV = logits_BTV.astype(jnp.float32) / temperature
-    loss_BT, _ = token_losses(logits_BTV, batch["targets"])
-    return -loss_BT, token_entropy(logits_BTV)
+    h_BTD, _ = model.hidden_states(batch["input_ids"], positions_BT=batch["positions"], doc_ids_BT=batch["doc_ids"],
+                                   window_ids_BT=batch["window_ids"], forced_experts_LBTK=forced,
+                                   stack_pieces=pieces)
+    return chunked_token_logprobs(model.logits, h_BTD, batch["targets"], loss_chunk, temperature)
 
 
 def old_logprobs(params, rest, batch, frozen=None, *, graphdef, temperature: float = 1.0, plan=None,
-                 routing_replay: bool = True, replay_gap: bool = True):
+                 routing_replay: bool = True, replay_gap: bool = True, loss_chunk: int = 0):
     """Trainer log-probs before the update: (with routing replay, without). replay_gap=True computes both (the
     mismatch study: how much of the sampler-trainer gap replay closes); False only the one the update uses
-    (`routing_replay`), the other is None: one forward pass per batch instead of two."""
-    kw = dict(temperature=temperature, frozen=frozen, plan=plan)
+    (`routing_replay`), the other is None: one forward pass per batch instead of two. loss_chunk: as in
+    `token_logprobs`."""
+    kw = dict(temperature=temperature, frozen=frozen, plan=plan, loss_chunk=loss_chunk)
     with_replay = without = None
     if replay_gap or routing_replay:
         with_replay, _ = token_logprobs(graphdef, params, rest, batch, routing_replay=True, **kw)
@@ -59,7 +67,8 @@ def rl_grads(params, rest, ref_params, batch, total_tokens, frozen=None, *, grap
     losses, gradients and additive metrics gives exactly those of the mini-batch as one batch). `ref_params`: the
     trainable subset of the KL reference (its frozen part is `frozen`, which never moves)."""
     mask = batch["rl_mask"]
-    kw = dict(routing_replay=rl_cfg.routing_replay, temperature=temperature, frozen=frozen, plan=plan)
+    kw = dict(routing_replay=rl_cfg.routing_replay, temperature=temperature, frozen=frozen, plan=plan,
+              loss_chunk=_loss_chunk(rl_cfg))
 
     def loss_fn(p):
         logp_new, entropy = token_logprobs(graphdef, p, rest, batch, **kw)
@@ -111,7 +120,8 @@ def jit_rl_fns(graphdef, tx, rl_cfg, lr_schedule, state_sh, rest_sh, mesh, tempe
                      out_shardings=(state_sh, replicated), donate_argnums=(0,))
     old = jax.jit(functools.partial(old_logprobs, graphdef=graphdef, temperature=temperature, plan=plan,
                                     routing_replay=bool(rl_cfg.routing_replay),
-                                    replay_gap=bool(getattr(rl_cfg, "replay_gap", True))))
+                                    replay_gap=bool(getattr(rl_cfg, "replay_gap", True)),
+                                    loss_chunk=_loss_chunk(rl_cfg)))
     return update, old
 
 

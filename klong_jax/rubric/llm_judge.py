@@ -3,8 +3,12 @@
 Plain HTTP (urllib), so any server speaking POST {base_url}/chat/completions works (vLLM, SGLang, our
 own server, OpenAI). The model sees the task, the requirement with its ancestors' requirements, and a
 bounded selection of the submission's files, and must end its answer with a line `VERDICT: PASS` or
-`VERDICT: FAIL`. Transport errors, HTTP 429/5xx, timeouts and answers without a strict verdict are
-retried with exponential back-off; when every attempt fails the leaf scores 0 with valid = False.
+`VERDICT: FAIL` (verdict_format="text"), or answer the JSON object {"explanation": ..., "verdict": "PASS" | "FAIL"}
+that `VERDICT_SCHEMA` describes, sent as `response_format` so that a server with constrained decoding
+(launch/serve.py, vLLM, SGLang, OpenAI) produces nothing else (verdict_format="json": for small local judges, whose
+free answers ramble to max_tokens without a verdict line). Transport errors, HTTP 429/5xx, timeouts and answers
+without a strict verdict are retried with exponential back-off; when every attempt fails the leaf scores 0 with
+valid = False.
 
 The HTTP call and the retry loop are shared with every other chat-completions client of the project
 (`klong_jax.factory.endpoint.ChatEndpoint`): `post_chat_completions` (one POST; `TransientError` for what
@@ -28,12 +32,18 @@ from klong_jax.rubric.evidence import collect_files, cut_middle
 from klong_jax.rubric.grading import GradingContext, LeafVerdict
 from klong_jax.rubric.tree import RubricNode, ensure_keys
 
-SYSTEM_PROMPT = (
-    "You grade one requirement of a research-paper reproduction. You are given the task the agent was "
-    "set, the requirement (with the requirements of its parent nodes for context), and files from the "
-    "agent's submission. Decide whether the submission satisfies THIS requirement, judging only from "
-    "the evidence shown. Explain briefly, then end your answer with exactly one final line, either\n"
-    "VERDICT: PASS\nor\nVERDICT: FAIL")
+_ROLE = ("You grade one requirement of a research-paper reproduction. You are given the task the agent was "
+         "set, the requirement (with the requirements of its parent nodes for context), and files from the "
+         "agent's submission. Decide whether the submission satisfies THIS requirement, judging only from "
+         "the evidence shown. ")
+SYSTEM_PROMPT = _ROLE + ("Explain briefly, then end your answer with exactly one final line, either\n"
+                         "VERDICT: PASS\nor\nVERDICT: FAIL")
+SYSTEM_PROMPT_JSON = _ROLE + ('Answer with a JSON object only: {"explanation": "<brief reasons>", "verdict": "PASS"} '
+                              'or the same with "verdict": "FAIL".')
+VERDICT_SCHEMA = {"type": "object", "additionalProperties": False, "required": ["explanation", "verdict"],
+                  "properties": {"explanation": {"type": "string", "maxLength": 1200},
+                                 "verdict": {"enum": ["PASS", "FAIL"]}}}
+VERDICT_FORMATS = ("text", "json")
 _VERDICT = re.compile(r"^VERDICT: (PASS|FAIL)$")
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 _T = TypeVar("_T")
@@ -121,6 +131,22 @@ class VerdictFormatError(ValueError):
     pass
 
 
+def parse_json_verdict(text: str, finish_reason: str | None = None) -> tuple[float, str]:
+    """(score, explanation) from a JSON answer {"explanation": str, "verdict": "PASS" | "FAIL"} (VERDICT_SCHEMA);
+    VerdictFormatError for anything else, and for an answer cut at max_tokens (finish_reason "length")."""
+    if finish_reason == "length":
+        raise VerdictFormatError(f"the answer reached max_tokens before its verdict: {cut_middle(text, 300)!r}")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict) or value.get("verdict") not in ("PASS", "FAIL") \
+            or not isinstance(value.get("explanation", ""), str):
+        raise VerdictFormatError('no JSON verdict {"explanation": ..., "verdict": "PASS" | "FAIL"} in the answer: '
+                                 f"{cut_middle(text, 300)!r}")
+    return (1.0 if value["verdict"] == "PASS" else 0.0), value.get("explanation", "").strip()
+
+
 def parse_verdict(text: str) -> tuple[float, str]:
     """(score, explanation) from an answer whose last non-empty line is exactly `VERDICT: PASS` or
     `VERDICT: FAIL`, and which has no other verdict line (an ambiguous answer is not a verdict)."""
@@ -140,9 +166,12 @@ class LLMJudge:
                  backoff_s: float = 2.0, max_backoff_s: float = 60.0, temperature: float = 0.0,
                  max_tokens: int = 2048, max_file_chars: int = 20_000,
                  max_evidence_chars: int = 120_000, max_task_chars: int = 60_000,
-                 extra_body: dict[str, Any] | None = None):
+                 extra_body: dict[str, Any] | None = None, verdict_format: str = "text"):
         if max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        if verdict_format not in VERDICT_FORMATS:
+            raise ValueError(f"LLMJudge verdict_format={verdict_format!r}: one of {list(VERDICT_FORMATS)}")
+        self.verdict_format = verdict_format
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         self.api_key = api_key if api_key is not None else os.environ.get(api_key_env)
@@ -185,8 +214,14 @@ class LLMJudge:
         category = ", ".join(c for c in (leaf.task_category, leaf.finegrained_task_category) if c)
         parts.append(f"# Requirement to grade (category: {category})\n{leaf.requirements}")
         parts.append(f"# Submission\n{evidence}")
-        parts.append("End with exactly one line: VERDICT: PASS or VERDICT: FAIL")
-        return [{"role": "system", "content": SYSTEM_PROMPT},
+        if self.verdict_format == "json":
+            parts.append('Answer {"explanation": "...", "verdict": "PASS"} or {"explanation": "...", "verdict": '
+                         '"FAIL"}.')
+            system = SYSTEM_PROMPT_JSON
+        else:
+            parts.append("End with exactly one line: VERDICT: PASS or VERDICT: FAIL")
+            system = SYSTEM_PROMPT
+        return [{"role": "system", "content": system},
                 {"role": "user", "content": "\n\n".join(parts)}], files
 
     def judge(self, leaf: RubricNode, context: GradingContext) -> LeafVerdict:
@@ -196,7 +231,9 @@ class LLMJudge:
             return LeafVerdict(0.0, False, f"could not read the submission: {e}", self.name)
 
         def attempt() -> tuple[float, str, dict]:
-            answer, usage = self._complete(messages)
+            answer, usage, finish = self._complete(messages)
+            if self.verdict_format == "json":
+                return (*parse_json_verdict(answer, finish), usage)
             return (*parse_verdict(answer), usage)
         try:
             (score, explanation, usage), errors = call_with_retries(
@@ -210,9 +247,13 @@ class LLMJudge:
                            {"model": self.model, "attempts": len(errors) + 1, "files": files,
                             "usage": usage, "errors": errors})
 
-    def _complete(self, messages: list[dict]) -> tuple[str, dict]:
+    def _complete(self, messages: list[dict]) -> tuple[str, dict, str | None]:
+        """(content, usage, finish_reason) of one chat completion."""
         body = {"model": self.model, "messages": messages, "temperature": self.temperature,
                 "max_tokens": self.max_tokens, **self.extra_body}
+        if self.verdict_format == "json":
+            body["response_format"] = {"type": "json_schema",
+                                       "json_schema": {"name": "verdict", "schema": VERDICT_SCHEMA}}
         data = post_chat_completions(self.url, body, api_key=self.api_key, timeout_s=self.timeout_s)
         try:
             content = data["choices"][0]["message"]["content"]
@@ -221,4 +262,5 @@ class LLMJudge:
         except (KeyError, IndexError, TypeError) as e:
             raise MalformedResponse(f"malformed chat-completions response from {self.url} ({e}): "
                                  f"{json.dumps(data)[:300]!r}") from e
-        return content, data.get("usage") or {}
+        finish = data["choices"][0].get("finish_reason")
+        return content, data.get("usage") or {}, finish if isinstance(finish, str) else None

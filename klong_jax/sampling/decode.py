@@ -42,7 +42,7 @@ def _record(st: dict, logits_BV) -> dict:
     """Samples column `step` from logits_BV and advances the row states."""
     step, done_B = st["step"], st["done_B"]
     tokens_B, lp_B, slp_B = sample_tokens(logits_BV, row_keys(st["seeds_B"], step), st["temperature_B"],
-                                          st["top_k_B"], st["top_p_B"])
+                                          st["top_k_B"], st["top_p_B"], st.get("allowed_BV"))
     tokens_B = jnp.where(done_B, 0, tokens_B)
 
     def put(buf_BN, col_B):
@@ -92,6 +92,8 @@ def _initial_state(cfg, cache, kv_valid_BS, write_index, batch: dict, *, max_new
                                   routing_dtype(cfg.n_routed_experts))
                         if routing and cfg.num_moe_layers else None),
         **{k: batch[k] for k in ("temperature_B", "top_k_B", "top_p_B", "seeds_B", "stop_ids_BZ", "max_new_B")},
+        # The tokens each row may sample next (constrained decoding; the host refreshes it every step), or None.
+        "allowed_BV": batch.get("allowed_BV"),
     }
 
 
@@ -100,7 +102,8 @@ def prefill(graphdef, params, batch: dict, *, cache_len: int, max_new: int, rout
     """Runs the left-padded prompts and samples generated token 0.
 
     batch: input_ids_BP, valid_BP (bool), positions_BP, lengths_B, active_B (False: batch padding),
-    temperature_B, top_k_B, top_p_B, seeds_B, stop_ids_BZ, max_new_B.
+    temperature_B, top_k_B, top_p_B, seeds_B, stop_ids_BZ, max_new_B, and allowed_BV (bool) when some row
+    is constrained (the mask of generated token 0).
     Returns (decode state with a cache of cache_len slots and N = max_new columns,
              prompt routing [L_moe, B, P, k] or None).
     """

@@ -23,14 +23,20 @@ def filter_top_k_top_p(scaled_BV, top_k_B, top_p_B):
     return jnp.where(scaled_BV >= threshold_B, scaled_BV, -jnp.inf)
 
 
-def sample_tokens(logits_BV, keys_B, temperature_B, top_k_B, top_p_B):
+def sample_tokens(logits_BV, keys_B, temperature_B, top_k_B, top_p_B, allowed_BV=None):
     """(tokens_B int32, logprobs_B, sampling_logprobs_B).
 
-    logprobs: log-softmax of the raw logits at the chosen token (temperature 1, no filtering).
-    sampling_logprobs: log-probability under the filtered, tempered distribution sampled from; 0 for
+    allowed_BV: bool, the tokens each row may take (constrained decoding; None: all). Masked logits are -inf
+    before temperature, top-k and top-p, and greedy rows take the argmax of the allowed tokens; every row needs
+    at least one allowed token.
+    logprobs: log-softmax of the raw logits at the chosen token (temperature 1, no filtering, no mask).
+    sampling_logprobs: log-probability under the masked, filtered, tempered distribution sampled from; 0 for
     greedy rows (temperature 0).
     """
     logits_BV = logits_BV.astype(jnp.float32)
+    raw_logprobs_BV = jax.nn.log_softmax(logits_BV, axis=-1)
+    if allowed_BV is not None:
+        logits_BV = jnp.where(allowed_BV, logits_BV, -jnp.inf)
     greedy_B = temperature_B <= 0
     scaled_BV = logits_BV / jnp.where(greedy_B, 1.0, temperature_B)[:, None]
     needs_filter = jnp.any((top_k_B > 0) | (top_p_B < 1.0))
@@ -38,7 +44,7 @@ def sample_tokens(logits_BV, keys_B, temperature_B, top_k_B, top_p_B):
                                scaled_BV, top_k_B, top_p_B)
     sampled_B = jax.vmap(jax.random.categorical)(keys_B, filtered_BV)
     tokens_B = jnp.where(greedy_B, jnp.argmax(logits_BV, axis=-1), sampled_B).astype(jnp.int32)
-    logprobs_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BV, axis=-1), tokens_B[:, None], -1)[:, 0]
+    logprobs_B = jnp.take_along_axis(raw_logprobs_BV, tokens_B[:, None], -1)[:, 0]
     sampling_lp_B = jnp.take_along_axis(jax.nn.log_softmax(filtered_BV, axis=-1), tokens_B[:, None], -1)[:, 0]
     return tokens_B, logprobs_B, jnp.where(greedy_B, 0.0, sampling_lp_B)
 

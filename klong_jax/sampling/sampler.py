@@ -13,6 +13,11 @@ each session's KV cache from call to call and prefills only what its prompt adds
 (from the first token that differs); `end_session(id)` frees its row; `update_params` invalidates every
 session. Same outputs as without sessions (sessions.py). `stats` counts prompt tokens asked, tokens
 prefilled and tokens reused, in both modes.
+
+Constrained rows (`SamplingParams.constraint`, constraint.py): token 0 is sampled under the start state's mask in
+the prefill; then the batch decodes one token per decode call and the host advances each constrained row's state
+and puts the next masks (allowed_BV) into the decode state. Unconstrained rows in the same batch are unaffected
+(their mask is all true); a batch without constraints carries no mask and decodes in chunks as before.
 """
 from __future__ import annotations
 
@@ -207,6 +212,8 @@ class Sampler:
                              f"max_position_embeddings={self.cfg.max_position_embeddings}")
         if sp.stop_strings and self.tokenizer is None:
             raise ValueError(f"prompt {i}: stop_strings need a Sampler built with a tokenizer")
+        if sp.constraint is not None and not self._stop_ids(sp):
+            raise ValueError(f"prompt {i}: a constrained request needs a stop token (the text ends with one)")
 
     def _stop_ids(self, sp: SamplingParams) -> tuple[int, ...]:
         return tuple(dict.fromkeys((self.default_stop_token_ids if sp.use_default_stop_tokens else ())
@@ -230,9 +237,38 @@ class Sampler:
         return {k: jax.device_put(v, NamedSharding(self.mesh, logical_to_spec(
             ("batch",) + (None,) * (v.ndim - 1), v.shape, self.mesh, self.rules))) for k, v in batch.items()}
 
-    def _row_settings(self, rows, B: int) -> dict:
+    def _guides(self, rows) -> dict[int, list]:
+        """{row: [constraint, state, tokens read]} of the constrained rows among `rows` (as in _row_settings)."""
+        return {i: [sp.constraint, sp.constraint.start(), 0] for i, _, sp, _ in rows if sp.constraint is not None}
+
+    def _guide_masks(self, guides: dict, B: int) -> np.ndarray:
+        """allowed_BV: each constrained row's mask at its current state; every token for the other rows."""
+        V = self.cfg.vocab_size
+        mask = np.ones((B, V), bool)
+        for i, (constraint, state, _) in guides.items():
+            m = np.asarray(constraint.allowed(state), bool)
+            if m.shape != (V,):
+                raise ValueError(f"row {i}: the constraint's mask has shape {m.shape}; the model has {V} tokens "
+                                 "(build its TokenVocab with size=model.cfg.vocab_size)")
+            mask[i] = m
+        return mask
+
+    def _advance_guides(self, st, guides: dict, n_gen) -> None:
+        """Reads each constrained row's new tokens into its state and puts the next masks into `st`."""
+        tokens = np.asarray(jax.device_get(st["tokens_BN"]))
+        for i, g in guides.items():
+            while g[2] < int(n_gen[i]):
+                try:
+                    g[1] = g[0].advance(g[1], int(tokens[i, g[2]]))
+                except ValueError as e:      # the mask allowed it: a constraint whose masks and steps disagree
+                    raise RuntimeError(f"row {i}: sampled token {int(tokens[i, g[2]])} at column {g[2]} was "
+                                       f"allowed by the mask but rejected by the constraint: {e}") from e
+                g[2] += 1
+        st["allowed_BV"] = self._put({"allowed_BV": self._guide_masks(guides, len(n_gen))})["allowed_BV"]
+
+    def _row_settings(self, rows, B: int, guides: dict | None = None) -> dict:
         """Per-row settings of a batch of B rows; rows: (row index, prompt, SamplingParams, stop ids) of the
-        active rows (the others stay inactive: done from the start)."""
+        active rows (the others stay inactive: done from the start); guides (`_guides`): adds allowed_BV."""
         Z = max(4, 1 << (max(len(r[3]) for r in rows) - 1).bit_length()) if any(r[3] for r in rows) else 4
         b = dict(lengths_B=np.zeros(B, np.int32), active_B=np.zeros(B, bool),
                  temperature_B=np.zeros(B, np.float32), top_k_B=np.zeros(B, np.int32),
@@ -244,12 +280,14 @@ class Sampler:
             b["seeds_B"][i] = sp.seed if sp.seed is not None else self._rng.integers(0, 2**31 - 1)
             b["stop_ids_BZ"][i, :len(stops)] = stops
             b["max_new_B"][i] = sp.max_new_tokens
+        if guides:
+            b["allowed_BV"] = self._guide_masks(guides, B)
         return b
 
-    def _host_batch(self, prompts, per_row, stop_ids, B: int, P: int) -> dict:
+    def _host_batch(self, prompts, per_row, stop_ids, B: int, P: int, guides: dict | None = None) -> dict:
         b = dict(input_ids_BP=np.full((B, P), self.cfg.pad_token_id or 0, np.int32),
                  valid_BP=np.zeros((B, P), bool), positions_BP=np.zeros((B, P), np.int32),
-                 **self._row_settings(list(zip(range(len(prompts)), prompts, per_row, stop_ids)), B))
+                 **self._row_settings(list(zip(range(len(prompts)), prompts, per_row, stop_ids)), B, guides))
         for i, p in enumerate(prompts):
             pad = P - len(p)
             b["input_ids_BP"][i, pad:] = p
@@ -265,20 +303,22 @@ class Sampler:
         B = batch_bucket(n, self.min_batch)
         routing = any(sp.return_routing for sp in per_row)
         prompt_routing = any(sp.return_prompt_routing for sp in per_row)
-        batch = self._put(self._host_batch(prompts, per_row, stop_ids, B, P))
+        guides = self._guides(list(zip(range(n), prompts, per_row, stop_ids)))
+        batch = self._put(self._host_batch(prompts, per_row, stop_ids, B, P, guides))
         self.stats["prefill_columns"] += B * P        # token columns the prefill computes, padding included
         with self._mesh_context():
             st, prompt_routed = self.prefill_fn(self.state, batch, P + N, N, routing, prompt_routing)
-            st, cut, out, _ = self._decode_to_end(st, per_row + [None] * (B - n), N, routing)
+            st, cut, out, _ = self._decode_to_end(st, per_row + [None] * (B - n), N, routing, guides)
             prompt_routed = None if prompt_routed is None else np.asarray(jax.device_get(prompt_routed))
         return [self._completion(i, prompts[i], per_row[i], stop_ids[i], out,
                                  None if prompt_routed is None else prompt_routed[:, i, P - len(prompts[i]):],
                                  cut.get(i))
                 for i in range(n)]
 
-    def _decode_to_end(self, st, per_row, N: int, routing: bool):
+    def _decode_to_end(self, st, per_row, N: int, routing: bool, guides: dict | None = None):
         """Decodes until every row is done (per_row: the B rows' SamplingParams, None for inactive rows),
-        then feeds the last sampled tokens when routing is asked for. Returns (state, stop-string cuts by
+        then feeds the last sampled tokens when routing is asked for. With guides (constrained rows) it decodes
+        one token per call and refreshes their masks in between. Returns (state, stop-string cuts by
         row, the outputs on the host, fed: the columns whose tokens were fed, i.e. written to the cache at
         slot prompt_slots + column: generated token i of a row has valid k/v iff i < fed)."""
         B = len(per_row)
@@ -296,7 +336,11 @@ class Sampler:
                 break
             if int(step) >= N:    # cannot happen: every row stops by max_new_tokens <= N
                 raise RuntimeError(f"decode reached its {N} columns with rows still running")
-            st = self.decode_fn(self.state, st, np.int32(min(int(step) + self.decode_chunk, N)))
+            chunk = self.decode_chunk
+            if guides:
+                self._advance_guides(st, guides, n_gen)
+                chunk = 1
+            st = self.decode_fn(self.state, st, np.int32(min(int(step) + chunk, N)))
         fed = int(step) - 1
         if routing and st["routed_LBNK"] is not None:
             st = self.feed_fn(self.state, st)

@@ -250,7 +250,9 @@ class SessionCache:
 
         # Generation: the Sampler's decode loop on this cache, from slot w.
         stop_ids = [s._stop_ids(sp) for sp in per_row]
-        settings = s._row_settings(list(zip(rows, prompts, per_row, stop_ids)), self.R)
+        row_list = list(zip(rows, prompts, per_row, stop_ids))
+        guides = s._guides(row_list)
+        settings = s._row_settings(row_list, self.R, guides)
         per_row_R = [None] * self.R
         for r, sp in zip(rows, per_row):
             per_row_R[r] = sp
@@ -258,7 +260,8 @@ class SessionCache:
             st = self.start_fn(s.state, self.cache, logits_BV, s._put({**settings, "kv_valid_BS": self.valid_RS}),
                                np.int32(self.w), N, self.has_moe)
             self.cache = None                  # donated: the state holds it now
-            st, cut, out, fed = s._decode_to_end(st, per_row_R, N, any(sp.return_routing for sp in per_row))
+            st, cut, out, fed = s._decode_to_end(st, per_row_R, N, any(sp.return_routing for sp in per_row),
+                                                 guides)
             self.cache = st.pop("cache")
         del st
         completions = [s._completion(r, prompts[i], per_row[i], stop_ids[i], out, prompt_routed[r], cut.get(r))

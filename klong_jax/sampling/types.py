@@ -21,6 +21,8 @@ class SamplingParams:
     decode chunks, so a few tokens past it may be computed and are then dropped.
     seed: the row's random stream (same seed and prompt -> same sample); None draws one.
     return_routing / return_prompt_routing: routed expert ids of generated / prompt tokens.
+    constraint: a TokenConstraint (constraint.py, e.g. a JsonConstraint) that masks every generated token to
+    those it allows (None: unconstrained). A constrained batch decodes one token per device call.
     """
     max_new_tokens: int = 256
     temperature: float = 1.0
@@ -32,6 +34,7 @@ class SamplingParams:
     seed: int | None = None
     return_routing: bool = False
     return_prompt_routing: bool = False
+    constraint: object | None = None
 
     def __post_init__(self):
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -44,6 +47,10 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.top_p={self.top_p!r}: must be in (0, 1]")
         if isinstance(self.stop_strings, str) or any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise ValueError(f"SamplingParams.stop_strings={self.stop_strings!r}: must be non-empty strings")
+        if self.constraint is not None and not all(callable(getattr(self.constraint, m, None))
+                                                   for m in ("start", "allowed", "advance")):
+            raise ValueError(f"SamplingParams.constraint={self.constraint!r}: must have start(), allowed(state) "
+                             "and advance(state, token) (klong_jax.sampling.constraint.TokenConstraint)")
         object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 

@@ -7,11 +7,14 @@ ServerThread to run it inside a process (tests, LLMJudge experiments) without a 
 
 Endpoints: POST /v1/chat/completions, GET /v1/models, GET /health, GET /stats (batch sizes so far).
 `stream: true` is answered as server-sent events once generation has finished (the whole message in
-one delta: the sampler does not yet hand out tokens mid-generation).
+one delta: the sampler does not yet hand out tokens mid-generation). `response_format` (json_schema,
+json_object) decodes the answer under the schema's grammar: one JsonConstraint per schema, kept across requests
+with its mask cache; the vocabulary's texts are read once, on the first such request.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import socket
 import threading
@@ -24,6 +27,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from klong_jax.data.chat_template import make_chat_template
+from klong_jax.sampling.constraint import JsonConstraint, TokenVocab
+from klong_jax.sampling.json_schema import SchemaError, compile_schema
 from klong_jax.serving import openai_api
 from klong_jax.serving.batching import BatchQueue
 
@@ -40,9 +45,31 @@ class ChatEngine:
         self.template = make_chat_template(tokenizer, chat_template, field="chat_template")
         self.sampler, self.model_name, self.default_max_tokens = sampler, model_name, default_max_tokens
         self.queue = BatchQueue(sampler.generate, window_s=batch_window_ms / 1000.0, max_batch=max_batch)
+        self._vocab: TokenVocab | None = None           # built on the first constrained request
+        self._constraints: collections.OrderedDict[str, JsonConstraint] = collections.OrderedDict()
+        self._constraint_lock = threading.Lock()
 
     def close(self) -> None:
         self.queue.close()
+
+    def json_constraint(self, schema: Mapping) -> JsonConstraint:
+        """The constraint of a response_format schema, shared by the requests that ask for the same schema (its
+        mask cache with it; the 32 last schemas kept); RequestError for a schema the grammar cannot follow."""
+        key = json.dumps(schema, sort_keys=True)
+        with self._constraint_lock:
+            if key in self._constraints:
+                self._constraints.move_to_end(key)
+                return self._constraints[key]
+            try:
+                grammar = compile_schema(schema)
+            except SchemaError as e:
+                raise openai_api.RequestError(f"response_format: {e}", "response_format") from None
+            if self._vocab is None:
+                self._vocab = TokenVocab.from_tokenizer(self.template.tokenizer, self.sampler.cfg.vocab_size)
+            constraint = self._constraints[key] = JsonConstraint(grammar, self._vocab, self.template.stop_ids)
+            while len(self._constraints) > 32:
+                self._constraints.popitem(last=False)
+            return constraint
 
     def prepare(self, body: Mapping) -> tuple[list, list[dict], list[int]]:
         """(rows for the queue, tools, prompt ids) of a request; RequestError when malformed."""
@@ -54,6 +81,9 @@ class ChatEngine:
             tools = []
         ids = openai_api.prompt_ids(self.template, messages, tools)
         params, n = openai_api.sampling_params(body, self.template.stop_ids, self.default_max_tokens)
+        schema = openai_api.response_format(body)
+        if schema is not None:
+            params = params.replace(constraint=self.json_constraint(schema))
         try:    # checked here: a bad request must not fail the batch it would join
             self.sampler.check_request(ids, params)
         except ValueError as e:

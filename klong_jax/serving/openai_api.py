@@ -6,7 +6,10 @@ Requests: `messages` (system/developer, user, assistant with optional `tool_call
 message before the conversation by the template's `tools_system_text`, as GLM-4.5's and Qwen's
 templates do), `tool_choice` ("none" hides the tools; anything else leaves the choice to the model:
 decoding is not constrained), `max_tokens` /
-`max_completion_tokens`, `temperature`, `top_p`, `top_k` (extension), `n`, `stop`, `seed`, `logprobs`.
+`max_completion_tokens`, `temperature`, `top_p`, `top_k` (extension), `n`, `stop`, `seed`, `logprobs`,
+`response_format` (`{"type": "json_schema", "json_schema": {"name", "schema"}}` or `{"type": "json_object"}`:
+the whole answer is decoded under the schema's grammar, klong_jax.sampling.json_schema; an unsupported schema is
+a 400 naming the keyword).
 Responses carry `content`, `reasoning_content` and `tool_calls` parsed from the generated ids by the
 chat template's parser.
 """
@@ -124,6 +127,28 @@ def prompt_ids(template: ChatTemplate, messages: Sequence[Message], tools: Seque
     if tools:
         messages = [Message("system", tools_system_text(template, tools))] + list(messages)
     return template.conversation_ids(messages, add_generation_prompt=True)
+
+
+def response_format(body: Mapping) -> dict | None:
+    """The JSON schema a request's `response_format` asks for (json_object: any object), or None for text."""
+    raw = body.get("response_format")
+    if raw is None:
+        return None
+    kind = raw.get("type") if isinstance(raw, Mapping) else None
+    if kind not in ("text", "json_object", "json_schema"):
+        raise RequestError('response_format: expected {"type": "text" | "json_object" | "json_schema", ...}, got '
+                           f"{raw!r}", "response_format")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "object"}
+    spec = raw.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, Mapping) else None
+    if not isinstance(schema, Mapping):
+        raise RequestError('response_format.json_schema.schema: a JSON schema object is required ({"type": '
+                           '"json_schema", "json_schema": {"name": "...", "schema": {...}}})',
+                           "response_format.json_schema.schema")
+    return dict(schema)
 
 
 def _number(body: Mapping, key: str, default, kind, low=None, high=None):

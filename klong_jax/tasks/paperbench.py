@@ -63,7 +63,7 @@ class PaperTaskError(ValueError):
 class JudgeEndpoint:
     """An OpenAI-compatible chat-completions endpoint that grades the leaves without a `check` command.
     The API key is read from the environment variable `api_key_env` when grading (never stored).
-    max_workers: leaves graded concurrently."""
+    max_workers: leaves graded concurrently; verdict_format: LLMJudge's ("text" lines or "json")."""
 
     base_url: str
     model: str
@@ -71,11 +71,12 @@ class JudgeEndpoint:
     timeout_s: float = 120.0
     max_attempts: int = 4
     max_workers: int = 8
+    verdict_format: str = "text"         # "json": {explanation, verdict} under a JSON schema (LLMJudge)
 
     def make_judge(self, rubric: RubricNode) -> LLMJudge:
         """A fresh LLMJudge that knows `rubric`'s ancestors (one per grading: its state is per tree)."""
         return LLMJudge(self.base_url, self.model, api_key_env=self.api_key_env, timeout_s=self.timeout_s,
-                        max_attempts=self.max_attempts).with_ancestors(rubric)
+                        max_attempts=self.max_attempts, verdict_format=self.verdict_format).with_ancestors(rubric)
 
 
 class _SubmissionChecks:

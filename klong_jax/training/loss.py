@@ -3,6 +3,9 @@
 The trainer sums per-token losses and divides by the number of loss tokens in the WHOLE global batch
 (all micro-batches, all devices), so every trained token weighs the same however the batch is split or
 packed: micro-batching and accumulation give exactly the big-batch gradient.
+
+The chunked form (`chunked_masked_sums` for SFT; `klong_jax.rl.objective.chunked_token_logprobs` is the RL update's)
+makes the logits from the hidden states a chunk of tokens at a time, never [B, T, V] at once.
 """
 import jax
 import jax.numpy as jnp

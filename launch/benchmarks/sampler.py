@@ -36,6 +36,15 @@ same greedy, graded rollout (cache reuse on) runs once per --rollouts entry, the
 sampler before config.rollout: the model's dtype, every device, 128-token chunks), `config` (the variant's section)
 or explicit fields. Reported per entry: wall and sampling seconds, turns, tokens, mean score, the share of turns
 whose tokens equal the baseline's, and the speedups over the baseline.
+
+  .venv/bin/python launch/bench.py sampler --mode=constrained [--gguf=pretrained:smollm2-135m-instruct]
+                                           [--gen_tokens=smol:192] [--dtypes=bfloat16,float32] [--repeats=2]
+
+constrained: JSON-schema constrained decoding (klong_jax.sampling.constraint) against free decoding, greedy, on a
+GGUF model served as launch/serve.py serves it (the rubric drafter's criteria schema and a drafting prompt, in the
+model's chat template). Per compute dtype: free decoding (decode_chunk 32), constrained decoding (one token per
+device call, the host computing each next mask), the host's mask time per token, tokens/s and the ratio
+constrained / free, and whether the constrained answer is whole JSON that the schema's grammar accepts.
 """
 import argparse
 import os
@@ -306,9 +315,90 @@ def bench_rollout_configs(name, a):
             "rollouts": rows}
 
 
+class _TimedConstraint:
+    """A TokenConstraint that adds up the seconds spent computing masks."""
+
+    def __init__(self, inner):
+        self.inner, self.seconds = inner, 0.0
+
+    def start(self):
+        return self.inner.start()
+
+    def advance(self, state, token):
+        return self.inner.advance(state, token)
+
+    def allowed(self, state):
+        t0 = time.perf_counter()
+        try:
+            return self.inner.allowed(state)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+
+def bench_constrained(a) -> dict:
+    """Free vs JSON-schema constrained greedy decoding of one drafting answer (module docstring)."""
+    import json as _json
+
+    from klong_jax.data.trajectory import Message
+    from klong_jax.factory.rubric_draft import SYSTEM_PROMPT, step_schema
+    from klong_jax.sampling import JsonConstraint, TokenVocab, compile_schema
+    from klong_jax.serving import ChatEngine
+    from klong_jax.serving.loading import load_serving_model, resolve_tokenizer
+
+    tokenizer = resolve_tokenizer(None, None, a.gguf)
+    schema = step_schema("criteria", 3, True)
+    question = ("# Paper: Sparse Widgets\n\nWe train sparse widget networks on CIFAR-10 and reach 91% accuracy.\n\n"
+                "# Your task\nWrite the leaf criteria of the subtask 'The widget layer is implemented' (at most 3). "
+                'Answer {"criteria": [{"requirements": "...", "task_category": "Code Development", '
+                '"finegrained_task_category": "Method Implementation", "weight": 1}, ...]}.')
+    gen = int(dict(item.split(":") for item in a.gen_tokens.split(",")).get("smol", 192))
+    rows = []
+    for dtype in a.dtypes.split(","):
+        model = load_serving_model(gguf=a.gguf, compute_dtype=dtype)
+        sampler = Sampler(model, tokenizer, decode_chunk=32)
+        template = ChatEngine(sampler, model_name="bench").template
+        ids = template.conversation_ids([Message("system", SYSTEM_PROMPT), Message("user", question)],
+                                        add_generation_prompt=True)
+        vocab_t0 = time.perf_counter()
+        vocab = TokenVocab.from_tokenizer(tokenizer, model.cfg.vocab_size)
+        vocab_s = time.perf_counter() - vocab_t0
+        grammar = compile_schema(schema)
+        row = {"compute_dtype": dtype, "prompt_tokens": len(ids), "max_new_tokens": gen,
+               "vocab_build_s": round(vocab_s, 3)}
+        for kind in ("free", "constrained"):
+            best, out, mask_s = float("inf"), None, 0.0
+            for r in range(a.repeats + 1):            # the first run compiles
+                # A cold mask cache each run, timed where the sampler asks for masks.
+                constraint = _TimedConstraint(JsonConstraint(grammar, vocab, template.stop_ids))
+                sp = SamplingParams(max_new_tokens=gen, temperature=0.0, stop_token_ids=tuple(template.stop_ids),
+                                    constraint=constraint if kind == "constrained" else None)
+                t0 = time.perf_counter()
+                c = sampler.generate([ids], sp)[0]
+                dt = time.perf_counter() - t0
+                if r and dt < best:
+                    best, out, mask_s = dt, c, constraint.seconds
+            n = len(out.tokens)
+            row[kind] = {"s": round(best, 3), "tokens": n, "tokens_per_s": round(n / best, 2),
+                         "finish": out.finish_reason}
+            if kind == "constrained":
+                text = out.text or ""
+                row[kind]["mask_ms_per_token"] = round(1000 * mask_s / max(n, 1), 3)
+                row[kind]["whole_json_under_schema"] = bool(out.finish_reason == "stop" and grammar.accepts(text))
+                try:
+                    row[kind]["items"] = len(_json.loads(text)["criteria"])
+                except (ValueError, KeyError, TypeError):
+                    row[kind]["items"] = None
+        row["seconds_per_token_ratio_constrained_over_free"] = round(
+            (row["constrained"]["s"] / max(row["constrained"]["tokens"], 1)) /
+            (row["free"]["s"] / max(row["free"]["tokens"], 1)), 2)
+        rows.append(row)
+        print(f"constrained {dtype}: {row}", file=sys.stderr, flush=True)
+    return rows
+
+
 def run(argv):
     p = argparse.ArgumentParser(prog="bench.py sampler")
-    p.add_argument("--mode", default="decode", choices=("decode", "rollout", "rollout_config"),
+    p.add_argument("--mode", default="decode", choices=("decode", "rollout", "rollout_config", "constrained"),
                    help="decode: cached vs uncached decoding; rollout: KV-cache reuse across agent turns")
     p.add_argument("--tasks", type=int, default=2, help="rollout: held-out tasks (one episode each)")
     p.add_argument("--max_turns", type=int, default=3, help="rollout: turns per episode at most")
@@ -326,7 +416,14 @@ def run(argv):
     p.add_argument("--compute_dtype", default="float32", help="compute dtype (bfloat16 is slow on CPU)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--baseline_repeats", type=int, default=1, help="runs of the (slow) uncached decoder; 0: none")
+    p.add_argument("--gguf", default="pretrained:smollm2-135m-instruct", help="constrained: the served model")
+    p.add_argument("--dtypes", default="bfloat16,float32", help="constrained: compute dtypes to compare")
     a = p.parse_args(argv)
+    if a.mode == "constrained":
+        a.gen_tokens = a.gen_tokens if a.gen_tokens != "tiny:64,small:32" else "smol:192"
+        a.repeats = min(a.repeats, 2)
+        return {"device": f"{jax.device_count()} x {jax.devices()[0].device_kind}", "backend": jax.default_backend(),
+                "mode": "constrained", "results": bench_constrained(a)}
     if a.mode == "rollout_config":
         from klong_jax.runtime import setup_devices
         setup_devices(a.cpu_devices)     # before the first use of a device
