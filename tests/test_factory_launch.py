@@ -169,19 +169,25 @@ def test_kept_trajectories_train_one_sft_step(scripted_run, tmp_path):
 def test_served_smol_model_makes_tasks_and_counts_failed_drafts(tmp_path, smol_server):
     papers = make_papers(tmp_path)
     out = tmp_path / "out"
-    proc = run_factory(papers, out, smol_server, "--rubric_attempts=1", "--rubric_max_tokens=48",
-                       "--rubric_sizes=2,2,2", "--judge_model=smol", "--teacher_model=smol", "--n_per_task=1")
+    proc = run_factory(papers, out, smol_server, "--rubric_attempts=1", "--rubric_max_tokens=32",
+                       "--rubric_sizes=2,2,2", "--judge_model=smol", "--teacher_model=smol", "--n_per_task=1",
+                       "--stages=ingest,rubric")
     report = json.loads((out / "report.json").read_text())
     assert report["papers_in"] == 3 and len(list((out / "tasks").iterdir())) == 3
     rubric = report["stages"]["rubric"]
     # Each paper's draft is either a rubric that loads or a failure with its error; nothing is silently dropped.
     assert rubric["done"] + rubric["failed"] == 3, rubric
     manifest = json.loads((out / "manifest.json").read_text())["papers"]
-    for entry in manifest.values():
+    for pid, entry in manifest.items():
         record = entry["stages"]["rubric"]
         assert record["tokens"]["prompt"] > 0
         if record["status"] == "failed":
-            assert record["error"] and "after 1 answers" in record["error"]
+            # One answer per step (--rubric_attempts=1): the draft stops at the first step whose answer does not
+            # load (under each step's schema: one cut by the 32-token budget, or the loader's message), and the
+            # error counts the answers of every step so far.
+            draft = json.loads((out / "drafts" / f"{pid}.json").read_text())
+            assert all(step["attempts"] == 1 for step in draft["steps"]) and not draft["steps"][-1]["ok"]
+            assert f"invalid at step {draft['failed_step']} after {len(draft['steps'])} answers" in record["error"]
         else:
             load_rubric(out / record["outputs"]["rubric"])
     assert "[factory rubric] 3/3" in proc.stdout and "papers in" in proc.stdout.lower()

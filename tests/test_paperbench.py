@@ -207,7 +207,7 @@ def test_llm_judge_grades_the_other_leaves_from_the_submission(tmp_path, monkeyp
         with Sandbox(episode) as sb:
             assert sb.run("cd submission && touch reproduce.sh && echo 'The method: SUBMISSION-MARKER' "
                           "> README.md && echo cifar,0.95 > results.csv").ok
-            result = grade_episode_result(task, sb, 10.0)
+            result = grade_episode_result(task, sb, 60.0)   # check timeout: ample on a loaded machine
     assert len(server.requests) == 1   # only the leaf without a check went to the endpoint
     request = server.requests[0]
     assert request["auth"] == "Bearer secret-key" and request["body"]["model"] == "judge-model"
