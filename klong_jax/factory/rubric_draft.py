@@ -217,18 +217,15 @@ def draft_rubric(endpoint: Any, paper_markdown: str, title: str, *, max_attempts
 
     def step(name: str, question: str, key: str, limit: int, leaves: bool) -> list[dict]:
         record = DraftStep(name)
+        extra = ({"response_format": {"type": "json_schema", "json_schema": {
+            "name": f"rubric_{key}", "schema": step_schema(key, limit, leaves)}}} if json_schema else None)
         draft.steps.append(record)
         messages: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM_PROMPT},
                                           {"role": "user", "content": f"{context}\n\n# Your task\n{question}"}]
         for _ in range(max_attempts):
             record.attempts += 1
             try:
-                if json_schema:
-                    extra = {"response_format": {"type": "json_schema", "json_schema": {
-                        "name": f"rubric_{key}", "schema": step_schema(key, limit, leaves)}}}
-                    reply = endpoint.chat(messages, max_tokens=max_tokens, temperature=temperature, extra=extra)
-                else:
-                    reply = endpoint.chat(messages, max_tokens=max_tokens, temperature=temperature)
+                reply = endpoint.chat(messages, max_tokens=max_tokens, temperature=temperature, extra=extra)
             except Exception as e:   # EndpointError after its retries, or a client that fails otherwise
                 error = f"{name}: {type(e).__name__}: {e}"
                 record.errors.append(error)

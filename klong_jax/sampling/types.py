@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from klong_jax.sampling.constraint import TokenConstraint
+
 FINISH_REASONS = ("stop", "length")
 
 
@@ -47,8 +49,7 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.top_p={self.top_p!r}: must be in (0, 1]")
         if isinstance(self.stop_strings, str) or any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise ValueError(f"SamplingParams.stop_strings={self.stop_strings!r}: must be non-empty strings")
-        if self.constraint is not None and not all(callable(getattr(self.constraint, m, None))
-                                                   for m in ("start", "allowed", "advance")):
+        if self.constraint is not None and not isinstance(self.constraint, TokenConstraint):
             raise ValueError(f"SamplingParams.constraint={self.constraint!r}: must have start(), allowed(state) "
                              "and advance(state, token) (klong_jax.sampling.constraint.TokenConstraint)")
         object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
