@@ -8,6 +8,7 @@ Blocked kernels never look at the T x S mask. They summarise each block of token
   PARTIAL (1): computed with the token mask applied;
   FULL (2): every pair attends, computed without a mask.
 The classification is conservative (a block it calls SKIP or FULL truly is), so skipping is exact.
+Shape letters (klong_jax/models/__init__.py): I query blocks, J key blocks.
 """
 from typing import NamedTuple
 
@@ -120,7 +121,7 @@ def _block_stats(seg: Segments, block: int) -> _BlockStats:
 
 
 def block_kinds(q_seg: Segments, k_seg: Segments, block_q: int, block_k: int, *, causal: bool):
-    """[B, T/block_q, S/block_k] int32 of SKIP / PARTIAL / FULL (lengths must be whole blocks)."""
+    """[B, I, J] = [B, T/block_q, S/block_k] int32 of SKIP / PARTIAL / FULL (lengths must be whole blocks)."""
     if (q_seg.win is None) != (k_seg.win is None):
         raise ValueError("queries and keys must both have window ids or both not")
     q = _block_stats(q_seg, block_q)
@@ -154,24 +155,25 @@ def block_kinds(q_seg: Segments, k_seg: Segments, block_q: int, block_k: int, *,
     return jnp.where(skip, SKIP, jnp.where(full, FULL, PARTIAL)).astype(jnp.int32)
 
 
-def schedule(kinds_BNM):
+def schedule(kinds_BIJ):
     """Compacts each row of a block-kind table into the blocks to visit, in ascending order.
 
-    Returns (code [B, N, M] int32, count [B, N] int32): code[b, n, j] = block * 4 + kind for the j-th
-    non-skipped block of row n; past `count` the block of the last visited entry repeats with kind
-    SKIP, so a pipelined kernel fetches nothing new and computes nothing.
+    Returns (code [B, I, J] int32, count [B, I] int32): code[b, i, j] = block * 4 + kind for the j-th
+    non-skipped block of row i; past `count` the block of the last visited entry repeats with kind
+    SKIP, so a pipelined kernel fetches nothing new and computes nothing. (Given the transposed table
+    [B, J, I], the same per key-block column.)
     """
-    M = kinds_BNM.shape[-1]
-    active = kinds_BNM != SKIP
+    J = kinds_BIJ.shape[-1]
+    active = kinds_BIJ != SKIP
     order = jnp.argsort(~active, axis=-1, stable=True).astype(jnp.int32)
     count = active.sum(-1).astype(jnp.int32)
-    kind_sorted = jnp.take_along_axis(kinds_BNM, order, axis=-1)
+    kind_sorted = jnp.take_along_axis(kinds_BIJ, order, axis=-1)
     last = jnp.take_along_axis(order, jnp.maximum(count - 1, 0)[..., None], axis=-1)
-    j = jnp.arange(M, dtype=jnp.int32)
+    j = jnp.arange(J, dtype=jnp.int32)
     block = jnp.where(j < count[..., None], order, jnp.where(count[..., None] > 0, last, 0))
     return (block * 4 + kind_sorted).astype(jnp.int32), count
 
 
-def fraction_computed(kinds_BNM) -> float:
+def fraction_computed(kinds_BIJ) -> float:
     """Share of (q-block, k-block) pairs a blocked kernel computes."""
-    return float(jnp.mean((kinds_BNM != SKIP).astype(jnp.float32)))
+    return float(jnp.mean((kinds_BIJ != SKIP).astype(jnp.float32)))

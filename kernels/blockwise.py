@@ -3,7 +3,10 @@
 Each q-block loops only over the k-blocks its block-mask row keeps (block_mask.schedule), with an
 online softmax in fp32; the backward recomputes scores block by block (one pass for dq over each
 q-block's k-blocks, one for dk/dv over each k-block's q-blocks), so nothing of size T x S is ever
-stored. GQA: the G = H / K query heads of a kv head share its k/v block, never repeated in memory.
+stored. GQA: the G = N / K query heads of a kv head share its k/v block, never repeated in memory.
+
+Shape letters (klong_jax/models/__init__.py): N query heads, K kv heads, H head dim; in one block pair,
+T the query block's tokens and S the key block's.
 """
 import functools
 
@@ -19,10 +22,10 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 class _Blocked:
     """Padded, block-reshaped views of one call's operands and ids."""
 
-    def __init__(self, q_BTHD, k_BSKD, q_seg, k_seg, block_q, block_k, causal):
-        B, T, H, D = q_BTHD.shape
-        S, K = k_BSKD.shape[1], k_BSKD.shape[2]
-        self.B, self.T, self.S, self.H, self.K, self.G, self.D = B, T, S, H, K, H // K, D
+    def __init__(self, q_BTNH, k_BSKH, q_seg, k_seg, block_q, block_k, causal):
+        B, T, N, H = q_BTNH.shape
+        S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+        self.B, self.T, self.S, self.N, self.K, self.G, self.H = B, T, S, N, K, N // K, H
         self.bq, self.bk = min(block_q, _round_up(T, 8)), min(block_k, _round_up(S, 8))
         self.nq, self.nk = -(-T // self.bq), -(-S // self.bk)
         self.Tp, self.Sp = self.nq * self.bq, self.nk * self.bk
@@ -33,13 +36,13 @@ class _Blocked:
         self.codes_t, self.counts_t = bm.schedule(kinds.transpose(0, 2, 1))  # per k-block column
         self.q_pos, self.k_pos = bm.positions_of(self.q_seg), bm.positions_of(self.k_seg)
 
-    def q_view(self, x_BTHD, dtype=None):  # -> [B, Tp, K, G, D]
-        x = _pad_axis1(x_BTHD, self.Tp)
+    def q_view(self, x_BTNH, dtype=None):  # -> [B, Tp, K, G, H]
+        x = _pad_axis1(x_BTNH, self.Tp)
         x = x if dtype is None else x.astype(dtype)
         return x.reshape(self.B, self.Tp, self.K, self.G, x.shape[-1])
 
-    def kv_view(self, x_BSKD):
-        return _pad_axis1(x_BSKD, self.Sp)
+    def kv_view(self, x_BSKH):
+        return _pad_axis1(x_BSKH, self.Sp)
 
     def q_ids(self, b, start):
         return _ids_at(self.q_seg, self.q_pos, b, start, self.bq)
@@ -73,18 +76,18 @@ def _mask(q_ids, k_ids, causal):
                          q_win=None if qw is None else qw[:, None], k_win=None if kw is None else kw[None, :])
 
 
-def _scores(q_QKGD, k_SKD, scale):  # -> [K, G, Q, S] fp32
-    return jnp.einsum("qkgd,skd->kgqs", q_QKGD, k_SKD, preferred_element_type=jnp.float32) * scale
+def _scores(q_TKGH, k_SKH, scale):  # one block pair -> [K, G, T, S] fp32
+    return jnp.einsum("TKGH,SKH->KGTS", q_TKGH, k_SKH, preferred_element_type=jnp.float32) * scale
 
 
 def _split_bi(bi, n):
     return bi // n, bi % n
 
 
-def core_fwd(q_BTHD, k_BSKD, v_BSKD, q_seg, k_seg, *, causal, scale, out_dtype,
+def core_fwd(q_BTNH, k_BSKH, v_BSKH, q_seg, k_seg, *, causal, scale, out_dtype,
              block_q=512, block_k=512):
-    x = _Blocked(q_BTHD, k_BSKD, q_seg, k_seg, block_q, block_k, causal)
-    q, k, v = x.q_view(q_BTHD), x.kv_view(k_BSKD), x.kv_view(v_BSKD)
+    x = _Blocked(q_BTNH, k_BSKH, q_seg, k_seg, block_q, block_k, causal)
+    q, k, v = x.q_view(q_BTNH), x.kv_view(k_BSKH), x.kv_view(v_BSKH)
 
     def one_q_block(bi):
         b, i = _split_bi(bi, x.nq)
@@ -100,34 +103,34 @@ def core_fwd(q_BTHD, k_BSKD, v_BSKD, q_seg, k_seg, *, causal, scale, out_dtype,
             m_new = jnp.maximum(m, s.max(-1))
             p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
             alpha = jnp.exp(m - m_new)
-            pv = jnp.einsum("kgqs,skd->kgqd", p.astype(v_blk.dtype), v_blk, preferred_element_type=jnp.float32)
+            pv = jnp.einsum("KGTS,SKH->KGTH", p.astype(v_blk.dtype), v_blk, preferred_element_type=jnp.float32)
             return m_new, alpha * l + p.sum(-1), alpha[..., None] * acc + pv
 
         init = (jnp.full((x.K, x.G, x.bq), MASK_VALUE, jnp.float32), jnp.zeros((x.K, x.G, x.bq), jnp.float32),
-                jnp.zeros((x.K, x.G, x.bq, x.D), jnp.float32))
+                jnp.zeros((x.K, x.G, x.bq, x.H), jnp.float32))
         m, l, acc = lax.fori_loop(0, x.counts[b, i], visit, init)
         o = acc * jnp.where(l > 0, 1.0 / jnp.where(l > 0, l, 1.0), 0.0)[..., None]
         lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
         return o.astype(out_dtype), lse
 
     o, lse = lax.map(one_q_block, jnp.arange(x.B * x.nq))
-    # [B*nq, K, G, bq, D] -> [B, Tp, H, D];  [B*nq, K, G, bq] -> [B, H, Tp]
-    o = o.reshape(x.B, x.nq, x.H, x.bq, x.D).transpose(0, 1, 3, 2, 4).reshape(x.B, x.Tp, x.H, x.D)
-    lse = lse.reshape(x.B, x.nq, x.H, x.bq).transpose(0, 2, 1, 3).reshape(x.B, x.H, x.Tp)
+    # [B*I, K, G, bq, H] -> [B, Tp, N, H];  [B*I, K, G, bq] -> [B, N, Tp]  (I = nq query blocks)
+    o = o.reshape(x.B, x.nq, x.N, x.bq, x.H).transpose(0, 1, 3, 2, 4).reshape(x.B, x.Tp, x.N, x.H)
+    lse = lse.reshape(x.B, x.nq, x.N, x.bq).transpose(0, 2, 1, 3).reshape(x.B, x.N, x.Tp)
     return o[:, :x.T], lse[:, :, :x.T]
 
 
-def core_bwd(q_BTHD, k_BSKD, v_BSKD, o_BTHD, lse_BHT, do_BTHD, q_seg, k_seg, *, causal, scale,
+def core_bwd(q_BTNH, k_BSKH, v_BSKH, o_BTNH, lse_BNT, do_BTNH, q_seg, k_seg, *, causal, scale,
              grad_dtype=jnp.float32, block_q=512, block_k=512):
-    x = _Blocked(q_BTHD, k_BSKD, q_seg, k_seg, block_q, block_k, causal)
-    q, k, v = x.q_view(q_BTHD), x.kv_view(k_BSKD), x.kv_view(v_BSKD)
-    do = x.q_view(do_BTHD, v_BSKD.dtype)
+    x = _Blocked(q_BTNH, k_BSKH, q_seg, k_seg, block_q, block_k, causal)
+    q, k, v = x.q_view(q_BTNH), x.kv_view(k_BSKH), x.kv_view(v_BSKH)
+    do = x.q_view(do_BTNH, v_BSKH.dtype)
     # Per-query stats as [B, Tp, K, G]; padded rows get lse = +inf so their probabilities are 0.
-    def stat_view(s_BHT, fill):
-        s = jnp.pad(s_BHT, ((0, 0), (0, 0), (0, x.Tp - x.T)), constant_values=fill)
+    def stat_view(s_BNT, fill):
+        s = jnp.pad(s_BNT, ((0, 0), (0, 0), (0, x.Tp - x.T)), constant_values=fill)
         return s.transpose(0, 2, 1).reshape(x.B, x.Tp, x.K, x.G)
-    lse = stat_view(lse_BHT, jnp.inf)
-    di = stat_view(row_dot(o_BTHD, do_BTHD), 0.0)
+    lse = stat_view(lse_BNT, jnp.inf)
+    di = stat_view(row_dot(o_BTNH, do_BTNH), 0.0)
 
     def probs(b, qs, ks, q_blk, k_blk, v_blk, do_blk):
         """p and dS = p * (dP - di) for one block pair, [K, G, bq, bk] fp32."""
@@ -135,7 +138,7 @@ def core_bwd(q_BTHD, k_BSKD, v_BSKD, o_BTHD, lse_BHT, do_BTHD, q_seg, k_seg, *, 
         lse_blk = _slice(lse, b, qs, x.bq).transpose(1, 2, 0)[..., None]
         di_blk = _slice(di, b, qs, x.bq).transpose(1, 2, 0)[..., None]
         p = jnp.where(mask, jnp.exp(_scores(q_blk, k_blk, scale) - lse_blk), 0.0)
-        dp = jnp.einsum("qkgd,skd->kgqs", do_blk, v_blk, preferred_element_type=jnp.float32)
+        dp = jnp.einsum("TKGH,SKH->KGTS", do_blk, v_blk, preferred_element_type=jnp.float32)
         return p, p * (dp - di_blk)
 
     def dq_of_q_block(bi):
@@ -147,10 +150,10 @@ def core_bwd(q_BTHD, k_BSKD, v_BSKD, o_BTHD, lse_BHT, do_BTHD, q_seg, k_seg, *, 
             ks = (x.codes[b, i, j] >> 2) * x.bk
             k_blk = _slice(k, b, ks, x.bk)
             _, ds = probs(b, qs, ks, q_blk, k_blk, _slice(v, b, ks, x.bk), do_blk)
-            return dq + jnp.einsum("kgqs,skd->qkgd", ds.astype(k_blk.dtype), k_blk,
+            return dq + jnp.einsum("KGTS,SKH->TKGH", ds.astype(k_blk.dtype), k_blk,
                                    preferred_element_type=jnp.float32)
 
-        dq = lax.fori_loop(0, x.counts[b, i], visit, jnp.zeros((x.bq, x.K, x.G, x.D), jnp.float32))
+        dq = lax.fori_loop(0, x.counts[b, i], visit, jnp.zeros((x.bq, x.K, x.G, x.H), jnp.float32))
         return (dq * scale).astype(grad_dtype)
 
     def dkv_of_k_block(bj):
@@ -163,31 +166,31 @@ def core_bwd(q_BTHD, k_BSKD, v_BSKD, o_BTHD, lse_BHT, do_BTHD, q_seg, k_seg, *, 
             qs = (x.codes_t[b, kb, j] >> 2) * x.bq
             q_blk, do_blk = _slice(q, b, qs, x.bq), _slice(do, b, qs, x.bq)
             p, ds = probs(b, qs, ks, q_blk, k_blk, v_blk, do_blk)
-            dv = dv + jnp.einsum("kgqs,qkgd->skd", p.astype(do_blk.dtype), do_blk,
+            dv = dv + jnp.einsum("KGTS,TKGH->SKH", p.astype(do_blk.dtype), do_blk,
                                  preferred_element_type=jnp.float32)
-            dk = dk + jnp.einsum("kgqs,qkgd->skd", ds.astype(q_blk.dtype), q_blk,
+            dk = dk + jnp.einsum("KGTS,TKGH->SKH", ds.astype(q_blk.dtype), q_blk,
                                  preferred_element_type=jnp.float32)
             return dk, dv
 
-        zeros = jnp.zeros((x.bk, x.K, x.D), jnp.float32)
+        zeros = jnp.zeros((x.bk, x.K, x.H), jnp.float32)
         dk, dv = lax.fori_loop(0, x.counts_t[b, kb], visit, (zeros, zeros))
         return (dk * scale).astype(grad_dtype), dv.astype(grad_dtype)
 
-    dq = lax.map(dq_of_q_block, jnp.arange(x.B * x.nq)).reshape(x.B, x.Tp, x.H, x.D)
+    dq = lax.map(dq_of_q_block, jnp.arange(x.B * x.nq)).reshape(x.B, x.Tp, x.N, x.H)
     dk, dv = lax.map(dkv_of_k_block, jnp.arange(x.B * x.nk))
-    dk = dk.reshape(x.B, x.Sp, x.K, x.D)
-    dv = dv.reshape(x.B, x.Sp, x.K, x.D)
+    dk = dk.reshape(x.B, x.Sp, x.K, x.H)
+    dv = dv.reshape(x.B, x.Sp, x.K, x.H)
     return dq[:, :x.T], dk[:, :x.S], dv[:, :x.S]
 
 
-def blockwise_attention(q_BTHD, k_BSKD, v_BSKD, *, doc_ids=None, window_ids=None, causal=True,
+def blockwise_attention(q_BTNH, k_BSKH, v_BSKH, *, doc_ids=None, window_ids=None, causal=True,
                         sm_scale=None, block_q: int = 512, block_k: int = 512):
-    """Self-attention with the klong mask, memory linear in T; o_BTHD in q's dtype."""
-    check_shapes(q_BTHD, k_BSKD, v_BSKD, "kernels/blockwise.py")
-    if k_BSKD.shape[1] != q_BTHD.shape[1]:
+    """Self-attention with the klong mask, memory linear in T; o_BTNH in q's dtype."""
+    check_shapes(q_BTNH, k_BSKH, v_BSKH, "kernels/blockwise.py")
+    if k_BSKH.shape[1] != q_BTNH.shape[1]:
         raise ValueError("kernels/blockwise.py: self-attention needs as many keys as queries")
-    scale = q_BTHD.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
-    seg = self_attention_segments(q_BTHD, doc_ids, window_ids)
+    scale = q_BTNH.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
+    seg = self_attention_segments(q_BTNH, doc_ids, window_ids)
     fwd = functools.partial(core_fwd, block_q=block_q, block_k=block_k)
     bwd = functools.partial(core_bwd, block_q=block_q, block_k=block_k)
-    return attention_with_vjp(fwd, bwd, q_BTHD, k_BSKD, v_BSKD, seg, seg, causal=causal, scale=scale)
+    return attention_with_vjp(fwd, bwd, q_BTNH, k_BSKH, v_BSKH, seg, seg, causal=causal, scale=scale)

@@ -1,8 +1,8 @@
 """Pallas TPU flash attention with the klong mask (packing + shared-prefix windows), forward and backward.
 
 Three kernels, one grid step per (q-block, k-block) pair that the block mask keeps:
-  forward  grid (B, H, q-block, step): online softmax in fp32 over the k-blocks of the q-block's row;
-  dq       grid (B, H, q-block, step): same schedule, accumulates dS @ K;
+  forward  grid (B, N, q-block, step): online softmax in fp32 over the k-blocks of the q-block's row;
+  dq       grid (B, N, q-block, step): same schedule, accumulates dS @ K;
   dk, dv   grid (B, K, k-block, g, step): the k-block's column, over the G query heads of its kv head,
            accumulates P^T dO and dS^T Q in VMEM, so GQA never repeats K/V in memory.
 The schedule (block_mask.schedule, passed by scalar prefetch) lists for each row the k-blocks to visit;
@@ -10,9 +10,10 @@ past the row's count, the last block repeats with kind SKIP: the pipeline fetche
 body does not run, so compute and HBM traffic scale with the unmasked blocks. FULL blocks skip the
 token mask, PARTIAL blocks build it from the ids.
 
-Layout: heads are moved ahead of tokens ([B, H, T, D]) so each block is a (tokens, head_dim) tile.
-Per-token ids and the per-row softmax stats (lse, di) travel as lane-dense rows [B, (H,) 1, T] and are
+Layout: heads are moved ahead of tokens ([B, N, T, H]) so each block is a (tokens, head_dim) tile.
+Per-token ids and the per-row softmax stats (lse, di) travel as lane-dense rows [B, (N,) 1, T] and are
 turned into columns in VMEM, which keeps their HBM footprint 4 bytes per token instead of 512.
+Shape letters (klong_jax/models/__init__.py): N query heads, K kv heads, G = N / K, H head dim.
 """
 import functools
 
@@ -35,10 +36,10 @@ SMEM_SCHEDULE_BYTES = 512 * 1024  # of the 1 MiB of SMEM on v5p, the rest left t
 class _Plan:
     """Static shapes of one call plus its padded ids and schedules (the same for forward and backward)."""
 
-    def __init__(self, q_BTHD, k_BSKD, q_seg, k_seg, *, causal, block_q, block_k, interpret):
-        B, T, H, D = q_BTHD.shape
-        S, K = k_BSKD.shape[1], k_BSKD.shape[2]
-        self.B, self.T, self.S, self.H, self.K, self.G, self.D = B, T, S, H, K, H // K, D
+    def __init__(self, q_BTNH, k_BSKH, q_seg, k_seg, *, causal, block_q, block_k, interpret):
+        B, T, N, H = q_BTNH.shape
+        S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+        self.B, self.T, self.S, self.N, self.K, self.G, self.H = B, T, S, N, K, N // K, H
         if not interpret:
             # Mosaic tiles: score columns and the lse/id rows are lane-dense, so blocks are whole lanes.
             block_q, block_k = _round_up(block_q, LANES), _round_up(block_k, LANES)
@@ -64,15 +65,15 @@ class _Plan:
         fit = max(1, SMEM_SCHEDULE_BYTES // (self.nq * self.nk * 4))
         self.batch_group = max(g for g in range(1, B + 1) if B % g == 0 and g <= fit)
 
-    def heads_first(self, x, length):  # [B, T, H, D] -> [B, H, Tp, D]
+    def heads_first(self, x, length):  # [B, T, N, H] -> [B, N, Tp, H]
         return jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, 0))).transpose(0, 2, 1, 3)
 
-    def tokens_first(self, x, length):  # [B, H, Tp, D] -> [B, T, H, D]
+    def tokens_first(self, x, length):  # [B, N, Tp, H] -> [B, T, N, H]
         return x[:, :, :length].transpose(0, 2, 1, 3)
 
     def pairs(self, batch):
         """Token pairs in the computed blocks, assuming causal halves the work (for cost estimates)."""
-        return batch * self.H * self.Tp * self.Sp * (0.5 if self.causal else 1.0)
+        return batch * self.N * self.Tp * self.Sp * (0.5 if self.causal else 1.0)
 
     def by_batch_groups(self, fn, *arrays):
         """fn over groups of batch rows whose schedule fits SMEM (lax.map over the groups)."""
@@ -100,25 +101,25 @@ def _nbytes(*arrays):
 
 
 def _fwd_call(plan: _Plan, codes, q, k, v, q_ids, k_ids, *, scale, out_dtype):
-    B, G, bq, bk, D = q.shape[0], plan.G, plan.bq, plan.bk, plan.D
+    B, G, bq, bk, H = q.shape[0], plan.G, plan.bq, plan.bk, plan.H
     n = len(plan.ids.names)
-    q_spec = pl.BlockSpec((None, None, bq, D), lambda b, h, i, j, c: (b, h, i, 0))
-    kv_spec = pl.BlockSpec((None, None, bk, D), lambda b, h, i, j, c: (b, h // G, c[b, i, j] >> 2, 0))
+    q_spec = pl.BlockSpec((None, None, bq, H), lambda b, h, i, j, c: (b, h, i, 0))
+    kv_spec = pl.BlockSpec((None, None, bk, H), lambda b, h, i, j, c: (b, h // G, c[b, i, j] >> 2, 0))
     q_id_spec = pl.BlockSpec((None, 1, bq), lambda b, h, i, j, c: (b, 0, i))
     k_id_spec = pl.BlockSpec((None, 1, bk), lambda b, h, i, j, c: (b, 0, c[b, i, j] >> 2))
-    out_shape = [jax.ShapeDtypeStruct((B, plan.H, plan.Tp, D), out_dtype),
-                 jax.ShapeDtypeStruct((B, plan.H, 1, plan.Tp), jnp.float32)]
+    out_shape = [jax.ShapeDtypeStruct((B, plan.N, plan.Tp, H), out_dtype),
+                 jax.ShapeDtypeStruct((B, plan.N, 1, plan.Tp), jnp.float32)]
     out_specs = [q_spec, pl.BlockSpec((None, None, 1, bq), lambda b, h, i, j, c: (b, h, 0, i))]
     scratch = [pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
-               pltpu.VMEM((bq, D), jnp.float32)] + [pltpu.VMEM((bq, LANES), jnp.int32)] * n
+               pltpu.VMEM((bq, H), jnp.float32)] + [pltpu.VMEM((bq, LANES), jnp.int32)] * n
     kernel = functools.partial(fwd_kernel, ids=plan.ids, scale=scale, bq=bq, bk=bk, steps=plan.nk)
     pairs = plan.pairs(B)
-    cost = pl.CostEstimate(flops=int(4 * pairs * D), transcendentals=int(pairs),
+    cost = pl.CostEstimate(flops=int(4 * pairs * H), transcendentals=int(pairs),
                            bytes_accessed=int(_nbytes(q, k, v) + q.size * jnp.dtype(out_dtype).itemsize))
     return pl.pallas_call(
         kernel, out_shape=out_shape,
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1, grid=(B, plan.H, plan.nq, plan.nk),
+            num_scalar_prefetch=1, grid=(B, plan.N, plan.nq, plan.nk),
             in_specs=[q_spec, kv_spec, kv_spec] + [q_id_spec] * n + [k_id_spec] * n,
             out_specs=out_specs, scratch_shapes=scratch),
         compiler_params=plan.params(3, 1), cost_estimate=cost, interpret=plan.interpret,
@@ -127,23 +128,23 @@ def _fwd_call(plan: _Plan, codes, q, k, v, q_ids, k_ids, *, scale, out_dtype):
 
 
 def _dq_call(plan: _Plan, codes, q, k, v, do, lse, di, q_ids, k_ids, *, scale, out_dtype):
-    B, G, bq, bk, D = q.shape[0], plan.G, plan.bq, plan.bk, plan.D
+    B, G, bq, bk, H = q.shape[0], plan.G, plan.bq, plan.bk, plan.H
     n = len(plan.ids.names)
-    q_spec = pl.BlockSpec((None, None, bq, D), lambda b, h, i, j, c: (b, h, i, 0))
-    kv_spec = pl.BlockSpec((None, None, bk, D), lambda b, h, i, j, c: (b, h // G, c[b, i, j] >> 2, 0))
+    q_spec = pl.BlockSpec((None, None, bq, H), lambda b, h, i, j, c: (b, h, i, 0))
+    kv_spec = pl.BlockSpec((None, None, bk, H), lambda b, h, i, j, c: (b, h // G, c[b, i, j] >> 2, 0))
     row_spec = pl.BlockSpec((None, None, 1, bq), lambda b, h, i, j, c: (b, h, 0, i))
     q_id_spec = pl.BlockSpec((None, 1, bq), lambda b, h, i, j, c: (b, 0, i))
     k_id_spec = pl.BlockSpec((None, 1, bk), lambda b, h, i, j, c: (b, 0, c[b, i, j] >> 2))
-    scratch = [pltpu.VMEM((bq, D), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
+    scratch = [pltpu.VMEM((bq, H), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
                pltpu.VMEM((bq, LANES), jnp.float32)] + [pltpu.VMEM((bq, LANES), jnp.int32)] * n
     kernel = functools.partial(dq_kernel, ids=plan.ids, scale=scale, bq=bq, bk=bk, steps=plan.nk)
     pairs = plan.pairs(B)
-    cost = pl.CostEstimate(flops=int(6 * pairs * D), transcendentals=int(pairs),
+    cost = pl.CostEstimate(flops=int(6 * pairs * H), transcendentals=int(pairs),
                            bytes_accessed=int(_nbytes(q, k, v, do, lse, di) + q.size * 4))
     return pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct(q.shape, out_dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=1, grid=(B, plan.H, plan.nq, plan.nk),
+            num_scalar_prefetch=1, grid=(B, plan.N, plan.nq, plan.nk),
             in_specs=[q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec] + [q_id_spec] * n + [k_id_spec] * n,
             out_specs=q_spec, scratch_shapes=scratch),
         compiler_params=plan.params(3, 1), cost_estimate=cost, interpret=plan.interpret,
@@ -152,18 +153,18 @@ def _dq_call(plan: _Plan, codes, q, k, v, do, lse, di, q_ids, k_ids, *, scale, o
 
 
 def _dkv_call(plan: _Plan, codes_t, q, k, v, do, lse, di, q_ids, k_ids, *, scale, out_dtype):
-    B, G, bq, bk, D = q.shape[0], plan.G, plan.bq, plan.bk, plan.D
+    B, G, bq, bk, H = q.shape[0], plan.G, plan.bq, plan.bk, plan.H
     n = len(plan.ids.names)
     # grid (b, kv head, k-block, g, step); the step-th q-block of k-block kb's column is c[b, kb, j].
-    q_spec = pl.BlockSpec((None, None, bq, D), lambda b, kh, kb, g, j, c: (b, kh * G + g, c[b, kb, j] >> 2, 0))
-    kv_spec = pl.BlockSpec((None, None, bk, D), lambda b, kh, kb, g, j, c: (b, kh, kb, 0))
+    q_spec = pl.BlockSpec((None, None, bq, H), lambda b, kh, kb, g, j, c: (b, kh * G + g, c[b, kb, j] >> 2, 0))
+    kv_spec = pl.BlockSpec((None, None, bk, H), lambda b, kh, kb, g, j, c: (b, kh, kb, 0))
     row_spec = pl.BlockSpec((None, None, 1, bq), lambda b, kh, kb, g, j, c: (b, kh * G + g, 0, c[b, kb, j] >> 2))
     q_id_spec = pl.BlockSpec((None, 1, bq), lambda b, kh, kb, g, j, c: (b, 0, c[b, kb, j] >> 2))
     k_id_spec = pl.BlockSpec((None, 1, bk), lambda b, kh, kb, g, j, c: (b, 0, kb))
-    scratch = [pltpu.VMEM((bk, D), jnp.float32), pltpu.VMEM((bk, D), jnp.float32)]
+    scratch = [pltpu.VMEM((bk, H), jnp.float32), pltpu.VMEM((bk, H), jnp.float32)]
     kernel = functools.partial(dkv_kernel, ids=plan.ids, scale=scale, bq=bq, bk=bk, steps=plan.nq, groups=G)
     pairs = plan.pairs(B)
-    cost = pl.CostEstimate(flops=int(8 * pairs * D), transcendentals=int(pairs),
+    cost = pl.CostEstimate(flops=int(8 * pairs * H), transcendentals=int(pairs),
                            bytes_accessed=int(_nbytes(q, k, v, do, lse, di) + 2 * k.size * 4))
     kv_shape = jax.ShapeDtypeStruct(k.shape, out_dtype)
     return pl.pallas_call(
@@ -188,54 +189,54 @@ def _on_platform(fn, interpret, *args):
                                   default=functools.partial(fn, interpret=True))
 
 
-def core_fwd(q_BTHD, k_BSKD, v_BSKD, q_seg, k_seg, *, causal, scale, out_dtype, block_q=512, block_k=512,
+def core_fwd(q_BTNH, k_BSKH, v_BSKH, q_seg, k_seg, *, causal, scale, out_dtype, block_q=512, block_k=512,
              interpret=None):
-    def run(q_BTHD, k_BSKD, v_BSKD, q_seg, k_seg, *, interpret):
-        plan = _Plan(q_BTHD, k_BSKD, q_seg, k_seg, causal=causal, block_q=block_q, block_k=block_k,
+    def run(q_BTNH, k_BSKH, v_BSKH, q_seg, k_seg, *, interpret):
+        plan = _Plan(q_BTNH, k_BSKH, q_seg, k_seg, causal=causal, block_q=block_q, block_k=block_k,
                      interpret=interpret)
-        q = plan.heads_first(q_BTHD, plan.Tp)
-        k, v = plan.heads_first(k_BSKD, plan.Sp), plan.heads_first(v_BSKD, plan.Sp)
+        q = plan.heads_first(q_BTNH, plan.Tp)
+        k, v = plan.heads_first(k_BSKH, plan.Sp), plan.heads_first(v_BSKH, plan.Sp)
         o, lse = plan.by_batch_groups(functools.partial(_fwd_call, plan, scale=scale, out_dtype=out_dtype),
                                       plan.codes, q, k, v, plan.q_ids, plan.k_ids)
         return plan.tokens_first(o, plan.T), lse[:, :, 0, :plan.T]
 
-    return _on_platform(run, interpret, q_BTHD, k_BSKD, v_BSKD, q_seg, k_seg)
+    return _on_platform(run, interpret, q_BTNH, k_BSKH, v_BSKH, q_seg, k_seg)
 
 
-def core_bwd(q_BTHD, k_BSKD, v_BSKD, o_BTHD, lse_BHT, do_BTHD, q_seg, k_seg, *, causal, scale,
+def core_bwd(q_BTNH, k_BSKH, v_BSKH, o_BTNH, lse_BNT, do_BTNH, q_seg, k_seg, *, causal, scale,
              grad_dtype=jnp.float32, block_q=512, block_k=512, interpret=None):
-    def run(q_BTHD, k_BSKD, v_BSKD, o_BTHD, lse_BHT, do_BTHD, q_seg, k_seg, *, interpret):
-        plan = _Plan(q_BTHD, k_BSKD, q_seg, k_seg, causal=causal, block_q=block_q, block_k=block_k,
+    def run(q_BTNH, k_BSKH, v_BSKH, o_BTNH, lse_BNT, do_BTNH, q_seg, k_seg, *, interpret):
+        plan = _Plan(q_BTNH, k_BSKH, q_seg, k_seg, causal=causal, block_q=block_q, block_k=block_k,
                      interpret=interpret)
-        q = plan.heads_first(q_BTHD, plan.Tp)
-        k, v = plan.heads_first(k_BSKD, plan.Sp), plan.heads_first(v_BSKD, plan.Sp)
-        do = plan.heads_first(do_BTHD.astype(q_BTHD.dtype), plan.Tp)
+        q = plan.heads_first(q_BTNH, plan.Tp)
+        k, v = plan.heads_first(k_BSKH, plan.Sp), plan.heads_first(v_BSKH, plan.Sp)
+        do = plan.heads_first(do_BTNH.astype(q_BTNH.dtype), plan.Tp)
         pad = ((0, 0), (0, 0), (0, plan.Tp - plan.T))
         # Padded query rows: lse 0 and di 0 are finite; their probabilities are masked to 0 anyway.
-        lse = jnp.pad(jnp.where(jnp.isfinite(lse_BHT), lse_BHT, jnp.inf), pad)[:, :, None, :]
-        di = jnp.pad(row_dot(o_BTHD, do_BTHD), pad)[:, :, None, :]
+        lse = jnp.pad(jnp.where(jnp.isfinite(lse_BNT), lse_BNT, jnp.inf), pad)[:, :, None, :]
+        di = jnp.pad(row_dot(o_BTNH, do_BTNH), pad)[:, :, None, :]
         dq = plan.by_batch_groups(functools.partial(_dq_call, plan, scale=scale, out_dtype=grad_dtype),
                                   plan.codes, q, k, v, do, lse, di, plan.q_ids, plan.k_ids)
         dk, dv = plan.by_batch_groups(functools.partial(_dkv_call, plan, scale=scale, out_dtype=grad_dtype),
                                       plan.codes_t, q, k, v, do, lse, di, plan.q_ids, plan.k_ids)
         return plan.tokens_first(dq, plan.T), plan.tokens_first(dk, plan.S), plan.tokens_first(dv, plan.S)
 
-    return _on_platform(run, interpret, q_BTHD, k_BSKD, v_BSKD, o_BTHD, lse_BHT, do_BTHD, q_seg, k_seg)
+    return _on_platform(run, interpret, q_BTNH, k_BSKH, v_BSKH, o_BTNH, lse_BNT, do_BTNH, q_seg, k_seg)
 
 
-def flash_attention(q_BTHD, k_BSKD, v_BSKD, *, doc_ids=None, window_ids=None, causal=True, sm_scale=None,
+def flash_attention(q_BTNH, k_BSKH, v_BSKH, *, doc_ids=None, window_ids=None, causal=True, sm_scale=None,
                     block_q: int = 512, block_k: int = 512, interpret=None):
-    """Self-attention with the klong mask as Pallas TPU kernels; o_BTHD in q's dtype.
+    """Self-attention with the klong mask as Pallas TPU kernels; o_BTNH in q's dtype.
 
-    q [B, T, H, D], k = v [B, T, K, D] with K dividing H; doc_ids / window_ids [B, T] int (see
+    q [B, T, N, H], k = v [B, T, K, H] with K dividing N; doc_ids / window_ids [B, T] int (see
     block_mask.py). T need not be a multiple of the blocks. interpret=None runs Mosaic on TPU and
     interpret mode elsewhere; True / False force one.
     """
-    check_shapes(q_BTHD, k_BSKD, v_BSKD, "kernels/flash_attention.py")
-    if k_BSKD.shape[1] != q_BTHD.shape[1]:
+    check_shapes(q_BTNH, k_BSKH, v_BSKH, "kernels/flash_attention.py")
+    if k_BSKH.shape[1] != q_BTNH.shape[1]:
         raise ValueError("kernels/flash_attention.py: self-attention needs as many keys as queries")
-    scale = q_BTHD.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
-    seg = self_attention_segments(q_BTHD, doc_ids, window_ids)
+    scale = q_BTNH.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
+    seg = self_attention_segments(q_BTNH, doc_ids, window_ids)
     blocks = dict(block_q=block_q, block_k=block_k, interpret=interpret)
     return attention_with_vjp(functools.partial(core_fwd, **blocks), functools.partial(core_bwd, **blocks),
-                              q_BTHD, k_BSKD, v_BSKD, seg, seg, causal=causal, scale=scale)
+                              q_BTNH, k_BSKH, v_BSKH, seg, seg, causal=causal, scale=scale)

@@ -4,6 +4,7 @@ Every body runs one grid step: one (q-block, k-block) pair from the scalar-prefe
 decoded as block * 4 + kind. FULL tiles skip the token mask, PARTIAL tiles build it from the ids,
 SKIP steps (past a row's count) do nothing. Softmax statistics are kept as (bq, 128) lane-replicated
 columns in VMEM; per-token ids and lse / di arrive as lane-dense (1, bq) rows and are transposed here.
+Shape letters (klong_jax/models/__init__.py): T the tokens of the query block (bq), W the 128 lanes.
 """
 import jax.numpy as jnp
 from jax import lax
@@ -20,20 +21,20 @@ TN = (((0,), (0,)), ((), ()))   # contract the first dims: A^T @ B
 # ---------------------------------------------------------------------------------------------------
 # In-kernel helpers
 # ---------------------------------------------------------------------------------------------------
-def _lanes_to(x_QL, n):
+def _lanes_to(x_TW, n):
     """A (bq, 128) lane-replicated column widened (or cut) to (bq, n)."""
     if n == LANES:
-        return x_QL
+        return x_TW
     if n % LANES == 0:
-        return jnp.tile(x_QL, (1, n // LANES))
+        return jnp.tile(x_TW, (1, n // LANES))
     if n < LANES:
-        return x_QL[:, :n]
+        return x_TW[:, :n]
     raise ValueError(f"width {n} must be below {LANES} or a multiple of it")
 
 
-def _row_to_column(row_1Q):
+def _row_to_column(row_1T):
     """(1, bq) row -> (bq, 128) lane-replicated column (a transpose on the XLU)."""
-    return jnp.broadcast_to(row_1Q, (LANES, row_1Q.shape[1])).T
+    return jnp.broadcast_to(row_1T, (LANES, row_1T.shape[1])).T
 
 
 class Ids:

@@ -31,27 +31,27 @@ def batch_axes(mesh, batch: int, exclude: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(chosen)
 
 
-def attention_specs(mesh, q_BTHD, k_BSKD, *, seq_axis=None, head_axis="tensor"):
+def attention_specs(mesh, q_BTNH, k_BSKH, *, seq_axis=None, head_axis="tensor"):
     """(q/k/v spec, per-token id spec) for shard_map; seq_axis shards the sequence (ring attention)."""
     sizes = axis_sizes(mesh)
-    heads = head_axis if sizes.get(head_axis, 1) > 1 and k_BSKD.shape[2] % sizes[head_axis] == 0 else None
-    batch = batch_axes(mesh, q_BTHD.shape[0], exclude=tuple(a for a in (seq_axis, head_axis) if a))
+    heads = head_axis if sizes.get(head_axis, 1) > 1 and k_BSKH.shape[2] % sizes[head_axis] == 0 else None
+    batch = batch_axes(mesh, q_BTNH.shape[0], exclude=tuple(a for a in (seq_axis, head_axis) if a))
     batch_spec = batch if batch else None
     return P(batch_spec, seq_axis, heads, None), P(batch_spec, seq_axis)
 
 
-def shard_batch_and_heads(fn, q_BTHD, k_BSKD, v_BSKD, *, doc_ids=None, window_ids=None, mesh=None,
+def shard_batch_and_heads(fn, q_BTNH, k_BSKH, v_BSKH, *, doc_ids=None, window_ids=None, mesh=None,
                           head_axis="tensor", **kwargs):
     """Runs fn per shard of batch and heads when a mesh is set (Mosaic kernels cannot be partitioned
     automatically); the sequence stays whole on each device (use ring attention to split it)."""
     mesh = current_mesh(mesh)
     if mesh is None:
-        return fn(q_BTHD, k_BSKD, v_BSKD, doc_ids=doc_ids, window_ids=window_ids, **kwargs)
-    qkv_spec, ids_spec = attention_specs(mesh, q_BTHD, k_BSKD, head_axis=head_axis)
+        return fn(q_BTNH, k_BSKH, v_BSKH, doc_ids=doc_ids, window_ids=window_ids, **kwargs)
+    qkv_spec, ids_spec = attention_specs(mesh, q_BTNH, k_BSKH, head_axis=head_axis)
 
     def local(q, k, v, doc, win):
         return fn(q, k, v, doc_ids=doc, window_ids=win, **kwargs)
 
     id_specs = tuple(None if x is None else ids_spec for x in (doc_ids, window_ids))
     return jax.shard_map(local, mesh=mesh, in_specs=(qkv_spec,) * 3 + id_specs, out_specs=qkv_spec,
-                         check_vma=False)(q_BTHD, k_BSKD, v_BSKD, doc_ids, window_ids)
+                         check_vma=False)(q_BTNH, k_BSKH, v_BSKH, doc_ids, window_ids)

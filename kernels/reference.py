@@ -3,6 +3,7 @@
 Mask semantics (see klong_method.md, shared-prefix packing): query q may attend to key k iff
   doc[q] == doc[k] != 0, k <= q in packed order (when causal), and (win[k] == 0 or win[k] == win[q]).
 doc_ids=None means one document; window_ids=None means no prefix sharing.
+Shape letters (klong_jax/models/__init__.py): N query heads, K kv heads, G = N / K, H head dim.
 """
 import jax
 import jax.numpy as jnp
@@ -32,24 +33,24 @@ def attention_mask(doc_ids_BT, window_ids_BT, T: int, S: int, *, causal: bool = 
     return mask
 
 
-def reference_attention(q_BTHD, k_BSKD, v_BSKD, *, doc_ids=None, window_ids=None, causal=True,
+def reference_attention(q_BTNH, k_BSKH, v_BSKH, *, doc_ids=None, window_ids=None, causal=True,
                         sm_scale=None, mask_BTS=None):
-    """Softmax attention in fp32 with GQA (H query heads over K kv heads). Returns o_BTHD in q's dtype.
+    """Softmax attention in fp32 with GQA (N query heads over K kv heads). Returns o_BTNH in q's dtype.
 
     Rows whose mask is empty (padding) return zeros rather than NaN.
     """
-    B, T, H, D = q_BTHD.shape
-    S, K = k_BSKD.shape[1], k_BSKD.shape[2]
-    assert H % K == 0, f"{H} query heads are not a multiple of {K} kv heads"
-    scale = D ** -0.5 if sm_scale is None else sm_scale
+    B, T, N, H = q_BTNH.shape
+    S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+    assert N % K == 0, f"{N} query heads are not a multiple of {K} kv heads"
+    scale = H ** -0.5 if sm_scale is None else sm_scale
     if mask_BTS is None:
         mask_BTS = attention_mask(doc_ids, window_ids, T, S, causal=causal)
     mask_BTS = jnp.broadcast_to(mask_BTS, (B, T, S))
-    q = q_BTHD.astype(jnp.float32).reshape(B, T, K, H // K, D)
-    s_BKGTS = jnp.einsum("btkgd,bskd->bkgts", q, k_BSKD.astype(jnp.float32)) * scale
+    q_BTKGH = q_BTNH.astype(jnp.float32).reshape(B, T, K, N // K, H)
+    s_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH.astype(jnp.float32)) * scale
     m = mask_BTS[:, None, None, :, :]
     s_BKGTS = jnp.where(m, s_BKGTS, _MASK_VALUE)
     p = jax.nn.softmax(s_BKGTS, axis=-1)
     p = jnp.where(m, p, 0.0)
-    o = jnp.einsum("bkgts,bskd->btkgd", p, v_BSKD.astype(jnp.float32))
-    return o.reshape(B, T, H, D).astype(q_BTHD.dtype)
+    o_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", p, v_BSKH.astype(jnp.float32))
+    return o_BTKGH.reshape(B, T, N, H).astype(q_BTNH.dtype)

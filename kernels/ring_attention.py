@@ -15,6 +15,7 @@ packed-order positions, so doc_ids / window_ids keep their meaning in either lay
 
 Per pair of chunks the work is done by a core (kernels/vjp.py): the Pallas kernel when lowering for TPU,
 the blockwise XLA loop elsewhere; both skip the blocks the mask rules out.
+Shape letters (klong_jax/models/__init__.py): N query heads, K kv heads, H head dim.
 """
 import functools
 
@@ -87,7 +88,7 @@ def _merge(o_acc, lse_acc, o_new, lse_new):
     live = jnp.isfinite(lse)
     safe = jnp.where(live, lse, 0.0)
 
-    def weight(l):  # [B, H, T] -> [B, T, H, 1]
+    def weight(l):  # [B, N, T] -> [B, T, N, 1]
         return jnp.where(live, jnp.exp(l - safe), 0.0).transpose(0, 2, 1)[..., None]
 
     return o_acc * weight(lse_acc) + o_new * weight(lse_new), lse
@@ -103,9 +104,9 @@ def _ring_local(q, k, v, q_seg, k_seg, *, axis, n, causal, scale, cores):
         return jax.tree.map(lambda x: lax.ppermute(x, axis, shift), tree)
 
     def forward(q, k, v, q_seg, k_seg):
-        B, T, H, D = q.shape
-        o = jnp.zeros((B, T, H, D), jnp.float32)
-        lse = jnp.full((B, H, T), -jnp.inf, jnp.float32)
+        B, T, N, H = q.shape
+        o = jnp.zeros((B, T, N, H), jnp.float32)
+        lse = jnp.full((B, N, T), -jnp.inf, jnp.float32)
 
         def compute(o, lse, kv):
             o_s, lse_s = core_fwd(q, kv[0], kv[1], q_seg, kv[2], causal=causal, scale=scale,
@@ -157,23 +158,23 @@ def _ring_local(q, k, v, q_seg, k_seg, *, axis, n, causal, scale, cores):
 # ---------------------------------------------------------------------------------------------------
 # Public entry point
 # ---------------------------------------------------------------------------------------------------
-def ring_attention(q_BTHD, k_BSKD, v_BSKD, *, doc_ids=None, window_ids=None, causal=True, sm_scale=None,
+def ring_attention(q_BTNH, k_BSKH, v_BSKH, *, doc_ids=None, window_ids=None, causal=True, sm_scale=None,
                    mesh=None, context_axis: str = "context", head_axis: str = "tensor", layout: str = "natural",
                    inner=None, block_q: int = 512, block_k: int = 512):
-    """Self-attention with the sequence sharded over `context_axis`; o_BTHD in q's dtype.
+    """Self-attention with the sequence sharded over `context_axis`; o_BTNH in q's dtype.
 
     mesh=None takes the mesh set by `jax.set_mesh`. Batch is sharded over the other data-like mesh
     axes and heads over `head_axis` when they divide. layout: "natural" (tokens in packed order) or
     "zigzag" (the caller already applied to_zigzag to q, k, v and the ids; the output is zigzag too).
     T is padded internally to a multiple of 2N.
     """
-    check_shapes(q_BTHD, k_BSKD, v_BSKD, "kernels/ring_attention.py")
+    check_shapes(q_BTNH, k_BSKH, v_BSKH, "kernels/ring_attention.py")
     if layout not in ("natural", "zigzag"):
         raise ValueError(f"kernels/ring_attention.py: layout={layout!r}; choose natural or zigzag")
-    B, T, H, D = q_BTHD.shape
-    if k_BSKD.shape[1] != T:
+    B, T, N, H = q_BTNH.shape
+    if k_BSKH.shape[1] != T:
         raise ValueError("kernels/ring_attention.py: self-attention needs as many keys as queries")
-    scale = D ** -0.5 if sm_scale is None else float(sm_scale)
+    scale = H ** -0.5 if sm_scale is None else float(sm_scale)
     mesh = current_mesh(mesh)
     n = 1 if mesh is None else axis_sizes(mesh).get(context_axis, 1)
     cores = _cores(inner, block_q, block_k)
@@ -189,7 +190,7 @@ def ring_attention(q_BTHD, k_BSKD, v_BSKD, *, doc_ids=None, window_ids=None, cau
     # Pad so the sequence splits into 2N equal chunks; padding has doc 0 and is never attended.
     Tp = -(-T // (2 * n)) * (2 * n) if reorder else -(-T // n) * n
     pad = Tp - T
-    q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q_BTHD, k_BSKD, v_BSKD))
+    q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q_BTNH, k_BSKH, v_BSKH))
     seg = Segments(*(None if x is None else jnp.pad(x, ((0, 0), (0, pad))) for x in seg))
     if reorder:
         q, k, v = (to_zigzag(x, n) for x in (q, k, v))

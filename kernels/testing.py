@@ -1,17 +1,19 @@
 """Builders for attention test inputs: random q/k/v and packed / shared-prefix id rows.
 
 Used by tests/test_kernels_*.py and launch/benchmarks/attention.py; also handy for model-level tests.
+Shape letters (klong_jax/models/__init__.py): N query heads, K kv heads, H head dim.
 """
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 
-def random_qkv(seed: int, B: int, T: int, H: int, K: int, D: int, dtype=jnp.float32):
+def random_qkv(seed: int, B: int, T: int, N: int, K: int, H: int, dtype=jnp.float32):
+    """q [B, T, N, H], k and v [B, T, K, H]."""
     kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
-    q = jax.random.normal(kq, (B, T, H, D), jnp.float32).astype(dtype)
-    k = jax.random.normal(kk, (B, T, K, D), jnp.float32).astype(dtype)
-    v = jax.random.normal(kv, (B, T, K, D), jnp.float32).astype(dtype)
+    q = jax.random.normal(kq, (B, T, N, H), jnp.float32).astype(dtype)
+    k = jax.random.normal(kk, (B, T, K, H), jnp.float32).astype(dtype)
+    v = jax.random.normal(kv, (B, T, K, H), jnp.float32).astype(dtype)
     return q, k, v
 
 
@@ -46,8 +48,8 @@ def packed_batch(T: int, rows) -> tuple[jnp.ndarray, jnp.ndarray]:
 class Case:
     """One attention test configuration (shapes, mask, block sizes)."""
 
-    def __init__(self, name, *, B, T, H, K, D, causal=True, rows=None, windows=False, block_q=128, block_k=128):
-        self.name, self.B, self.T, self.H, self.K, self.D = name, B, T, H, K, D
+    def __init__(self, name, *, B, T, N, K, H, causal=True, rows=None, windows=False, block_q=128, block_k=128):
+        self.name, self.B, self.T, self.N, self.K, self.H = name, B, T, N, K, H
         self.causal, self.rows, self.windows = causal, rows, windows
         self.block_q, self.block_k = block_q, block_k
 
@@ -56,7 +58,7 @@ class Case:
 
     def inputs(self, dtype=jnp.float32, seed=0):
         """(q, k, v, mask kwargs) for this case."""
-        q, k, v = random_qkv(seed, self.B, self.T, self.H, self.K, self.D, dtype)
+        q, k, v = random_qkv(seed, self.B, self.T, self.N, self.K, self.H, dtype)
         kw = dict(causal=self.causal)
         if self.rows is not None:
             doc, win = packed_batch(self.T, self.rows)

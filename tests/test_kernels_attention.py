@@ -16,14 +16,14 @@ from kernels.testing import Case, packed_batch, random_qkv, value_and_grads
 # Each case varies a few axes; together they cover causal / not, GQA ratios 1, 4, 12, head dims 64 and
 # 128, blocks that do and do not divide T (and block_q != block_k), packing with padding, shared prefixes.
 CASES = [
-    Case("causal_mha_d64", B=2, T=256, H=2, K=2, D=64),
-    Case("noncausal_mqa4_ragged", B=1, T=200, H=4, K=1, D=64, causal=False),
-    Case("causal_gqa12_d128_ragged", B=1, T=300, H=12, K=1, D=128),
-    Case("packed_docs_padding_q64_k128", B=2, T=320, H=4, K=2, D=64, block_q=64,
+    Case("causal_mha_d64", B=2, T=256, N=2, K=2, H=64),
+    Case("noncausal_mqa4_ragged", B=1, T=200, N=4, K=1, H=64, causal=False),
+    Case("causal_gqa12_d128_ragged", B=1, T=300, N=12, K=1, H=128),
+    Case("packed_docs_padding_q64_k128", B=2, T=320, N=4, K=2, H=64, block_q=64,
          rows=[[(100, []), (60, []), (90, [])], [(37, []), (200, [])]]),
-    Case("shared_prefix_windows_gqa4_d128", B=2, T=384, H=8, K=2, D=128, windows=True,
+    Case("shared_prefix_windows_gqa4_d128", B=2, T=384, N=8, K=2, H=128, windows=True,
          rows=[[(150, [50, 70, 40]), (60, [])], [(100, [30, 30, 30, 30]), (20, [40])]]),
-    Case("shared_prefix_noncausal_ragged", B=1, T=250, H=4, K=4, D=64, causal=False, windows=True,
+    Case("shared_prefix_noncausal_ragged", B=1, T=250, N=4, K=4, H=64, causal=False, windows=True,
          block_q=64, block_k=64, rows=[[(90, [40, 60]), (30, [20])]]),
 ]
 

@@ -12,10 +12,10 @@ from kernels.ring_attention import from_zigzag, ring_attention, to_zigzag, zigza
 from kernels.testing import Case, value_and_grads
 
 CASES = [
-    Case("causal_gqa2", B=2, T=256, H=4, K=2, D=64, block_q=32, block_k=32),
-    Case("shared_prefix_windows_ragged", B=2, T=250, H=4, K=1, D=64, windows=True, block_q=16, block_k=16,
+    Case("causal_gqa2", B=2, T=256, N=4, K=2, H=64, block_q=32, block_k=32),
+    Case("shared_prefix_windows_ragged", B=2, T=250, N=4, K=1, H=64, windows=True, block_q=16, block_k=16,
          rows=[[(90, [40, 30, 40]), (30, [])], [(60, [20, 20]), (100, [])]]),
-    Case("packed_noncausal", B=2, T=128, H=2, K=2, D=128, causal=False, block_q=16, block_k=16,
+    Case("packed_noncausal", B=2, T=128, N=2, K=2, H=128, causal=False, block_q=16, block_k=16,
          rows=[[(50, []), (40, [])], [(128, [])]]),
 ]
 MESHES = {"context8": (1, 8), "data2_context4": (2, 4)}

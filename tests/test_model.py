@@ -60,10 +60,10 @@ def test_routing_replay_reproduces_logits_and_forces_experts():
     ids = _ids()
     logits, routed = model(ids, return_routing=True)
     assert routed.shape == (CFG.num_moe_layers, 2, 16, CFG.num_experts_per_tok)
-    replay = model(ids, forced_experts_LBTK=routed)
+    replay = model(ids, forced_experts_LBTX=routed)
     np.testing.assert_allclose(replay, logits, atol=1e-6)
     forced = jnp.zeros_like(routed).at[..., 1].set(1)  # experts 0 and 1 everywhere
-    logits_f, routed_f = model(ids, forced_experts_LBTK=forced, return_routing=True)
+    logits_f, routed_f = model(ids, forced_experts_LBTX=forced, return_routing=True)
     assert (routed_f == forced).all()
     assert not np.allclose(logits_f, logits, atol=1e-4)
 
@@ -123,7 +123,7 @@ def test_partial_routing_replay_lets_unknown_tokens_choose():
     ids = _ids()
     logits, routed = model(ids, return_routing=True)
     forced = jnp.zeros_like(routed).at[..., 1].set(1).at[:, :, :8].set(-1)  # first 8 tokens: unknown
-    _, routed_f = model(ids, forced_experts_LBTK=forced, return_routing=True)
+    _, routed_f = model(ids, forced_experts_LBTX=forced, return_routing=True)
     assert (routed_f[:, :, 8:] == forced[:, :, 8:]).all()
     # Causal: the first 8 tokens see only themselves, so they route exactly as without replay.
     assert (routed_f[:, :, :8] == routed[:, :, :8]).all()

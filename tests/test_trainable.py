@@ -146,7 +146,7 @@ def test_stack_pieces_equal_the_unsplit_stacks():
         cut_model, pieces = plan.bind(graphdef, trainable, frozen, rest)
         assert [len(p) for p in pieces.values()] == [2]
         got, got_routed = cut_model(batch["input_ids"], positions_BT=batch["positions"], return_routing=True,
-                                    stack_pieces=pieces, forced_experts_LBTK=routed)
+                                    stack_pieces=pieces, forced_experts_LBTX=routed)
         np.testing.assert_allclose(got, logits, rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(got_routed, routed)
 

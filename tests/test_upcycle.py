@@ -107,16 +107,16 @@ def test_routing_replay_on_the_upcycled_model():
     ref = np.asarray(dense(IDS))
     model = upcycle(dense, UP)
     logits, routed = model(IDS, return_routing=True)
-    np.testing.assert_array_equal(np.asarray(model(IDS, forced_experts_LBTK=routed)), np.asarray(logits))
+    np.testing.assert_array_equal(np.asarray(model(IDS, forced_experts_LBTX=routed)), np.asarray(logits))
     forced = np.broadcast_to(np.array([6, 7], np.int32), routed.shape)
-    out_f, routed_f = model(IDS, forced_experts_LBTK=forced, return_routing=True)
+    out_f, routed_f = model(IDS, forced_experts_LBTX=forced, return_routing=True)
     assert (np.asarray(routed_f) == forced).all()
     np.testing.assert_allclose(np.asarray(out_f), ref, atol=1e-5, rtol=0)   # identical experts: any choice
     # Make expert 7 different: forcing {6, 7} now changes the logits, forcing {0, 1} does not.
     w = nnx.state(model)["moe_layers"]["mlp"]["w_down"]
     w.set_value(w.get_value().at[:, 7].multiply(2.0))
-    assert np.abs(np.asarray(model(IDS, forced_experts_LBTK=forced)) - ref).max() > 1e-3
-    np.testing.assert_allclose(np.asarray(model(IDS, forced_experts_LBTK=np.zeros_like(forced) + [0, 1])),
+    assert np.abs(np.asarray(model(IDS, forced_experts_LBTX=forced)) - ref).max() > 1e-3
+    np.testing.assert_allclose(np.asarray(model(IDS, forced_experts_LBTX=np.zeros_like(forced) + [0, 1])),
                                ref, atol=1e-5, rtol=0)
 
 

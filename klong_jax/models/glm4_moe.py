@@ -7,9 +7,11 @@ Each group of identical layers is one stacked module (leading `layers` axis), ru
 (or an unrolled loop), with the configured rematerialisation policy around each layer.
 
 Inference with a KV cache (`init_cache`, `prefill`, `decode_step`): the cache is a pytree
-{"dense": {"k", "v"} | None, "moe": {"k", "v"} | None}, each array [L, B, S, K, hd] in the compute dtype
+{"dense": {"k", "v"} | None, "moe": {"k", "v"} | None}, each array [L, B, S, K, H] in the compute dtype
 with logical axes CACHE_AXES; the layer loop carries each layer's slice as scan xs and returns only
 the new tokens' k/v as ys, written into the stacked cache once per step (in place under donation).
+
+Shape letters: see klong_jax/models/__init__.py (L the layers of one stack, X experts per token).
 """
 
 import jax
@@ -23,7 +25,7 @@ from klong_jax.models.layers import MLP, RMSNorm, dtype_of, param, rope_cos_sin
 from klong_jax.models.moe import MoE
 from klong_jax.sharding import constrain
 
-# Logical axes of a cache array [L, B, S, K, hd]: batch and kv heads shard like the activations.
+# Logical axes of a cache array [L, B, S, K, H]: batch and kv heads shard like the activations.
 CACHE_AXES = ("layers", "batch", "seq", "act_kv_heads", None)
 
 
@@ -44,35 +46,35 @@ class DecoderLayer(nnx.Module):
         self.is_moe = moe
 
     @jax.named_scope("decoder_layer")
-    def __call__(self, x_BTD, cos, sin, doc_ids_BT, window_ids_BT, forced_experts_BTK=None):
+    def __call__(self, x_BTD, cos, sin, doc_ids_BT, window_ids_BT, forced_experts_BTX=None):
         h_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos, sin, doc_ids_BT=doc_ids_BT,
                                        window_ids_BT=window_ids_BT).astype(x_BTD.dtype)
-        return self._ffn(h_BTD, forced_experts_BTK)
+        return self._ffn(h_BTD, forced_experts_BTX)
 
-    def _ffn(self, h_BTD, forced_experts_BTK=None):
+    def _ffn(self, h_BTD, forced_experts_BTX=None):
         ffn_in = self.post_attention_layernorm(h_BTD)
         if self.is_moe:
-            y_BTD, experts_BTK = self.mlp(ffn_in, forced_experts_BTK)
+            y_BTD, experts_BTX = self.mlp(ffn_in, forced_experts_BTX)
         else:
-            y_BTD, experts_BTK = self.mlp(ffn_in), None
+            y_BTD, experts_BTX = self.mlp(ffn_in), None
         out_BTD = constrain(h_BTD + y_BTD.astype(h_BTD.dtype), ("batch", "seq", "act_embed"))
-        return out_BTD, experts_BTK
+        return out_BTD, experts_BTX
 
     @jax.named_scope("decoder_layer")
     def prefill(self, x_BTD, cos, sin, doc_ids_BT):
-        """`__call__` (no windows, no replay) that also returns the layer's k/v [B, T, K, hd]."""
-        attn_BTD, k_BTKD, v_BTKD = self.self_attn.attend_prefill(self.input_layernorm(x_BTD), cos, sin,
+        """`__call__` (no windows, no replay) that also returns the layer's k/v [B, T, K, H]."""
+        attn_BTD, k_BTKH, v_BTKH = self.self_attn.attend_prefill(self.input_layernorm(x_BTD), cos, sin,
                                                                  doc_ids_BT=doc_ids_BT)
-        out_BTD, experts_BTK = self._ffn(x_BTD + attn_BTD.astype(x_BTD.dtype))
-        return out_BTD, experts_BTK, k_BTKD, v_BTKD
+        out_BTD, experts_BTX = self._ffn(x_BTD + attn_BTD.astype(x_BTD.dtype))
+        return out_BTD, experts_BTX, k_BTKH, v_BTKH
 
     @jax.named_scope("decoder_layer")
-    def decode(self, x_BTD, cos, sin, cache_k_BSKD, cache_v_BSKD, write_index, mask_BTS):
+    def decode(self, x_BTD, cos, sin, cache_k_BSKH, cache_v_BSKH, write_index, mask_BTS):
         """New tokens against this layer's cache; returns (out, experts, k_new, v_new)."""
-        attn_BTD, k_BTKD, v_BTKD = self.self_attn.attend_cached(
-            self.input_layernorm(x_BTD), cos, sin, cache_k_BSKD, cache_v_BSKD, write_index, mask_BTS)
-        out_BTD, experts_BTK = self._ffn(x_BTD + attn_BTD.astype(x_BTD.dtype))
-        return out_BTD, experts_BTK, k_BTKD, v_BTKD
+        attn_BTD, k_BTKH, v_BTKH = self.self_attn.attend_cached(
+            self.input_layernorm(x_BTD), cos, sin, cache_k_BSKH, cache_v_BSKH, write_index, mask_BTS)
+        out_BTD, experts_BTX = self._ffn(x_BTD + attn_BTD.astype(x_BTD.dtype))
+        return out_BTD, experts_BTX, k_BTKH, v_BTKH
 
 
 def _remat(fn, policy: str):
@@ -114,7 +116,7 @@ class Glm4MoeForCausalLM(nnx.Module):
             self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pdtype,
                                  std=cfg.initializer_range)
 
-    def _run_stack(self, stack, x_BTD, cos, sin, doc_ids_BT, window_ids_BT, forced_LBTK):
+    def _run_stack(self, stack, x_BTD, cos, sin, doc_ids_BT, window_ids_BT, forced_LBTX):
         graphdef, state = nnx.split(stack)
 
         def body(x, xs):
@@ -125,17 +127,18 @@ class Glm4MoeForCausalLM(nnx.Module):
         body = _remat(body, self.cfg.remat_policy)
         n = jax.tree.leaves(state)[0].shape[0]
         if self.cfg.scan_layers:
-            return jax.lax.scan(body, x_BTD, (state, forced_LBTK))
+            return jax.lax.scan(body, x_BTD, (state, forced_LBTX))
         routed = []
         for i in range(n):
-            xs = jax.tree.map(lambda a: a[i], (state, forced_LBTK))
+            xs = jax.tree.map(lambda a: a[i], (state, forced_LBTX))
             x_BTD, r = body(x_BTD, xs)
             routed.append(r)
         return x_BTD, (None if routed[0] is None else jnp.stack(routed))
 
     def hidden_states(self, input_ids_BT, *, positions_BT=None, doc_ids_BT=None, window_ids_BT=None,
-                      forced_experts_LBTK=None, stack_pieces=None):
-        """Final-normed hidden states [B, T, D] and routed experts [L_moe, B, T, k] (None without MoE).
+                      forced_experts_LBTX=None, stack_pieces=None):
+        """Final-normed hidden states [B, T, D] and routed experts [L, B, T, X] over the MoE layers (None
+        without MoE).
 
         stack_pieces: optional {"dense": [stack, ...], "moe": [stack, ...]}: a stack given as consecutive
         pieces along its `layers` axis (modules of the stack's structure holding layers [0, k1), [k1, k2), ...,
@@ -153,19 +156,19 @@ class Glm4MoeForCausalLM(nnx.Module):
         if self.dense_layers is not None:
             for stack in pieces.get("dense", [self.dense_layers]):
                 x_BTD, _ = self._run_stack(stack, x_BTD, cos, sin, doc_ids_BT, window_ids_BT, None)
-        routed_LBTK = None
+        routed_LBTX = None
         if self.moe_layers is not None:
             routed, lo, stacks = [], 0, pieces.get("moe", [self.moe_layers])
             for stack in stacks:
                 n = jax.tree.leaves(nnx.state(stack))[0].shape[0]
-                forced = forced_experts_LBTK
+                forced = forced_experts_LBTX
                 if forced is not None and len(stacks) > 1:
                     forced = forced[lo:lo + n]
                 x_BTD, r = self._run_stack(stack, x_BTD, cos, sin, doc_ids_BT, window_ids_BT, forced)
                 routed.append(r)
                 lo += n
-            routed_LBTK = routed[0] if len(routed) == 1 else jnp.concatenate(routed, axis=0)
-        return self.norm(x_BTD), routed_LBTK
+            routed_LBTX = routed[0] if len(routed) == 1 else jnp.concatenate(routed, axis=0)
+        return self.norm(x_BTD), routed_LBTX
 
     def logits(self, h_BTD):
         """logits_BTV = h_BTD @ W_DV in the compute dtype, returned as float32 (callers may chunk over T to
@@ -173,20 +176,21 @@ class Glm4MoeForCausalLM(nnx.Module):
         dtype = dtype_of(self.cfg.compute_dtype)
         h = h_BTD.astype(dtype)
         if self.cfg.tie_word_embeddings:
-            logits_BTV = jnp.einsum("btd,vd->btv", h, self.embed_tokens[...].astype(dtype))
+            logits_BTV = jnp.einsum("BTD,VD->BTV", h, self.embed_tokens[...].astype(dtype))
         else:
             logits_BTV = h @ self.lm_head[...].astype(dtype)
         return constrain(logits_BTV.astype(jnp.float32), ("batch", "seq", "act_vocab"))
 
     def __call__(self, input_ids_BT, *, positions_BT=None, doc_ids_BT=None, window_ids_BT=None,
-                 forced_experts_LBTK=None, return_routing: bool = False, stack_pieces=None):
-        """logits_BTV (float32); with return_routing, also the routed expert ids [L_moe, B, T, k].
+                 forced_experts_LBTX=None, return_routing: bool = False, stack_pieces=None):
+        """logits_BTV (float32); with return_routing, also the routed expert ids [L, B, T, X]
+        over the MoE layers.
         stack_pieces: as in `hidden_states`."""
-        h_BTD, routed_LBTK = self.hidden_states(
+        h_BTD, routed_LBTX = self.hidden_states(
             input_ids_BT, positions_BT=positions_BT, doc_ids_BT=doc_ids_BT, window_ids_BT=window_ids_BT,
-            forced_experts_LBTK=forced_experts_LBTK, stack_pieces=stack_pieces)
+            forced_experts_LBTX=forced_experts_LBTX, stack_pieces=stack_pieces)
         logits_BTV = self.logits(h_BTD)
-        return (logits_BTV, routed_LBTK) if return_routing else logits_BTV
+        return (logits_BTV, routed_LBTX) if return_routing else logits_BTV
 
     # ------------------------------------------------------------------------------------------
     # Inference with a KV cache
@@ -235,7 +239,7 @@ class Glm4MoeForCausalLM(nnx.Module):
         holding their k/v in slots [0, T).
 
         Padding tokens carry doc id 0 (they attend to nothing and nothing attends to them). Returns
-        (final-normed hidden states h_BTD, cache, routed experts [L_moe, B, T, k] or None): the caller
+        (final-normed hidden states h_BTD, cache, routed experts [L, B, T, X] of the MoE layers or None): the caller
         takes logits of the positions it needs (`self.logits`), never [B, T, V] for a long prompt.
         """
         cfg = self.cfg
@@ -246,7 +250,7 @@ class Glm4MoeForCausalLM(nnx.Module):
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         x_BTD, cos, sin = self._embed(input_ids_BT, positions_BT)
         dtype = dtype_of(cfg.compute_dtype) if cache_dtype is None else jnp.dtype(cache_dtype)
-        cache, routed_LBTK = {}, None
+        cache, routed_LBTX = {}, None
 
         def step(layer, x, _):
             out, experts, k, v = layer.prefill(x, cos, sin, doc_ids_BT)
@@ -256,20 +260,20 @@ class Glm4MoeForCausalLM(nnx.Module):
             if stack is None:
                 cache[name] = None
                 continue
-            x_BTD, (routed, k_LBTKD, v_LBTKD) = self._loop_layers(stack, x_BTD, None, step)
+            x_BTD, (routed, k_LBTKH, v_LBTKH) = self._loop_layers(stack, x_BTD, None, step)
             pad = ((0, 0), (0, 0), (0, cache_len - T), (0, 0), (0, 0))
             cache[name] = {kv: constrain(jnp.pad(a.astype(dtype), pad), CACHE_AXES)
-                           for kv, a in (("k", k_LBTKD), ("v", v_LBTKD))}
+                           for kv, a in (("k", k_LBTKH), ("v", v_LBTKH))}
             if name == "moe":
-                routed_LBTK = routed
-        return self.norm(x_BTD), cache, routed_LBTK
+                routed_LBTX = routed
+        return self.norm(x_BTD), cache, routed_LBTX
 
     def decode_step(self, input_ids_BT, cache, *, positions_BT, write_index, kv_valid_BS):
         """T new tokens per row (T = 1 when decoding) at cache slots [write_index, write_index + T).
 
         positions_BT: their RoPE positions (per row: left-padded rows start later in the cache than
         their position 0). kv_valid_BS: False at padding slots. A query at slot s attends to the valid
-        slots <= s. Returns (logits_BTV float32, updated cache, routed experts [L_moe, B, T, k] or None).
+        slots <= s. Returns (logits_BTV float32, updated cache, routed experts [L, B, T, X] or None).
         """
         B, T = input_ids_BT.shape
         S = next(c["k"].shape[2] for c in cache.values() if c is not None)
@@ -283,16 +287,16 @@ class Glm4MoeForCausalLM(nnx.Module):
             out, experts, k, v = layer.decode(x, cos, sin, kv["k"], kv["v"], write_index, mask_BTS)
             return out, (experts, k, v)
 
-        new_cache, routed_LBTK = {}, None
+        new_cache, routed_LBTX = {}, None
         for name, stack in self._stacks():
             if stack is None:
                 new_cache[name] = None
                 continue
-            x_BTD, (routed, k_LBTKD, v_LBTKD) = self._loop_layers(stack, x_BTD, cache[name], step)
+            x_BTD, (routed, k_LBTKH, v_LBTKH) = self._loop_layers(stack, x_BTD, cache[name], step)
             new_cache[name] = {
                 kv: constrain(jax.lax.dynamic_update_slice_in_dim(cache[name][kv], new, write_index, axis=2),
                               CACHE_AXES)
-                for kv, new in (("k", k_LBTKD), ("v", v_LBTKD))}
+                for kv, new in (("k", k_LBTKH), ("v", v_LBTKH))}
             if name == "moe":
-                routed_LBTK = routed
-        return self.logits(self.norm(x_BTD)), new_cache, routed_LBTK
+                routed_LBTX = routed
+        return self.logits(self.norm(x_BTD)), new_cache, routed_LBTX

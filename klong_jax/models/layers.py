@@ -1,4 +1,7 @@
-"""Building blocks: parameters with logical axes, RMSNorm, partial NeoX RoPE, the SwiGLU MLP."""
+"""Building blocks: parameters with logical axes, RMSNorm, partial NeoX RoPE, the SwiGLU MLP.
+
+Shape letters: see klong_jax/models/__init__.py.
+"""
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -40,26 +43,28 @@ class RMSNorm(nnx.Module):
 
 
 def rope_cos_sin(positions_BT, rotary_dim: int, theta: float):
-    """cos/sin [B, T, rotary_dim] in fp32; frequencies duplicated (NeoX halves, not interleaved)."""
+    """cos/sin [B, T, R] (R = rotary_dim) in fp32; frequencies duplicated (NeoX halves, not interleaved)."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))
-    freqs_BTF = positions_BT.astype(jnp.float32)[..., None] * inv_freq
-    emb = jnp.concatenate([freqs_BTF, freqs_BTF], axis=-1)
+    freqs = positions_BT.astype(jnp.float32)[..., None] * inv_freq  # [B, T, R/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
 
 
-def apply_rope(x_BTHD, cos_BTR, sin_BTR):
-    """Rotate the first R dims of each head (rotate_half style); the rest pass through."""
+def apply_rope(x_BTNH, cos_BTR, sin_BTR):
+    """Rotate the first R of the H dims of each head (rotate_half style); the rest pass through.
+    x_BTNH: queries [B, T, N, H] or keys [B, T, K, H]."""
     rot = cos_BTR.shape[-1]
-    x_rot, x_pass = x_BTHD[..., :rot], x_BTHD[..., rot:]
+    x_rot, x_pass = x_BTNH[..., :rot], x_BTNH[..., rot:]
     x1, x2 = jnp.split(x_rot.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     cos, sin = cos_BTR[:, :, None, :], sin_BTR[:, :, None, :]
     out = x_rot.astype(jnp.float32) * cos + rotated * sin
-    return jnp.concatenate([out.astype(x_BTHD.dtype), x_pass], axis=-1)
+    return jnp.concatenate([out.astype(x_BTNH.dtype), x_pass], axis=-1)
 
 
 class MLP(nnx.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)); the dense layers and the shared experts."""
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)); the dense layers and the shared experts.
+    gate_proj / up_proj [D, F], down_proj [F, D] (D = hidden, F = inter)."""
 
     def __init__(self, hidden: int, inter: int, *, dtype, param_dtype, std, rngs: nnx.Rngs):
         self.gate_proj = param(rngs, (hidden, inter), ("embed", "mlp"), param_dtype, std=std)

@@ -97,7 +97,7 @@ def upcycle(dense_model, up: UpcycleConfig, *, mesh=None, rules=None):
     def build(path, var):
         out_sharding, dtype = flat_sharding[path], var.dtype
         if path[0] == "moe_layers" and path[1:] == ("mlp", "router"):
-            shape = var.shape  # [layers, D, E]
+            shape = var.shape  # [L, D, E]
             fn = lambda: (up.router_std * jax.random.normal(router_key, shape, jnp.float32)).astype(dtype)  # noqa: E731
             return jax.jit(fn, out_shardings=out_sharding)()
         if path[0] == "moe_layers" and path[1:] == ("mlp", "router_bias"):
@@ -107,9 +107,9 @@ def upcycle(dense_model, up: UpcycleConfig, *, mesh=None, rules=None):
             src_LDF = source[("dense_layers", "mlp", dense_name)]
             E = var.shape[1]
 
-            def experts(w_LDF):  # [L, D, F] -> the last `layers` layers, copied to every expert
-                w_lDF = w_LDF[n_dense:]
-                return jnp.broadcast_to(w_lDF[:, None], (w_lDF.shape[0], E) + w_lDF.shape[1:]).astype(dtype)
+            def experts(w_LDF):  # [L, D, F] -> [L - n_dense, E, D, F]: the last `layers` layers, per expert
+                tail_LDF = w_LDF[n_dense:]
+                return jnp.broadcast_to(tail_LDF[:, None], (tail_LDF.shape[0], E) + tail_LDF.shape[1:]).astype(dtype)
 
             return jax.jit(experts, out_shardings=out_sharding)(src_LDF)
         if path[0] in ("dense_layers", "moe_layers"):

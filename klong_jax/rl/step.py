@@ -38,9 +38,9 @@ def token_logprobs(graphdef, params, rest, batch, *, routing_replay: bool, tempe
     routed experts forced when replaying. The logits are made from the final hidden states `loss_chunk` tokens at
     a time (chunked_token_logprobs; <= 0: all T at once, exactly the model's forward)."""
     model, pieces = bind_model(graphdef, params, rest, frozen, plan)
-    forced = jnp.transpose(batch["routed"], (2, 0, 1, 3)) if routing_replay else None   # [L, B, T, k]
+    forced = jnp.transpose(batch["routed"], (2, 0, 1, 3)) if routing_replay else None   # [L, B, T, X]
     h_BTD, _ = model.hidden_states(batch["input_ids"], positions_BT=batch["positions"], doc_ids_BT=batch["doc_ids"],
-                                   window_ids_BT=batch["window_ids"], forced_experts_LBTK=forced,
+                                   window_ids_BT=batch["window_ids"], forced_experts_LBTX=forced,
                                    stack_pieces=pieces)
     return chunked_token_logprobs(model.logits, h_BTD, batch["targets"], loss_chunk, temperature)
 
