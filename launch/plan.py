@@ -2,9 +2,15 @@
 
   python launch/plan.py --config=configs/sft.py:glm45_air --num_devices=256
   python launch/plan.py --config=configs/sft.py:glm45_air --topology=v5p:4x4x8   # AOT-compile the step
+  python launch/plan.py --config=configs/rl_stage3.py:glm45_air --topology=v5p:4x4x4 \
+      --config.rl.seq_len=32768 --config.rl.batch_rows=64                          # an RL stage's update
 With --topology (needs the [tpu] extra: libtpu) the real train step is compiled for that TPU topology from
-this machine, with the configured mesh and shardings, and the compiled per-device memory and FLOPs are
-added. Nothing is allocated either way.
+this machine, with the configured mesh and shardings, and the compiled per-device memory, FLOPs and compile
+seconds are added ("compiled"). An RL stage config (config.kind == "rl") compiles the RL loop's functions
+instead (klong_jax/training/aot.py compile_rl_update): `rl_update` (one optimizer step on a batch of
+rl.batch_rows rows of rl.seq_len tokens, donated state, through the loop's jit wrapper), `old_logprobs` (the
+forward pass(es) before the update; its `fits` counts the optimizer state that stays on device meanwhile) and,
+with rl.minibatches > 0, `rl_grads`; --rl_functions picks a subset. Nothing is allocated either way.
 """
 import json
 import os
@@ -23,6 +29,9 @@ from klong_jax.planning import plan  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/sft.py:glm45_air")
 _DEVICES = flags.DEFINE_integer("num_devices", 256, "devices of the mesh to plan for (without --topology)")
 _TOPOLOGY = flags.DEFINE_string("topology", "", "TPU topology to AOT-compile the train step for, e.g. v5p:4x4x8")
+_RL_FUNCTIONS = flags.DEFINE_list("rl_functions", None, "RL configs with --topology: which of rl_update, "
+                                  "old_logprobs, rl_grads to compile (default: rl_update, old_logprobs, and rl_grads "
+                                  "when rl.minibatches > 0)")
 _OUT = flags.DEFINE_string("out", "", "also write the JSON here")
 
 
@@ -30,11 +39,14 @@ def main(_):
     cfg = _CONFIG.value
     result = {"config": cfg.get("variant", "")}
     if _TOPOLOGY.value:
-        from klong_jax.training.aot import compile_train_step
+        from klong_jax.training.aot import compile_rl_update, compile_train_step
         from jax.experimental import topologies
         n = len(topologies.get_topology_desc(topology_name=_TOPOLOGY.value, platform="tpu").devices)
         result.update(plan(model_config_from(cfg.model), dict(cfg.mesh.shape), n))
-        result["compiled"] = compile_train_step(cfg, _TOPOLOGY.value)
+        if cfg.get("kind") == "rl":
+            result["compiled"] = compile_rl_update(cfg, _TOPOLOGY.value, functions=_RL_FUNCTIONS.value)
+        else:
+            result["compiled"] = compile_train_step(cfg, _TOPOLOGY.value)
     else:
         result.update(plan(model_config_from(cfg.model), dict(cfg.mesh.shape), _DEVICES.value))
     text = json.dumps(result, indent=2)

@@ -1,21 +1,27 @@
-"""Compile the real SFT train step for a TPU topology from a CPU machine (libtpu installed, no TPU).
+"""Compile the real SFT train step, or an RL stage's update and old-log-prob functions, for a TPU topology from a
+CPU machine (libtpu installed, no TPU); without a topology, for this process's own devices (e.g. the emulated CPU
+mesh of the tests).
 
 Nothing is allocated: parameters, optimizer state and the batch are ShapeDtypeStructs carrying the
-shardings the rules give them on a mesh built over the topology's devices. Reports the compiled step's
-per-device memory (arguments, outputs, temporaries) and FLOPs.
+shardings the rules give them on a mesh built over the topology's devices. Reports each compiled function's
+per-device memory (arguments, outputs, temporaries), FLOPs and compile seconds.
 """
+import dataclasses
 import re
+import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import mesh_utils, topologies
-from jax.sharding import AxisType, Mesh
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from klong_jax.data.packing import ROW_FIELDS
 from klong_jax.models.from_config import model_config_from
-from klong_jax.sharding import MESH_AXES, resolve_mesh_shape
+from klong_jax.sharding import MESH_AXES, logical_to_spec, make_mesh, resolve_mesh_shape
 from klong_jax.training.optimizer import learning_rate_schedule, make_optimizer
 from klong_jax.training.state import abstract_layout, abstract_state
-from klong_jax.training.step import batch_shardings, jit_train_step, state_shardings
+from klong_jax.training.step import batch_shardings, jit_train_step
 from klong_jax.training.checkpoint import abstract_with_shardings
 
 GIB = 2 ** 30
@@ -23,8 +29,8 @@ GIB = 2 ** 30
 HBM_GIB = {"v4": 31.0, "v5e": 15.0, "v5litepod": 15.0, "v5p": 95.0, "v6e": 31.0}
 
 
-def hbm_gib(topology: str) -> float | None:
-    return HBM_GIB.get(topology.split(":")[0])
+def hbm_gib(topology: str | None) -> float | None:
+    return HBM_GIB.get(topology.split(":")[0]) if topology else None
 
 
 def topology_mesh(topology: str, mesh_shape: dict) -> Mesh:
@@ -36,32 +42,33 @@ def topology_mesh(topology: str, mesh_shape: dict) -> Mesh:
     return Mesh(devices, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def compile_train_step(cfg, topology: str) -> dict:
-    model_cfg = model_config_from(cfg.model)
-    mesh = topology_mesh(topology, dict(cfg.mesh.shape))
-    tcfg = cfg.train
-    with jax.set_mesh(mesh):
-        tx = make_optimizer(cfg.optimizer, tcfg.steps)
-        graphdef, abs_params, abs_rest, param_sh, rest_sh = abstract_layout(model_cfg, mesh)
-        state_sh = state_shardings(tx, param_sh, abs_params, mesh)
-        batch_sh = batch_shardings(mesh, (tcfg.global_batch, tcfg.seq_len))
-        step_fn = jit_train_step(graphdef, tx, learning_rate_schedule(cfg.optimizer, tcfg.steps), state_sh, rest_sh,
-                                 batch_sh, micro_batches=tcfg.micro_batches, z_loss_weight=tcfg.z_loss,
-                             loss_chunk=tcfg.loss_chunk)
-        batch = {k: jax.ShapeDtypeStruct((tcfg.global_batch, tcfg.seq_len), jnp.int32, sharding=s)
-                 for k, s in batch_sh.items()}
-        lowered = step_fn.lower(abstract_state(abs_params, tx, state_sh), abstract_with_shardings(abs_rest, rest_sh),
-                                batch)
-        try:
-            compiled = lowered.compile()
-        except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses programs that exceed HBM
-            match = re.search(r"required for HLO temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", str(e))
-            if not match:
-                raise
-            return {"topology": topology, "devices": mesh.devices.size, "mesh": dict(zip(MESH_AXES, mesh.devices.shape)),
-                    "seq_len": tcfg.seq_len, "global_batch": tcfg.global_batch, "remat_policy": model_cfg.remat_policy,
-                    "attention_impl": model_cfg.attention_impl, "compiled": False, "fits": False,
-                    "temporaries_gib_required": float(match.group(1)), "hbm_gib": float(match.group(2))}
+def config_mesh(cfg, topology: str | None) -> Mesh:
+    """The config's mesh over the topology's devices, or (topology None / "") over this process's devices."""
+    return topology_mesh(topology, dict(cfg.mesh.shape)) if topology else make_mesh(dict(cfg.mesh.shape))
+
+
+def per_device_bytes(tree) -> int:
+    """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (its largest shard per leaf)."""
+    return sum(int(np.prod(a.sharding.shard_shape(a.shape))) * jnp.dtype(a.dtype).itemsize
+               for a in jax.tree.leaves(tree))
+
+
+def compile_report(lowered, topology: str | None, resident_bytes: int = 0) -> dict:
+    """Compile `lowered`; its per-device memory, whether it fits the topology's HBM, FLOPs and compile seconds.
+
+    resident_bytes: per-device bytes of device arrays that stay live during the call without being its arguments
+    (e.g. the optimizer state while the old log-probs are computed); counted towards `fits`."""
+    hbm = hbm_gib(topology)
+    t0 = time.perf_counter()
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses programs that exceed HBM
+        match = re.search(r"required for HLO temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", str(e))
+        if not match:
+            raise
+        return {"compiled": False, "fits": False, "temporaries_gib_required": float(match.group(1)),
+                "hbm_gib": float(match.group(2)), "compile_s": round(time.perf_counter() - t0, 1)}
+    compile_s = round(time.perf_counter() - t0, 1)
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -71,14 +78,144 @@ def compile_train_step(cfg, topology: str) -> dict:
     }
     # Donated state aliases its outputs: peak = arguments + temporaries + outputs not aliased to inputs.
     peak = per_device["argument_bytes"] + per_device["temp_bytes"] + per_device["output_bytes"] - per_device["alias_bytes"]
+    per_device.update(peak_bytes=peak, peak_gib=round(peak / GIB, 2))
+    if resident_bytes:
+        per_device.update(resident_bytes=int(resident_bytes),
+                          peak_with_resident_gib=round((peak + resident_bytes) / GIB, 2))
     return {
-        "topology": topology, "devices": mesh.devices.size, "mesh": dict(zip(MESH_AXES, mesh.devices.shape)),
-        "seq_len": tcfg.seq_len, "global_batch": tcfg.global_batch, "micro_batches": tcfg.micro_batches,
-        "remat_policy": model_cfg.remat_policy, "attention_impl": model_cfg.attention_impl,
         # The compiler accepted the program; whether its peak fits HBM is judged here too (a program whose
         # arguments plus temporaries exceed HBM has been seen to compile).
-        "compiled": True, "hbm_gib": hbm_gib(topology),
-        "fits": hbm_gib(topology) is None or peak / GIB <= hbm_gib(topology),
-        "per_device": {**per_device, "peak_bytes": peak, "peak_gib": round(peak / GIB, 2)},
+        "compiled": True, "hbm_gib": hbm,
+        "fits": hbm is None or (peak + resident_bytes) / GIB <= hbm,
+        "per_device": per_device,
         "flops_per_device": float(cost.get("flops", 0.0)) if cost else None,
+        "compile_s": compile_s,
     }
+
+
+def _mesh_info(topology, mesh, model_cfg) -> dict:
+    return {"topology": topology or f"{jax.default_backend()} devices", "devices": mesh.devices.size,
+            "mesh": dict(zip(MESH_AXES, mesh.devices.shape)), "remat_policy": model_cfg.remat_policy,
+            "attention_impl": model_cfg.attention_impl}
+
+
+@dataclasses.dataclass
+class AbstractRun:
+    """What sft.py / rl/loop.py build before their first step, abstract: the optimizer and schedule, what trains
+    (TrainablePlan, TrainLayout) and the step's inputs as ShapeDtypeStructs with their shardings."""
+    tx: object
+    lr_schedule: object
+    plan: object
+    graphdef: object
+    rest_sh: object
+    layout: object
+    state: dict      # {"params": the trainable params, "opt_state", "step"}
+    rest: object
+    frozen: object   # the plan's frozen params ({}: every parameter trains)
+
+
+def abstract_run(cfg, model_cfg, mesh, steps: int) -> AbstractRun:
+    """As training/sft.py and rl/loop.py setup_stage lay a run out (call inside `jax.set_mesh(mesh)`)."""
+    from klong_jax.training.trainable import plan_for, trainable_config_from, train_layout
+    tx = make_optimizer(cfg.optimizer, steps)
+    plan = plan_for(trainable_config_from(cfg.get("trainable")), model_cfg)
+    graphdef, abs_params, abs_rest, param_sh, rest_sh = abstract_layout(model_cfg, mesh)
+    layout = train_layout(plan, abs_params, param_sh, tx, mesh)
+    return AbstractRun(tx=tx, lr_schedule=learning_rate_schedule(cfg.optimizer, steps), plan=plan, graphdef=graphdef,
+                       rest_sh=rest_sh, layout=layout, state=abstract_state(layout.abs_trainable, tx, layout.state_sh),
+                       rest=abstract_with_shardings(abs_rest, rest_sh),
+                       frozen=abstract_with_shardings(layout.abs_frozen, layout.frozen_sh))
+
+
+def compile_train_step(cfg, topology: str | None) -> dict:
+    """The SFT train step of `cfg` compiled for `topology` (None: this process's devices)."""
+    model_cfg = model_config_from(cfg.model)
+    mesh = config_mesh(cfg, topology)
+    tcfg = cfg.train
+    with jax.set_mesh(mesh):
+        run = abstract_run(cfg, model_cfg, mesh, tcfg.steps)
+        batch_sh = batch_shardings(mesh, (tcfg.global_batch, tcfg.seq_len))
+        step_fn = jit_train_step(run.graphdef, run.tx, run.lr_schedule, run.layout.state_sh, run.rest_sh, batch_sh,
+                                 micro_batches=tcfg.micro_batches, z_loss_weight=tcfg.z_loss,
+                                 loss_chunk=tcfg.loss_chunk, plan=run.plan, frozen_sh=run.layout.frozen_sh)
+        batch = {k: jax.ShapeDtypeStruct((tcfg.global_batch, tcfg.seq_len), jnp.int32, sharding=s)
+                 for k, s in batch_sh.items()}
+        report = compile_report(step_fn.lower(run.state, run.rest, batch, run.frozen), topology)
+    return {**_mesh_info(topology, mesh, model_cfg), "seq_len": tcfg.seq_len, "global_batch": tcfg.global_batch,
+            "micro_batches": tcfg.micro_batches, "trainable": run.plan.config.spec(), **report}
+
+
+# The RL batch (klong_jax/rl/batch.py build_rows / to_batches): the packed rows' int32 fields, then the RL extras;
+# `old_logprobs` is added by the loop before the update (rl/loop.py update_policy).
+RL_EXTRA_DTYPES = {"rl_mask": jnp.int32, "advantages": jnp.float32, "sampler_logprobs": jnp.float32}
+RL_FUNCTIONS = ("rl_update", "old_logprobs", "rl_grads")
+
+
+def rl_abstract_batch(rl, model_cfg, mesh, *, with_old: bool) -> dict:
+    """ShapeDtypeStructs of one RL batch of rl.batch_rows rows of rl.seq_len tokens, sharded as the loop puts it
+    (rl/loop.py: `batch_spec`, and `routed` [B, T, L, k] with its trailing axes replicated)."""
+    shape = (rl.batch_rows, rl.seq_len)
+    spec = logical_to_spec(("batch", "seq"), shape, mesh)
+    sh, routed_sh = NamedSharding(mesh, spec), NamedSharding(mesh, P(*spec, None, None))
+    batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sh) for k in ROW_FIELDS}
+    batch.update({k: jax.ShapeDtypeStruct(shape, d, sharding=sh) for k, d in RL_EXTRA_DTYPES.items()})
+    batch["routed"] = jax.ShapeDtypeStruct(shape + (model_cfg.num_moe_layers, model_cfg.num_experts_per_tok),
+                                           jnp.int32, sharding=routed_sh)
+    if with_old:
+        batch["old_logprobs"] = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sh)
+    return batch
+
+
+def compile_rl_update(cfg, topology: str | None, functions=None) -> dict:
+    """An RL stage config's (cfg.kind == "rl") update functions compiled for `topology` (None: this process's
+    devices), through the loop's jit wrappers and shardings (rl/step.py jit_rl_fns / jit_rl_accumulate_fns, the
+    TrainablePlan's state layout, donated state): `rl_update` (one optimizer step on a batch), `old_logprobs` (the
+    forward(s) before the update) and, when rl.minibatches > 0 (the loop then steps on summed micro-batch
+    gradients), `rl_grads`. functions: a subset of RL_FUNCTIONS (None: those). One report per function
+    (`compile_report`); `fits` on top: every function fits."""
+    from klong_jax.rl.config import RLConfig
+    from klong_jax.rl.step import jit_rl_accumulate_fns, jit_rl_fns
+
+    rl = RLConfig.from_mapping(cfg.rl)
+    if functions is None:
+        functions = ("rl_update", "old_logprobs") + (("rl_grads",) if rl.minibatches else ())
+    unknown = set(functions) - set(RL_FUNCTIONS)
+    if unknown:
+        raise ValueError(f"unknown RL functions {sorted(unknown)}; choose from {RL_FUNCTIONS}")
+    model_cfg = model_config_from(cfg.model)
+    mesh = config_mesh(cfg, topology)
+    reports = {}
+    with jax.set_mesh(mesh):
+        run = abstract_run(cfg, model_cfg, mesh, rl.steps)
+        state, layout = run.state, run.layout
+        # The loop's jit wrappers and their arguments (rl/loop.py setup_stage, run_rl, update_policy).
+        fn_args = (run.graphdef, run.tx, rl, run.lr_schedule, layout.state_sh, run.rest_sh, mesh)
+        fn_kw = dict(temperature=float(cfg.agent.temperature), plan=run.plan, frozen_sh=layout.frozen_sh)
+        # The KL reference is a copy of the trainable params only with kl_coef (rl/loop.py run_rl); without, the
+        # loop passes state["params"] itself and the update never reads it.
+        ref_params = abstract_with_shardings(layout.abs_trainable, layout.trainable_sh)
+        ref_bytes = per_device_bytes(ref_params) if rl.kl_coef else 0
+        batch = rl_abstract_batch(rl, model_cfg, mesh, with_old=True)
+        old_batch = {k: v for k, v in batch.items() if k != "old_logprobs"}
+        update_fn, old_fn = jit_rl_fns(*fn_args, **fn_kw)
+        # Live on device during the forward-only / gradient calls but not their arguments: the optimizer state
+        # and step (and, for the old log-probs, the KL reference).
+        opt_bytes = per_device_bytes({"opt_state": state["opt_state"], "step": state["step"]})
+        for name in functions:   # one at a time: lower, compile, report, drop
+            if name == "rl_update":
+                lowered = update_fn.lower(state, run.rest, ref_params, batch, run.frozen)
+                reports[name] = compile_report(lowered, topology)
+            elif name == "old_logprobs":
+                lowered = old_fn.lower(state["params"], run.rest, old_batch, run.frozen)
+                reports[name] = compile_report(lowered, topology, resident_bytes=opt_bytes + ref_bytes)
+            else:
+                grads_fn, _, _ = jit_rl_accumulate_fns(*fn_args, **fn_kw)
+                total = jax.ShapeDtypeStruct((), jnp.float32)
+                lowered = grads_fn.lower(state["params"], run.rest, ref_params, batch, total, run.frozen)
+                reports[name] = compile_report(lowered, topology, resident_bytes=opt_bytes)
+            del lowered
+    return {**_mesh_info(topology, mesh, model_cfg), "kind": "rl", "seq_len": rl.seq_len,
+            "batch_rows": rl.batch_rows, "loss_chunk": rl.loss_chunk, "routing_replay": rl.routing_replay,
+            "replay_gap": rl.replay_gap, "kl_coef": rl.kl_coef, "minibatches": rl.minibatches,
+            "trainable": run.plan.config.spec(), "hbm_gib": hbm_gib(topology),
+            "fits": all(r["fits"] for r in reports.values()), "functions": reports}
