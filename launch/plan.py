@@ -7,7 +7,7 @@
 With --topology (needs the [tpu] extra: libtpu) the real train step is compiled for that TPU topology from
 this machine, with the configured mesh and shardings, and the compiled per-device memory, FLOPs and compile
 seconds are added ("compiled"). An RL stage config (config.kind == "rl") compiles the RL loop's functions
-instead (klong_jax/training/aot.py compile_rl_update): `rl_update` (one optimizer step on a batch of
+instead (klong_jax/rl/aot.py compile_rl_update): `rl_update` (one optimizer step on a batch of
 rl.batch_rows rows of rl.seq_len tokens, donated state, through the loop's jit wrapper), `old_logprobs` (the
 forward pass(es) before the update; its `fits` counts the optimizer state that stays on device meanwhile) and,
 with rl.minibatches > 0, `rl_grads`; --rl_functions picks a subset. Nothing is allocated either way.
@@ -39,7 +39,8 @@ def main(_):
     cfg = _CONFIG.value
     result = {"config": cfg.get("variant", "")}
     if _TOPOLOGY.value:
-        from klong_jax.training.aot import compile_rl_update, compile_train_step
+        from klong_jax.rl.aot import compile_rl_update
+        from klong_jax.training.aot import compile_train_step
         from jax.experimental import topologies
         n = len(topologies.get_topology_desc(topology_name=_TOPOLOGY.value, platform="tpu").devices)
         result.update(plan(model_config_from(cfg.model), dict(cfg.mesh.shape), n))

@@ -1,5 +1,5 @@
 """launch/plan.py for RL stage configs: the RL loop's update functions compiled ahead of time, nothing allocated
-(klong_jax/training/aot.py compile_rl_update).
+(klong_jax/rl/aot.py compile_rl_update).
 
 The in-process test compiles the tiny stage-3 config for this process's 8 emulated CPU devices; the TPU one runs
 launch/plan.py in a subprocess (libtpu never loads into the test process) for a 4-chip v5p topology.
@@ -14,7 +14,8 @@ import pytest
 
 from configs.rl_stage3 import get_config
 from configs.sft import get_config as sft_config
-from klong_jax.training.aot import compile_rl_update, compile_train_step
+from klong_jax.rl.aot import compile_rl_update
+from klong_jax.training.aot import compile_train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
