@@ -4,6 +4,13 @@ into the windows they were generated in, update, and hand the new weights to the
 
 Restart semantics: the same command resumes from the latest checkpoint of this stage; a finished stage
 (summary.json present) is not run again by the pipeline.
+
+Multi-host (several jax.distributed processes; rl/multihost.py states the contract): each process rolls out a
+contiguous block of the step's tasks (whole groups, so advantages are computed locally and exactly) with its own
+sampler, sandboxes and episodes directory (episodes/step{k}/process{p}); the update takes batch_rows / P rows of
+every batch from each process and is the same SPMD program everywhere; the step's episode records are gathered so
+every process computes the same metrics and process 0 writes metrics.jsonl, episodes/step{k}.jsonl (every process's
+episodes, in task order) and summary.json. Checkpoints are written by all processes together (Orbax).
 """
 import dataclasses
 import json
@@ -17,11 +24,11 @@ import numpy as np
 from flax import nnx
 
 from klong_jax.agent import AgentConfig, RolloutConfig, run_episodes
-from klong_jax.agent.evaluate import leaf_pass_rate
 from klong_jax.agent.sampler_policy import SamplerPolicy
 from klong_jax.data.chat_template import ChatTemplate, make_chat_template
 from klong_jax.data.tokenizer import load_tokenizer
 from klong_jax.models.from_config import model_config_from, upcycle_config_from
+from klong_jax.rl import multihost
 from klong_jax.rl.advantages import advantage_stats, group_advantages
 from klong_jax.rl.batch import build_rows, to_batches
 from klong_jax.rl.config import RLConfig
@@ -109,17 +116,21 @@ class StageSetup:
         return state, rest
 
     def policy(self, cfg, state, rest, frozen=None) -> SamplerPolicy:
+        """This process's rollout sampler. Several processes: each one's sampler holds the whole policy on its own
+        local devices (multihost.sampler_inputs) and is sized for its share of the step's episodes."""
         rl = cfg.rl
-        buckets = SamplerPolicy.rollout_buckets(self.agent_cfg,
-                                                min(rl.max_concurrent_episodes, rl.tasks_per_step * rl.group_size),
+        episodes = rl.tasks_per_step * rl.group_size // jax.process_count()
+        buckets = SamplerPolicy.rollout_buckets(self.agent_cfg, min(rl.max_concurrent_episodes, episodes),
                                                 self.template)
-        params = self.layout.full_params(state, frozen)
-        return SamplerPolicy.from_model(nnx.merge(self.graphdef, params, rest), self.mesh, seed=cfg.seed,
-                                        rollout=self.rollout_cfg, **buckets)
+        params, rest, mesh, rollout = multihost.sampler_inputs(self.layout.full_params(state, frozen), rest,
+                                                                self.mesh, self.rollout_cfg)
+        return SamplerPolicy.from_model(nnx.merge(self.graphdef, params, rest), mesh, seed=cfg.seed,
+                                        rollout=rollout, **buckets)
 
     def sync_params(self, state, frozen):
-        """What the sampler gets after an update: the variables that train (a stack cut by the plan whole)."""
-        return self.layout.plan.sync_params(state["params"], frozen)
+        """What the sampler gets after an update: the variables that train (a stack cut by the plan whole); as
+        numpy on every process when there are several (each one's sampler is process-local)."""
+        return multihost.host_copy(self.layout.plan.sync_params(state["params"], frozen))
 
 
 def setup_stage(cfg, data_paths: dict) -> StageSetup:
@@ -157,7 +168,10 @@ def setup_stage(cfg, data_paths: dict) -> StageSetup:
 def run_rl(cfg, workdir: str, data_paths: dict) -> dict:
     os.makedirs(workdir, exist_ok=True)
     rl = RLConfig.from_mapping(cfg.rl)
+    multihost.process_share(range(rl.tasks_per_step))   # checked before anything is built
+    multihost.local_rows(rl.batch_rows)
     st = setup_stage(cfg, data_paths)
+    P, tag = jax.process_count(), (f" process {jax.process_index()}" if jax.process_count() > 1 else "")
 
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep_last=2, async_save=False)
     start = ckpt.latest_step()
@@ -175,41 +189,35 @@ def run_rl(cfg, workdir: str, data_paths: dict) -> dict:
         ref_params = jax.tree.map(lambda x: x.copy(), state["params"]) if rl.kl_coef else state["params"]
         policy = st.policy(cfg, state, rest, frozen)
         metrics_out = MetricsWriter(workdir, rl.steps, prefix="rl", start_step=start)
-        pool = SandboxPool(max_concurrent=rl.max_concurrent_episodes)
+        pool = SandboxPool(max_concurrent=rl.max_concurrent_episodes)   # this process's sandboxes
         try:
             for step in range(start, rl.steps):
-                order = np.random.default_rng([cfg.seed, step]).permutation(len(st.tasks))[:rl.tasks_per_step]
+                order = step_tasks(cfg.seed, step, len(st.tasks), rl.tasks_per_step)
                 t0, phases = time.perf_counter(), {}
                 episodes_dir = os.path.join(workdir, "episodes", f"step{step}")
+                if P > 1:
+                    episodes_dir = os.path.join(episodes_dir, f"process{jax.process_index()}")
                 # A step killed before its checkpoint is rolled out again from scratch.
                 shutil.rmtree(episodes_dir, ignore_errors=True)
-                results = run_episodes([st.tasks[i] for i in order], policy, n_per_task=rl.group_size,
-                                       template=st.template, config=st.agent_cfg, pool=pool,
-                                       workdir=episodes_dir, tag=f"s{step}-",
+                results = run_episodes([st.tasks[i] for i in multihost.process_share(order)], policy,
+                                       n_per_task=rl.group_size, template=st.template, config=st.agent_cfg,
+                                       pool=pool, workdir=episodes_dir, tag=f"s{step}-",
                                        return_routing=True, return_prompt_routing=True, timings=phases,
                                        on_step=lambda p, k=step: print(
-                                           f"[rl stage {cfg.stage}] step {k + 1}/{rl.steps} rollout: {p.line()}",
+                                           f"[rl stage {cfg.stage}{tag}] step {k + 1}/{rl.steps} rollout: {p.line()}",
                                            flush=True))
-                t_rollout = time.perf_counter() - t0
-                metrics = _rollout_metrics(results, rl)
-                rewards = np.array([r.reward or 0.0 for r in results], np.float64).reshape(len(order), rl.group_size)
-                adv, valid = group_advantages(rewards, rl.advantage)
-                metrics.update({k: v for k, v in advantage_stats(rewards, valid).items()
-                                if k in ("groups_total", "groups_skipped", "reward_mean", "reward_std")})
-                by_episode = {r.episode_id: float(adv.reshape(-1)[i]) for i, r in enumerate(results)}
-                rows, stats = build_rows(results, by_episode, seq_len=rl.seq_len, pad_id=st.tokenizer.pad_id,
-                                         num_moe_layers=st.model_cfg.num_moe_layers,
-                                         top_k=st.model_cfg.num_experts_per_tok, packing=rl.packing)
+                # Over the processes: times of the slowest one (the step waits for it), token counts summed.
+                timing = {"rollout_time_s": time.perf_counter() - t0, **{f"rollout_{k}": v for k, v in phases.items()}}
+                gathered = multihost.allgather_objects(timing)
+                timing = {k: (max if k.endswith("_s") else sum)(t.get(k, 0) for t in gathered)
+                          for k in dict.fromkeys(k for t in gathered for k in t)}
                 t1 = time.perf_counter()
-                if rows:
-                    state, update_metrics = update_policy(st.update_fn, st.old_fn, state, rest, ref_params, rows, rl,
-                                                          st.mesh, st.batch_spec, frozen=frozen,
-                                                          accumulate_fns=st.accumulate_fns)
-                    metrics.update(update_metrics)
-                    metrics["windows"] = stats.windows
+                state, metrics = learn_from_episodes(st, rl, state, rest, ref_params, frozen, results,
+                                                     rollouts_path=os.path.join(workdir, "episodes",
+                                                                                f"step{step}.jsonl"))
+                if "windows" in metrics:   # the policy moved: the sampler gets the new weights
                     policy.update_params(st.sync_params(state, frozen))
-                metrics.update(rollout_time_s=t_rollout, update_time_s=time.perf_counter() - t1,
-                               **{f"rollout_{k}": v for k, v in phases.items()})
+                metrics.update(update_time_s=time.perf_counter() - t1, **timing)
                 metrics_out.write(step + 1, metrics)
                 ckpt.save(step + 1, {"train": st.layout.checkpoint_state(state, frozen), "rest": rest},
                           meta={"stage": cfg.stage, "step": step + 1, "trainable": st.layout.plan.config.spec()},
@@ -218,30 +226,100 @@ def run_rl(cfg, workdir: str, data_paths: dict) -> dict:
             ckpt.close()
             metrics_out.close()
     summary = {"stage": cfg.stage, "steps": rl.steps, "timeout_s": st.agent_cfg.timeout_s}
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
     return {"summary": summary}
 
 
-def _rollout_metrics(results, rl) -> dict:
-    reasons = [r.finish_reason for r in results]
-    turns = [len(r.turns) for r in results]
-    tokens = [sum(int(t.sampled_ids.shape[0]) for t in r.turns) for r in results]
-    windows = [len(r.windows()) for r in results]
-    out = {"episodes": len(results), "turns_mean": float(np.mean(turns)), "tokens_mean": float(np.mean(tokens)),
-           "windows_per_episode": float(np.mean(windows))}
+def step_tasks(seed: int, step: int, num_tasks: int, tasks_per_step: int) -> np.ndarray:
+    """The indices of a step's tasks (the same on every process; multihost.process_share cuts them)."""
+    return np.random.default_rng([seed, step]).permutation(num_tasks)[:tasks_per_step]
+
+
+def learn_from_episodes(st: StageSetup, rl, state, rest, ref_params, frozen, results, *,
+                        rollouts_path: str | None = None):
+    """Everything a step does after its rollouts: group advantages, the step's metrics, the episodes file, the
+    rows and the update. Returns (state, metrics); metrics carry the update's figures and `windows` when the
+    policy was updated (some group had signal).
+
+    results: THIS process's episodes, whole groups of rl.group_size in task order (run_episodes' order); with
+    several processes, process p holds the p-th block of the step's tasks (multihost.process_share). Every
+    process must call this with the same state (a collective). Advantages are computed per group, locally; the
+    metrics (rollout figures, reward mean/std, groups skipped, windows) are over the episodes of ALL processes and
+    the same on each; process 0 writes `rollouts_path` (one line per episode of every process, in task order)."""
+    if len(results) % rl.group_size:
+        raise ValueError(f"{len(results)} episodes are not whole groups of rl.group_size={rl.group_size}")
+    rewards = np.array([r.reward or 0.0 for r in results], np.float64).reshape(-1, rl.group_size)
+    adv, _ = group_advantages(rewards, rl.advantage)
+    by_episode = {r.episode_id: float(adv.reshape(-1)[i]) for i, r in enumerate(results)}
+    records = [rec for part in multihost.allgather_objects([_episode_record(r, by_episode[r.episode_id])
+                                                            for r in results]) for rec in part]
+    metrics = _metrics_from_records(records)
+    all_rewards = np.array([rec["line"]["reward"] or 0.0 for rec in records], np.float64).reshape(-1, rl.group_size)
+    _, valid = group_advantages(all_rewards, rl.advantage)
+    metrics.update({k: v for k, v in advantage_stats(all_rewards, valid).items()
+                    if k in ("groups_total", "groups_skipped", "reward_mean", "reward_std")})
+    if rollouts_path and jax.process_index() == 0:
+        _write_lines(rollouts_path, [rec["line"] for rec in records])
+    rows, stats = build_rows(results, by_episode, seq_len=rl.seq_len, pad_id=st.tokenizer.pad_id,
+                             num_moe_layers=st.model_cfg.num_moe_layers,
+                             top_k=st.model_cfg.num_experts_per_tok, packing=rl.packing)
+    windows = multihost.process_sum(stats.windows if rows else 0)
+    if windows:   # some process has rows: all update together (the others with masked rows)
+        state, update_metrics = update_policy(
+            st.update_fn, st.old_fn, state, rest, ref_params, rows, rl, st.mesh, st.batch_spec, frozen=frozen,
+            accumulate_fns=st.accumulate_fns,
+            pad_row=multihost.empty_row(rl.seq_len, st.model_cfg.num_moe_layers, st.model_cfg.num_experts_per_tok))
+        metrics.update(update_metrics)
+        metrics["windows"] = int(windows)
+    return state, metrics
+
+
+def _episode_line(r, advantage: float) -> dict:
+    """An episode's line in episodes/step{k}.jsonl: its summary, the advantage it trained with, and each turn's
+    tool calls, so which behaviour the step rewarded can be read back (e.g. the turn of a submit against the
+    episode's reward)."""
+    return {**r.summary(), "group_index": r.group_index, "advantage": advantage,
+            "tools": [list(t.tools) for t in r.turns]}
+
+
+def _episode_record(r, advantage: float) -> dict:
+    """What the step's file and metrics need of one episode, as JSON (gathered over the processes)."""
+    grade = {"passed": r.grade["passed"], "graded": r.grade["graded"]} if r.grade else None
+    return {"line": _episode_line(r, advantage), "windows": len(r.windows()), "grade": grade}
+
+
+def _write_lines(path: str, lines) -> None:
+    with open(path, "w") as f:
+        for line in lines:
+            f.write(json.dumps(line) + "\n")
+
+
+def _metrics_from_records(records) -> dict:
+    """Episodes, mean turns / sampled tokens / windows per episode, the rate of each finish reason and the rubric
+    leaf pass rate (leaves passed / graded, pooled over the graded episodes) of `_episode_record`s."""
+    reasons = [rec["line"]["finish_reason"] for rec in records]
+    out = {"episodes": len(records), "turns_mean": float(np.mean([rec["line"]["turns"] for rec in records])),
+           "tokens_mean": float(np.mean([rec["line"]["sampled_tokens"] for rec in records])),
+           "windows_per_episode": float(np.mean([rec["windows"] for rec in records]))}
     for reason in sorted(set(reasons)):
         out[f"finish_{reason}_rate"] = reasons.count(reason) / len(reasons)
-    rate = leaf_pass_rate(results)
-    if rate is not None:
-        out["rubric_leaf_pass_rate"] = rate
+    graded = [rec["grade"] for rec in records if rec["grade"]]
+    if graded:   # agent/evaluate.py leaf_pass_rate
+        out["rubric_leaf_pass_rate"] = sum(g["passed"] for g in graded) / max(sum(g["graded"] for g in graded), 1)
     return out
 
 
 def update_policy(update_fn, old_fn, state, rest, ref_params, rows, rl, mesh, batch_spec, frozen=None,
-                  accumulate_fns=None):
+                  accumulate_fns=None, pad_row=None):
     """ppo_epochs passes over the packed rows; returns the new state and the mean update metrics.
     frozen: the params the run's TrainablePlan freezes ({} / None: every parameter trains).
+
+    rows: THIS process's rows. With P processes every batch of `rl.batch_rows` rows holds batch_rows / P rows of
+    each process (multihost.global_rows); the processes agree on the number of batches, a process with fewer rows
+    filling its part with `pad_row` (a fully masked row, multihost.empty_row; needed when a process may have no
+    rows at all, else its own rows' shapes are used). Every process calls this with the same state: a collective.
 
     Optimizer steps per pass: `rl.minibatches` (> 0: the rows split into that many mini-batches of whole
     batches, each one step on the exact sum of its micro-batches' gradients, every loss normalised by the
@@ -251,43 +329,54 @@ def update_policy(update_fn, old_fn, state, rest, ref_params, rows, rl, mesh, ba
 
     The trainer's log-probs of the rollout policy ("old", the clipping reference) are computed for every
     batch before the first update: computed batch by batch between updates they would already be those of
-    a partly updated policy."""
+    a partly updated policy. They stay on the devices (laid out as the batch) until the batch's update."""
     from jax.sharding import NamedSharding, PartitionSpec
     sharding = NamedSharding(mesh, batch_spec)
     routed_sharding = NamedSharding(mesh, PartitionSpec(*batch_spec, None, None))
 
-    def put(host_batch):
-        return {k: jax.device_put(v, sharding if v.ndim == 2 else routed_sharding) for k, v in host_batch.items()}
+    def put(host_batch):   # (in the same key order on every process)
+        return {k: multihost.global_rows(host_batch[k], sharding if host_batch[k].ndim == 2 else routed_sharding)
+                for k in sorted(host_batch)}
 
     frozen = {} if frozen is None else frozen
     totals = {}
-    batches = to_batches(rows, rl.batch_rows)
+    per_process = multihost.local_rows(rl.batch_rows)
+    batches = to_batches(list(rows), per_process)
+    missing = int(multihost.process_max(len(batches))) - len(batches)
+    if missing:   # another process has more batches: this one's part of them is masked rows
+        if not rows and pad_row is None:
+            raise ValueError("update_policy: a process without rows needs pad_row (multihost.empty_row)")
+        batches += [multihost.masked_batch(pad_row if pad_row is not None else rows[0], per_process)] * missing
+    old, tokens = [], []
     for host_batch in batches:
-        with_replay, without = old_fn(state["params"], rest, put(host_batch), frozen)
-        host_batch["old_logprobs"] = np.asarray(with_replay if rl.routing_replay else without)
-        mask = host_batch["rl_mask"] > 0
-        samp = host_batch["sampler_logprobs"]
+        batch = put(host_batch)
+        with_replay, without = old_fn(state["params"], rest, batch, frozen)
+        old.append(jax.device_put(with_replay if rl.routing_replay else without, sharding))
+        tokens.append(multihost.loss_tokens(mesh, batch))
         for name, logprobs in (("mismatch_with_replay", with_replay), ("mismatch_without_replay", without)):
             if logprobs is None:    # rl.replay_gap=False: only the log-probs the update uses
                 continue
-            totals.setdefault(name, []).append(
-                float(np.abs(np.asarray(logprobs) - samp)[mask].mean()) if mask.any() else 0.0)
+            totals.setdefault(name, []).append(multihost.mean_gap(mesh, batch, logprobs))
     minibatches = int(getattr(rl, "minibatches", 0))   # an RLConfig; a mapping without the key: off
     if minibatches and accumulate_fns is None:
         raise ValueError(f"rl.minibatches={minibatches} needs the accumulating update (jit_rl_accumulate_fns)")
     groups = (np.array_split(np.arange(len(batches)), min(minibatches, len(batches))) if minibatches
               else [[i] for i in range(len(batches))])
+
+    def batch_for_update(i):
+        return {**put(batches[i]), "old_logprobs": old[i]}
+
     for _ in range(rl.ppo_epochs):
         for group in groups:
             if not minibatches:
-                state, m = update_fn(state, rest, ref_params, put(batches[group[0]]), frozen)
+                state, m = update_fn(state, rest, ref_params, batch_for_update(group[0]), frozen)
                 metrics = {k: float(v) for k, v in jax.device_get(m).items()}
             else:
                 grads_fn, add_fn, apply_fn = accumulate_fns
-                total = np.float32(max(sum(float((batches[i]["rl_mask"] > 0).sum()) for i in group), 1.0))
+                total = np.float32(max(sum(float(tokens[i]) for i in group), 1.0))
                 acc, loss, metrics = None, 0.0, {}
                 for i in group:
-                    g, l, m = grads_fn(state["params"], rest, ref_params, put(batches[i]), total, frozen)
+                    g, l, m = grads_fn(state["params"], rest, ref_params, batch_for_update(i), total, frozen)
                     acc = g if acc is None else add_fn(acc, g)
                     loss = loss + l
                     for k, v in jax.device_get(m).items():
