@@ -89,6 +89,6 @@ def rl_config(stage: int, variant: str) -> ConfigDict:
     c.agent = ConfigDict(dict(timeout_s=timeout_s, max_turns=max_turns, max_total_tokens=max_tokens,
                               max_new_tokens_per_turn=agent["max_new_tokens_per_turn"], temperature=1.0, top_p=1.0,
                               top_k=0, reminder_every=10, disk_mib=agent["disk_mib"],
-                              one_call_per_turn=agent["one_call_per_turn"]))
+                              one_call_per_turn=agent["one_call_per_turn"], submit_ends_episode=True))
     c.eval = ConfigDict(dict(n_tasks=agent["eval_tasks"], timeout_s=timeout_s, max_turns=max_turns))
     return c

@@ -298,6 +298,35 @@ def test_timeout_ends_the_episode_and_grades_what_was_done(suite, tmp_path):
     assert r.grade_valid and 0.0 < r.reward < 1.0   # graded in a fresh sandbox, partial credit
 
 
+def test_refused_submit_leaves_the_budget_to_end_the_episode(suite, tmp_path):
+    """agent.submit_ends_episode=False (progressive RL's short stages): a submit halfway through the expert's
+    turns is answered with the refusal and uses its turn; the expert's remaining turns still run and earn full
+    credit, and the budget (max_turns), not the final submit, ends the episode. With the default, the same
+    script stops at the early submit with partial credit."""
+    expert = assistant_turns(suite.experts[0])
+    early = Message("assistant", "", "Done?", (ToolCall("e", "submit", {"end_message": "early"}),))
+    half = len(expert) // 2
+    script = expert[:half] + [early] + expert[half:]
+    task = suite.tasks[0]
+    runs = {}
+    for ends in (True, False):
+        policy = ScriptedPolicy(suite.template, {task.task_id: script})
+        [runs[ends]] = run_episodes([task], policy, n_per_task=1, template=suite.template,
+                                    config=agent_config(max_turns=len(script), submit_ends_episode=ends),
+                                    pool=SandboxPool(1), workdir=str(tmp_path / str(ends)))
+    stopped, refused = runs[True], runs[False]
+    assert stopped.finish_reason == "submit" and len(stopped.turns) == half + 1
+    assert stopped.grade_valid and 0.0 < stopped.reward < 1.0
+    assert refused.finish_reason == "max_turns" and len(refused.turns) == len(script)
+    assert refused.grade_valid and refused.reward == 1.0
+    results = tool_results(refused.messages)
+    refusal = AgentConfig.submit_refused_message
+    assert results[half] == refusal and results[-1] == refusal   # the early submit and the expert's own
+    assert results[:half] == tool_results(stopped.messages)[:half]
+    with pytest.raises(ValueError, match="submit_ends_episode"):
+        agent_config(submit_ends_episode="no")
+
+
 def test_max_tokens_cuts_the_last_turn_and_ends_the_episode(suite, tmp_path):
     expert = assistant_turns(suite.experts[1])
     lengths = [len(suite.template.completion_ids(m)) for m in expert]

@@ -31,7 +31,8 @@ def pipeline_cmd(workdir):
                        f"rl_stage{stage}.rl.tasks_per_step": 1, f"rl_stage{stage}.rl.group_size": 2,
                        f"rl_stage{stage}.rl.ppo_epochs": 1, f"rl_stage{stage}.rl.batch_rows": 2,
                        f"rl_stage{stage}.agent.max_turns": 2, f"rl_stage{stage}.rl.replay_gap": stage != 2,
-                       f"rl_stage{stage}.agent.max_new_tokens_per_turn": 12})
+                       f"rl_stage{stage}.agent.max_new_tokens_per_turn": 12,
+                       f"rl_stage{stage}.agent.submit_ends_episode": stage != 1})
     return [sys.executable, os.path.join(ROOT, "launch", "train.py"), "--config=configs/klong.py:tiny",
             f"--workdir={workdir}", *[f"--config.{k}={v}" for k, v in values.items()]]
 
@@ -72,6 +73,17 @@ def test_pipeline_resumes_after_sigkill(tmp_path):
                 if line.strip() and json.loads(line).get("split") == "rl"]
         assert rows and {r["step"] for r in rows} <= set(range(1, steps + 1)), rows   # (the kill may lose one row)
         assert all(r["groups_total"] == 1 and r["groups_skipped"] in (0, 1) for r in rows), rows
+        # ... and its episodes (episodes/step{k}.jsonl): the rewards the metrics average, the advantages of one
+        # group summing to 0 (GRPO), each turn's calls.
+        for r in rows:
+            episodes = [json.loads(line) for line in
+                        (workdir / stage / "episodes" / f"step{r['step'] - 1}.jsonl").read_text().splitlines()]
+            assert len(episodes) == 2 and {e["group_index"] for e in episodes} == {0, 1}
+            assert abs(sum(e["reward"] for e in episodes) / 2 - r["reward_mean"]) < 1e-9
+            assert abs(sum(e["advantage"] for e in episodes)) < 1e-6
+            assert all(len(e["tools"]) == e["turns"] for e in episodes)
+            if stage == "rl_stage1":   # agent.submit_ends_episode=False there: only the budget ends an episode
+                assert all(e["finish_reason"] != "submit" for e in episodes)
     # Every stage directory carries its own config (what launch/eval.py and tools/ read).
     assert json.loads((workdir / "rl_stage2" / "config.json").read_text())["stage"] == 2
     assert json.loads((workdir / "sft" / "config.json").read_text())["kind"] == "sft"

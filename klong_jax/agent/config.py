@@ -31,6 +31,13 @@ class AgentConfig:
     # it are dropped as a stop string's would be, and the turn's end-of-turn token is appended. Templates whose
     # calls end in text (ChatML's `</tool_call>`, `ChatTemplate.call_end_text`); False: the turn runs every call.
     one_call_per_turn: bool = False
+    # False: a submit call does not end the episode; the time or turn budget does (PaperBench's IterativeAgent, which
+    # takes the early exit away). For progressive RL's short stages: there an episode cut by the budget and one that
+    # submits earn the same grade, so nothing in the stage's reward holds back submitting early, a habit that costs
+    # score at the final budget. The call is answered with `submit_refused_message` and uses up its turn.
+    submit_ends_episode: bool = True
+    submit_refused_message: str = ("Not submitted: this task ends at its time limit, not at submit. Use the time "
+                                   "left to check and improve your work.")
     nudge_message: str = ("You did not call a tool. Each turn, call exactly one tool; call submit "
                           "when the project is done.")
 
@@ -54,8 +61,9 @@ class AgentConfig:
             raise ValueError(f"agent.grade_timeout_s={self.grade_timeout_s} must be > 0")
         if self.command_timeout_s is not None and not self.command_timeout_s > 0:
             raise ValueError("agent.command_timeout_s must be > 0 or None")
-        if not isinstance(self.one_call_per_turn, bool):
-            raise ValueError(f"agent.one_call_per_turn={self.one_call_per_turn!r} must be true or false")
+        for name in ("one_call_per_turn", "submit_ends_episode"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"agent.{name}={getattr(self, name)!r} must be true or false")
         if self.disk_mib < 0:
             raise ValueError(f"agent.disk_mib={self.disk_mib} must be >= 0 (0: the sandbox pool's limit)")
 

@@ -142,7 +142,7 @@ class AgentEpisode:
         tool_messages, submitted, out_of_time = run_calls(
             turn.parsed, lambda name, args: run_tool(self.sandbox, name, args,
                                                      blacklist=getattr(self.task, "blacklist", ())),
-            self.time_left)
+            self.time_left, submit_refused=None if cfg.submit_ends_episode else cfg.submit_refused_message)
         reminder = None
         if cfg.reminder_every and (j + 1) % cfg.reminder_every == 0:
             reminder = reminder_text(j, self.elapsed(), cfg.timeout_s, cfg.max_turns)

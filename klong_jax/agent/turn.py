@@ -116,9 +116,12 @@ def feedback_message(turn: ParsedTurn, *, reminder: str | None, nudge: str,
 
 
 def run_calls(parsed: ParsedAssistant, run: Callable[[str, dict], ToolResult],
-              time_left: Callable[[], float]) -> tuple[list[Message], bool, bool]:
+              time_left: Callable[[], float], submit_refused: str | None = None
+              ) -> tuple[list[Message], bool, bool]:
     """Runs the turn's tool calls in order: (tool messages, submitted, out of time). Calls after a
-    submit or after the time limit are answered without running, so every call has its result."""
+    submit or after the time limit are answered without running, so every call has its result.
+    submit_refused: when set, a `submit` call is answered with this text instead of running, and the
+    episode goes on (AgentConfig.submit_ends_episode=False)."""
     messages: list[Message] = []
     submitted = out_of_time = False
     for call in parsed.message.tool_calls:
@@ -127,6 +130,8 @@ def run_calls(parsed: ParsedAssistant, run: Callable[[str, dict], ToolResult],
         elif time_left() <= 0:
             out_of_time = True
             text = "Error: not run: the episode's time limit was reached."
+        elif submit_refused is not None and call.name == "submit":
+            text = submit_refused
         else:
             result = run(call.name, call.arguments)
             submitted = result.submitted
