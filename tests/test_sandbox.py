@@ -81,6 +81,27 @@ def test_commands_get_default_signal_dispositions(backend, tmp_path):
     assert res.output == "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\ny\n141 0\n", res
 
 
+def test_concurrent_commands_in_one_sandbox_each_get_their_own_result(tmp_path):
+    """Rubric checks of one episode run concurrently (grading's max_workers): 4 threads x 25 commands in one
+    sandbox, half expected to pass, half to fail. Before command cgroups were kept until their command ended,
+    one command's cleanup could remove another's cgroup between its creation and its launch (exit 126, "No such
+    device"): 10 of 160 wrong on 2 loaded cores."""
+    (tmp_path / "results.csv").write_text("cifar,0.95\n")
+    wrong = []
+    with Sandbox(str(tmp_path)) as sb:
+        def work(want):
+            for _ in range(25):
+                r = sb.run(f"grep -qx 'cifar,{want}' results.csv", timeout_s=60)
+                if (r.exit_code == 0) != (want == "0.95"):
+                    wrong.append((want, r.exit_code, r.output[:120]))
+        threads = [threading.Thread(target=work, args=(w,)) for w in ("0.91", "0.95", "0.95", "0.91")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert wrong == []
+
+
 def test_files_persist_and_stdin(sandbox):
     assert sandbox.run("cat > note.txt", stdin="hello\n").exit_code == 0
     assert sandbox.run("cat note.txt").output == "hello\n"

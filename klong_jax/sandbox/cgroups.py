@@ -273,6 +273,9 @@ class EpisodeCgroups:
         self._lock = threading.Lock()
         self._commands = 0
         self._live: set[str] = set()  # command cgroups that may still hold processes
+        # Command cgroups whose command has not ended yet: empty until its launcher joins, and never removed
+        # before (another thread's release_finished would otherwise remove it between mkdir and join).
+        self._running: set[str] = set()
         for path in {self.memory_dir, self.pids_dir}:
             os.makedirs(path, exist_ok=False)
         try:
@@ -329,7 +332,13 @@ class EpisodeCgroups:
             leaf = f"c{self._commands}"
             os.mkdir(os.path.join(self.pids_dir, leaf))
             self._live.add(leaf)
+            self._running.add(leaf)
         return leaf, self._procs_files(leaf)
+
+    def command_ended(self, leaf: str) -> None:
+        """Command `leaf` has ended (or never started): release_finished may remove its cgroup once empty."""
+        with self._lock:
+            self._running.discard(leaf)
 
     # -- looking and killing ------------------------------------------------------------------------
     def kill_command(self, leaf: str, timeout_s: float = 5.0) -> int:
@@ -341,9 +350,10 @@ class EpisodeCgroups:
         return _kill(self.layout.version, _subtree(self.pids_dir), timeout_s)
 
     def release_finished(self) -> None:
-        """Removes the cgroups of commands whose processes have all ended."""
+        """Removes the cgroups of ended commands whose processes have all ended (a running command's cgroup
+        stays, even while it is still empty: concurrent run() calls in one sandbox)."""
         with self._lock:
-            for leaf in list(self._live):
+            for leaf in list(self._live - self._running):
                 try:
                     os.rmdir(os.path.join(self.pids_dir, leaf))
                     self._live.discard(leaf)

@@ -230,6 +230,8 @@ class Sandbox:
             os.close(out_r)
             if stdin_w is not None:
                 os.close(stdin_w)
+            if self._cgroups is not None:
+                self._cgroups.command_ended(leaf)
             raise
         finally:
             os.close(stdin_r)
@@ -244,6 +246,8 @@ class Sandbox:
         leader = process.pid
         ending, killed = self._pump(process, leader, leaf, out_r, output, started + timeout)
         exit_code = _exit_code(process.wait())
+        if self._cgroups is not None:
+            self._cgroups.command_ended(leaf)
         timed_out = ending == _TIMED_OUT
         if timed_out:
             exit_code = TIMEOUT_EXIT_CODE
