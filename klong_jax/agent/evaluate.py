@@ -36,7 +36,12 @@ def _mean(values: Sequence[float]) -> float:
 
 def leaf_pass_rate(results: Sequence[EpisodeResult]) -> float | None:
     """Rubric leaves passed / leaves graded, summed over the graded episodes (None: no episode was graded)."""
-    graded = [r.grade for r in results if r.grade]
+    return pooled_leaf_pass_rate([r.grade for r in results])
+
+
+def pooled_leaf_pass_rate(grades) -> float | None:
+    """`leaf_pass_rate` of episodes' grades ({"passed", "graded", ...} each, None for an ungraded episode)."""
+    graded = [g for g in grades if g]
     if not graded:
         return None
     return sum(g["passed"] for g in graded) / max(sum(g["graded"] for g in graded), 1)

@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from klong_jax.agent import AgentConfig, RolloutConfig, run_episodes
+from klong_jax.agent.evaluate import pooled_leaf_pass_rate
 from klong_jax.agent.sampler_policy import SamplerPolicy
 from klong_jax.data.chat_template import ChatTemplate, make_chat_template
 from klong_jax.data.tokenizer import load_tokenizer
@@ -38,9 +39,8 @@ from klong_jax.sharding import logical_to_spec, make_mesh
 from klong_jax.tasks import load_task
 from klong_jax.training.checkpoint import Checkpointer, abstract_with_shardings
 from klong_jax.training.metrics import MetricsWriter
-from klong_jax.training.optimizer import learning_rate_schedule, make_optimizer
-from klong_jax.training.state import abstract_layout, initial_model, load_trained_model, split_model
-from klong_jax.training.trainable import TrainLayout, plan_for, trainable_config_from, train_layout
+from klong_jax.training.state import initial_model, load_trained_model, split_model
+from klong_jax.training.trainable import TrainLayout, run_layout
 
 log = logging.getLogger(__name__)
 
@@ -138,12 +138,10 @@ def setup_stage(cfg, data_paths: dict) -> StageSetup:
     model_cfg = model_config_from(cfg.model)
     mesh = make_mesh(dict(cfg.mesh.shape))
     tokenizer = load_tokenizer(data_paths["tokenizer"])
-    tx = make_optimizer(cfg.optimizer, rl.steps)
-    lr_schedule = learning_rate_schedule(cfg.optimizer, rl.steps)
-    plan = plan_for(trainable_config_from(cfg.get("trainable")), model_cfg)
-    graphdef, abs_params, abs_rest, param_sh, rest_sh = abstract_layout(model_cfg, mesh)
-    layout = train_layout(plan, abs_params, param_sh, tx, mesh)
-    state_sh = layout.state_sh
+    run = run_layout(cfg, model_cfg, mesh, rl.steps)
+    tx, lr_schedule, graphdef, abs_rest, rest_sh, layout = (run.tx, run.lr_schedule, run.graphdef, run.abs_rest,
+                                                            run.rest_sh, run.layout)
+    plan, abs_params, state_sh = layout.plan, layout.abs_params, layout.state_sh
     agent_cfg = agent_config(cfg)
     if agent_cfg.top_k or agent_cfg.top_p < 1.0:
         # The trainer reproduces softmax(logits / T), not a truncated distribution.
@@ -305,9 +303,9 @@ def _metrics_from_records(records) -> dict:
            "windows_per_episode": float(np.mean([rec["windows"] for rec in records]))}
     for reason in sorted(set(reasons)):
         out[f"finish_{reason}_rate"] = reasons.count(reason) / len(reasons)
-    graded = [rec["grade"] for rec in records if rec["grade"]]
-    if graded:   # agent/evaluate.py leaf_pass_rate
-        out["rubric_leaf_pass_rate"] = sum(g["passed"] for g in graded) / max(sum(g["graded"] for g in graded), 1)
+    rate = pooled_leaf_pass_rate([rec["grade"] for rec in records])
+    if rate is not None:
+        out["rubric_leaf_pass_rate"] = rate
     return out
 
 

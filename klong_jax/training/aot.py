@@ -18,8 +18,8 @@ from jax.sharding import AxisType, Mesh
 
 from klong_jax.models.from_config import model_config_from
 from klong_jax.sharding import MESH_AXES, make_mesh, resolve_mesh_shape
-from klong_jax.training.optimizer import learning_rate_schedule, make_optimizer
-from klong_jax.training.state import abstract_layout, abstract_state
+from klong_jax.training.state import abstract_state
+from klong_jax.training.trainable import run_layout
 from klong_jax.training.step import batch_shardings, jit_train_step
 from klong_jax.training.checkpoint import abstract_with_shardings
 
@@ -114,15 +114,14 @@ class AbstractRun:
 
 
 def abstract_run(cfg, model_cfg, mesh, steps: int) -> AbstractRun:
-    """As training/sft.py and rl/loop.py setup_stage lay a run out (call inside `jax.set_mesh(mesh)`)."""
-    from klong_jax.training.trainable import plan_for, trainable_config_from, train_layout
-    tx = make_optimizer(cfg.optimizer, steps)
-    plan = plan_for(trainable_config_from(cfg.get("trainable")), model_cfg)
-    graphdef, abs_params, abs_rest, param_sh, rest_sh = abstract_layout(model_cfg, mesh)
-    layout = train_layout(plan, abs_params, param_sh, tx, mesh)
-    return AbstractRun(tx=tx, lr_schedule=learning_rate_schedule(cfg.optimizer, steps), plan=plan, graphdef=graphdef,
-                       rest_sh=rest_sh, layout=layout, state=abstract_state(layout.abs_trainable, tx, layout.state_sh),
-                       rest=abstract_with_shardings(abs_rest, rest_sh),
+    """As training/sft.py and rl/loop.py setup_stage lay a run out (`run_layout`; call inside
+    `jax.set_mesh(mesh)`), with the step's inputs abstract."""
+    run = run_layout(cfg, model_cfg, mesh, steps)
+    layout = run.layout
+    return AbstractRun(tx=run.tx, lr_schedule=run.lr_schedule, plan=layout.plan, graphdef=run.graphdef,
+                       rest_sh=run.rest_sh, layout=layout,
+                       state=abstract_state(layout.abs_trainable, run.tx, layout.state_sh),
+                       rest=abstract_with_shardings(run.abs_rest, run.rest_sh),
                        frozen=abstract_with_shardings(layout.abs_frozen, layout.frozen_sh))
 
 

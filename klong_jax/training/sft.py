@@ -21,10 +21,9 @@ from klong_jax.training.checkpoint import Checkpointer, abstract_with_shardings
 from klong_jax.training.data_iter import LookaheadIterator
 from klong_jax.training.metrics import MetricsWriter
 from klong_jax.training.mfu import device_peak_flops, train_flops_per_token
-from klong_jax.training.optimizer import learning_rate_schedule, make_optimizer
-from klong_jax.training.state import abstract_layout, initial_model, split_model
+from klong_jax.training.state import initial_model, split_model
 from klong_jax.training.step import batch_shardings, eval_step, jit_train_step
-from klong_jax.training.trainable import plan_for, trainable_config_from, train_layout
+from klong_jax.training.trainable import run_layout
 
 log = logging.getLogger(__name__)
 
@@ -116,12 +115,11 @@ def run_sft(cfg, workdir: str, data_paths: dict) -> dict:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens > model.vocab_size={model_cfg.vocab_size}")
 
     # --- model, optimizer and their shardings ---
-    tx = make_optimizer(cfg.optimizer, tcfg.steps)
-    lr_schedule = learning_rate_schedule(cfg.optimizer, tcfg.steps)
     # What trains (config.trainable, checked here): the state holds the trainable params, `frozen` the others.
-    plan = plan_for(trainable_config_from(cfg.get("trainable")), model_cfg)
-    graphdef, abs_params, abs_rest, param_sh, rest_sh = abstract_layout(model_cfg, mesh)
-    layout = train_layout(plan, abs_params, param_sh, tx, mesh)
+    run = run_layout(cfg, model_cfg, mesh, tcfg.steps)
+    tx, lr_schedule, graphdef, abs_rest, rest_sh, layout = (run.tx, run.lr_schedule, run.graphdef, run.abs_rest,
+                                                            run.rest_sh, run.layout)
+    plan = layout.plan
     batch_sh = batch_shardings(mesh, (tcfg.global_batch, tcfg.seq_len))
     step_fn = jit_train_step(graphdef, tx, lr_schedule, layout.state_sh, rest_sh, batch_sh,
                              micro_batches=tcfg.micro_batches, z_loss_weight=tcfg.z_loss,

@@ -300,3 +300,27 @@ def train_layout(plan: TrainablePlan, abs_params, param_sh, tx, mesh) -> TrainLa
     return TrainLayout(plan=plan, abs_params=abs_params, param_sh=param_sh, abs_trainable=abs_trainable,
                        abs_frozen=abs_frozen, trainable_sh=trainable_sh, frozen_sh=frozen_sh,
                        state_sh=state_shardings(tx, trainable_sh, abs_trainable, mesh))
+
+
+@dataclasses.dataclass(frozen=True)
+class RunLayout:
+    """What a run (SFT, an RL stage, the AOT plan of either) is laid out with before its first step: the optimizer
+    and its schedule over `steps`, the model's graph and abstract non-trainable variables with their shardings, and
+    what trains (`layout`; `layout.plan` the TrainablePlan, `layout.abs_params` / `param_sh` the whole model's)."""
+    tx: object
+    lr_schedule: object
+    graphdef: object
+    abs_rest: object
+    rest_sh: object
+    layout: TrainLayout
+
+
+def run_layout(cfg, model_cfg, mesh, steps: int) -> RunLayout:
+    """The run of `cfg` (its optimizer and trainable sections; `config.trainable` checked here) on `mesh`."""
+    from klong_jax.training.optimizer import learning_rate_schedule, make_optimizer
+    from klong_jax.training.state import abstract_layout
+    tx = make_optimizer(cfg.optimizer, steps)
+    plan = plan_for(trainable_config_from(cfg.get("trainable")), model_cfg)
+    graphdef, abs_params, abs_rest, param_sh, rest_sh = abstract_layout(model_cfg, mesh)
+    return RunLayout(tx=tx, lr_schedule=learning_rate_schedule(cfg.optimizer, steps), graphdef=graphdef,
+                     abs_rest=abs_rest, rest_sh=rest_sh, layout=train_layout(plan, abs_params, param_sh, tx, mesh))
