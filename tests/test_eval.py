@@ -105,3 +105,91 @@ def test_eval_cli_runs_a_trainer_checkpoint_through_the_sampler(tmp_path):
     lines = (tmp_path / "eval" / "episodes.jsonl").read_text().splitlines()
     assert len(lines) == 2
     assert all(json.loads(line)["meta"]["turns"][0]["n_sampled"] >= 1 for line in lines)
+
+
+def test_paired_difference_arithmetic():
+    """after - before per common task: d = [0.1, 0, 0.3, -0.1] (task e is only in `after`, left out):
+    mean 0.075, sd = sqrt(sum (d - 0.075)^2 / 3) = sqrt(0.0875 / 3) = 0.17078, se = sd / 2 = 0.08539,
+    interval 0.075 -+ 0.17078 contains 0: noise; resolvable = 2 se."""
+    from klong_jax.agent.evaluate import paired_difference
+    before = {"a": 0.0, "b": 0.5, "c": 0.2, "d": 0.4}
+    after = {"a": 0.1, "b": 0.5, "c": 0.5, "d": 0.3, "e": 1.0}
+    p = paired_difference(before, after)
+    assert p["tasks"] == 4 and (p["up"], p["down"], p["same"]) == (2, 1, 1)
+    assert abs(p["mean"] - 0.075) < 1e-12
+    assert abs(p["sd"] - (0.0875 / 3) ** 0.5) < 1e-12 and abs(p["se"] - p["sd"] / 2) < 1e-12
+    assert abs(p["low"] - (0.075 - 2 * p["se"])) < 1e-12 and abs(p["resolvable"] - 2 * p["se"]) < 1e-12
+    assert p["verdict"] == "noise"
+    # d = [0.2, 0.25, 0.15, 0.2]: mean 0.2, sd sqrt(0.005 / 3) = 0.0408, se 0.0204: 0.2 - 0.041 > 0, a gain;
+    # the same the other way round is a loss.
+    gain = {"a": 0.2, "b": 0.75, "c": 0.35, "d": 0.6}
+    assert paired_difference(before, gain)["verdict"] == "gain"
+    assert paired_difference(gain, before)["verdict"] == "loss"
+    one = paired_difference({"a": 0.0}, {"a": 1.0})     # one task: no spread, never resolved
+    assert one["tasks"] == 1 and one["mean"] == 1.0 and one["verdict"] == "noise" and one["se"] is None
+
+
+def _fake_run(root, name, seed, schedule, scores_by_checkpoint, *, in_results=True):
+    """A pipeline workdir as klong_jax/rl/pipeline.py writes it: results.json (held-out rows with task scores, or
+    without them and eval/<checkpoint>/eval_summary.json instead, as runs before the paired table wrote) and
+    config.json."""
+    workdir = root / name
+    workdir.mkdir()
+    heldout = {}
+    for ckpt, scores in scores_by_checkpoint.items():
+        row = {"mean_score": sum(scores.values()) / len(scores)}
+        if in_results:
+            row["task_scores"] = scores
+        else:
+            (workdir / "eval" / ckpt).mkdir(parents=True)
+            (workdir / "eval" / ckpt / "eval_summary.json").write_text(json.dumps(
+                {"per_task": [{"task_id": t, "mean_score": v} for t, v in scores.items()]}))
+        heldout[ckpt] = row
+    (workdir / "results.json").write_text(json.dumps({"schedule": schedule, "heldout": heldout}))
+    (workdir / "config.json").write_text(json.dumps({"seed": seed}))
+    return str(workdir)
+
+
+def test_recipe_table_pairs_scores_per_run_per_schedule_and_between_arms(tmp_path):
+    """tools/recipe_table.py on hand-made workdirs: RL3 - SFT per run (resolved gain in one, noise in the other),
+    pooled over a schedule's runs, and progressive - stage3_only paired by seed."""
+    base = {"a": 0.0, "b": 0.0, "c": 0.0, "d": 0.0}
+    sft = {"a": 0.0, "b": 0.5, "c": 0.2, "d": 0.4}
+    rl_gain = {"a": 0.2, "b": 0.75, "c": 0.35, "d": 0.6}          # d = 0.2, 0.25, 0.15, 0.2: a gain
+    rl_noise = {"a": 0.1, "b": 0.5, "c": 0.5, "d": 0.3}           # d = 0.1, 0, 0.3, -0.1: noise
+    runs = [_fake_run(tmp_path, "p0", 0, "progressive", dict(base=base, sft=sft, rl_stage3=rl_gain)),
+            _fake_run(tmp_path, "p1", 1, "progressive", dict(base=base, sft=sft, rl_stage3=rl_noise), in_results=False),
+            _fake_run(tmp_path, "s0", 0, "stage3_only", dict(base=base, sft=sft, rl_stage3=sft))]
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "recipe_table.py"), *runs],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in out.stdout.splitlines() if line.startswith("| /")}
+    assert "+0.200 ± 0.020 (4 tasks) | gain" in rows[runs[0]]
+    assert "+0.075 ± 0.085 (4 tasks) | noise" in rows[runs[1]]       # read from eval/*/eval_summary.json
+    assert "+0.000 ± 0.000 (4 tasks) | noise" in rows[runs[2]]
+    # Pooled progressive: the 8 (run, task) differences 0.2, 0.25, 0.15, 0.2, 0.1, 0, 0.3, -0.1: mean 0.1375,
+    # sum of squared deviations 0.1234375, sd sqrt(0.1234375 / 7) = 0.1328, se 0.1328 / sqrt(8) = 0.047: a gain.
+    assert "progressive: RL stage 3 held-out score over 2 run(s)" in out.stdout
+    assert "RL3 - SFT pooled over the runs' tasks: +0.137 ± 0.047 (8 tasks), gain" in out.stdout
+    # Seed 0 in both arms: progressive RL3 (rl_gain) - stage3_only RL3 (sft) = the first run's differences.
+    assert "progressive RL3 - stage3_only RL3, seeds 0 paired by seed and task: +0.200 ± 0.020 (4 tasks), gain" \
+        in out.stdout
+
+
+def test_pipeline_comparisons_pair_each_checkpoint_with_the_one_before_and_rl3_with_sft():
+    from klong_jax.rl.pipeline import comparisons, results_table
+    rows = {name: {"mean_score": 0.0, "task_scores": {"a": v, "b": v + 0.1}}
+            for name, v in (("base", 0.0), ("sft", 0.2), ("rl_stage1", 0.3), ("rl_stage2", 0.25), ("rl_stage3", 0.4))}
+    paired = comparisons(rows, ("sft", "rl_stage1", "rl_stage2", "rl_stage3"))
+    assert list(paired) == ["sft - base", "rl_stage1 - sft", "rl_stage2 - rl_stage1", "rl_stage3 - rl_stage2",
+                            "rl_stage3 - sft"]
+    # Both tasks move by the same amount: sd 0 (up to rounding), every nonzero difference resolved.
+    assert abs(paired["rl_stage3 - sft"]["mean"] - 0.2) < 1e-12 and paired["rl_stage3 - sft"]["se"] < 1e-12
+    assert paired["rl_stage2 - rl_stage1"]["verdict"] == "loss" and paired["sft - base"]["verdict"] == "gain"
+    only = comparisons({k: rows[k] for k in ("base", "sft", "rl_stage3")}, ("sft", "rl_stage3"))
+    assert list(only) == ["sft - base", "rl_stage3 - sft"]        # the stage3_only schedule: no duplicate pair
+    one = comparisons({k: {"task_scores": {"a": rows[k]["task_scores"]["a"]}} for k in ("base", "sft")}, ("sft",))
+    budgets = {"rl_stage3": {"timeout_s": 1.0, "max_turns": 2, "max_total_tokens": 9, "mean_score": 1.0}}
+    table = results_table({"base": rows["base"]}, budgets, {**paired, **{"one task": one["sft - base"]}})
+    assert "| rl_stage3 - sft | 2 | +0.200 ± 0.000 | [+0.200, +0.200] | 2 / 0 / 0 | gain | 0.000 |" in table
+    assert "| one task | 1 | +0.200 | - | 1 / 0 / 0 | noise | - |" in table

@@ -63,6 +63,12 @@ def test_pipeline_resumes_after_sigkill(tmp_path):
     results = json.loads((workdir / "results.json").read_text())
     assert list(results["heldout"]) == ["base", "sft", "rl_stage1", "rl_stage2", "rl_stage3"]
     assert all(0.0 <= row["mean_score"] <= 1.0 for row in results["heldout"].values())
+    # Paired differences on the same held-out task (1 here: no spread, so never a resolved verdict).
+    assert list(results["paired"]) == ["sft - base", "rl_stage1 - sft", "rl_stage2 - rl_stage1",
+                                       "rl_stage3 - rl_stage2", "rl_stage3 - sft"]
+    assert all(p["tasks"] == 1 and p["verdict"] == "noise" for p in results["paired"].values())
+    assert all(list(row["task_scores"]) == list(results["heldout"]["base"]["task_scores"])
+               for row in results["heldout"].values())
     # The expert's trajectories replayed under each stage's budget: the score that budget allows.
     assert list(results["achievable_by_stage"]) == ["rl_stage1", "rl_stage2", "rl_stage3"]
     assert all(row["max_turns"] == 2 and 0.0 <= row["mean_score"] <= 1.0

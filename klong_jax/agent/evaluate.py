@@ -74,6 +74,41 @@ def aggregate(results: Sequence[EpisodeResult]) -> dict:
     }
 
 
+def task_scores(report: dict) -> dict[str, float]:
+    """{task_id: the task's mean episode score} of an evaluation report (`summarize`'s `per_task`)."""
+    return {t["task_id"]: float(t["mean_score"]) for t in report["per_task"]}
+
+
+# A difference counts as resolved when its interval mean +- RESOLVE_SE standard errors excludes 0 (~95%).
+RESOLVE_SE = 2.0
+
+
+def paired_difference(before: dict[str, float], after: dict[str, float]) -> dict:
+    """`after` - `before` on the tasks both were evaluated on (task_id -> mean score each, `task_scores`).
+
+    Paired, because the tasks differ far more from each other than two checkpoints differ on one task: with the
+    per-task differences d_i = after_i - before_i over the n common tasks,
+      mean = sum d_i / n,  sd = sqrt(sum (d_i - mean)^2 / (n - 1)),  se = sd / sqrt(n),
+      interval = mean -+ RESOLVE_SE * se;  verdict: "gain" if the interval lies above 0, "loss" if below, else
+      "noise" (n < 2: "noise", and sd, se, the interval and `resolvable` are None: no spread to measure);
+      resolvable = RESOLVE_SE * sd / sqrt(n): the smallest |mean| this many tasks resolve at this spread
+      (a smaller true effect needs (RESOLVE_SE * sd / effect)^2 tasks).
+    up / down / same: tasks whose score rose, fell, stayed (|d_i| <= 1e-9)."""
+    common = [t for t in before if t in after]
+    d = [float(after[t]) - float(before[t]) for t in common]
+    n = len(d)
+    out = {"tasks": n, "mean": statistics.fmean(d) if d else None, "sd": None, "se": None, "low": None,
+           "high": None, "verdict": "noise", "resolvable": None, "up": sum(x > 1e-9 for x in d),
+           "down": sum(x < -1e-9 for x in d), "same": sum(abs(x) <= 1e-9 for x in d)}
+    if n > 1:
+        sd = statistics.stdev(d)
+        se = sd / n ** 0.5
+        lo, hi = out["mean"] - RESOLVE_SE * se, out["mean"] + RESOLVE_SE * se
+        out.update(sd=sd, se=se, low=lo, high=hi, resolvable=RESOLVE_SE * se,
+                   verdict="gain" if lo > 0 else "loss" if hi < 0 else "noise")
+    return out
+
+
 def summarize(results: Sequence[EpisodeResult], tasks: Sequence[Task]) -> dict:
     by_task = collections.defaultdict(list)
     for r in results:

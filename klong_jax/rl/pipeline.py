@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from klong_jax.agent import AgentConfig, RolloutConfig, ScriptedPolicy, evaluate
-from klong_jax.agent.evaluate import SUMMARY_FILE
+from klong_jax.agent.evaluate import SUMMARY_FILE, paired_difference, task_scores
 from klong_jax.agent.runner import clock_text
 from klong_jax.agent.sampler_policy import SamplerPolicy
 from klong_jax.data.chat_template import make_chat_template
@@ -90,8 +90,23 @@ def evaluate_checkpoint(name, cfg, workdir, data_paths) -> dict:
 
 
 def _row(report: dict) -> dict:
-    """An evaluation's numbers: its summary, and its rollout timings (sampling_s, prefill_tokens, reused_tokens)."""
-    return {**_numbers(report["summary"]), **{f"rollout_{k}": v for k, v in report.get("timings", {}).items()}}
+    """An evaluation's numbers: its summary, its rollout timings (sampling_s, prefill_tokens, reused_tokens) and
+    each task's mean score (`task_scores`: what the paired comparisons between checkpoints read)."""
+    return {**_numbers(report["summary"]), **{f"rollout_{k}": v for k, v in report.get("timings", {}).items()},
+            "task_scores": task_scores(report)}
+
+
+def comparisons(heldout: dict, stages) -> dict:
+    """Paired held-out differences (agent.evaluate.paired_difference) between checkpoints evaluated on the same
+    tasks: each checkpoint against the one before it (base -> sft -> rl_stage1 -> ...) and, when RL ran, the last
+    RL stage against SFT (the acceptance's claim). Keys "after - before"; a row without task scores is skipped."""
+    names = [n for n in ("base",) + tuple(stages) if n in heldout and heldout[n].get("task_scores")]
+    pairs = list(zip(names, names[1:]))
+    rl = [n for n in names if n.startswith("rl_")]
+    if "sft" in names and rl and ("sft", rl[-1]) not in pairs:
+        pairs.append(("sft", rl[-1]))
+    return {f"{after} - {before}": paired_difference(heldout[before]["task_scores"], heldout[after]["task_scores"])
+            for before, after in pairs}
 
 
 def _eval_printer(name: str):
@@ -138,8 +153,14 @@ def stages_of(cfg) -> tuple[str, ...]:
     return SCHEDULES[schedule]
 
 
-def results_table(heldout: dict, budgets: dict) -> str:
-    """The demo's two tables: every checkpoint on the held-out tasks, and the expert's ceiling per stage budget."""
+def _signed(x) -> str:
+    return "-" if x is None else f"{x:+.3f}"
+
+
+def results_table(heldout: dict, budgets: dict, paired: dict | None = None) -> str:
+    """The demo's tables: every checkpoint on the held-out tasks, the paired differences between checkpoints
+    (`comparisons`: whether a difference is larger than the held-out set can resolve), and the expert's ceiling
+    per stage budget."""
     lines = ["| checkpoint | held-out score (mean ± std over episodes) | leaf pass rate | submit rate | turns | "
              "tokens | prompt tokens prefilled / reused from the KV cache |", "|---|---|---|---|---|---|---|"]
     for name, row in heldout.items():
@@ -147,6 +168,18 @@ def results_table(heldout: dict, budgets: dict) -> str:
                      f"{row.get('leaf_pass_rate', np.nan):.3f} | {row.get('submit_rate', np.nan):.2f} | "
                      f"{row.get('mean_turns', np.nan):.1f} | {row.get('mean_sampled_tokens', np.nan):.0f} | "
                      f"{row.get('rollout_prefill_tokens', np.nan):.0f} / {row.get('rollout_reused_tokens', np.nan):.0f} |")
+    if paired:
+        lines += ["", "| paired on the same held-out tasks | tasks | mean difference ± standard error | "
+                  "interval (± 2 se) | tasks up / down / same | verdict | smallest resolvable difference |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, p in paired.items():
+            if p["se"] is None:        # fewer than 2 tasks: no spread, nothing resolved
+                lines.append(f"| {name} | {p['tasks']} | {_signed(p['mean'])} | - | {p['up']} / {p['down']} / "
+                             f"{p['same']} | {p['verdict']} | - |")
+                continue
+            lines.append(f"| {name} | {p['tasks']} | {p['mean']:+.3f} ± {p['se']:.3f} | "
+                         f"[{p['low']:+.3f}, {p['high']:+.3f}] | {p['up']} / {p['down']} / {p['same']} | "
+                         f"{p['verdict']} | {p['resolvable']:.3f} |")
     lines += ["", "| stage budget | timeout s | turns | tokens | expert replayed: score | leaf pass rate |",
               "|---|---|---|---|---|---|"]
     for name, row in budgets.items():
@@ -202,11 +235,12 @@ def run_pipeline(cfg, workdir: str, data_paths: dict) -> dict:
         heldout[name] = clock.run(f"eval {name}", lambda: evaluate_checkpoint(name, cfg, workdir, data_paths))
     budgets = clock.run("expert replay", lambda: achievable_by_stage(
         cfg, workdir, data_paths, [s for s in stages if s.startswith("rl_")]))
-    print(results_table(heldout, budgets), flush=True)
+    paired = comparisons(heldout, stages)
+    print(results_table(heldout, budgets, paired), flush=True)
     print("[pipeline] wall time per phase: " + ", ".join(f"{k} {clock_text(v)}" for k, v in clock.wall_s.items()),
           flush=True)
-    summary = {"schedule": cfg.get("schedule", "progressive"), "heldout": heldout, "achievable_by_stage": budgets,
-               "wall_s": dict(clock.wall_s)}
+    summary = {"schedule": cfg.get("schedule", "progressive"), "heldout": heldout, "paired": paired,
+               "achievable_by_stage": budgets, "wall_s": dict(clock.wall_s)}
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(summary, f, indent=2)
