@@ -193,3 +193,22 @@ def test_pipeline_comparisons_pair_each_checkpoint_with_the_one_before_and_rl3_w
     table = results_table({"base": rows["base"]}, budgets, {**paired, **{"one task": one["sft - base"]}})
     assert "| rl_stage3 - sft | 2 | +0.200 ± 0.000 | [+0.200, +0.200] | 2 / 0 / 0 | gain | 0.000 |" in table
     assert "| one task | 1 | +0.200 | - | 1 / 0 / 0 | noise | - |" in table
+
+
+def test_paired_eval_tool_compares_each_evaluation_with_the_first(tmp_path):
+    """tools/paired_eval.py on two evaluation summaries (directories or files): the pair over the common tasks."""
+    def write(name, scores):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "eval_summary.json").write_text(json.dumps(
+            {"per_task": [{"task_id": t, "mean_score": v} for t, v in scores.items()]}))
+        return str(d)
+    sft = write("sft", {"a": 0.0, "b": 0.5, "c": 0.2, "d": 0.4, "x": 1.0})
+    rl = write("rl", {"a": 0.2, "b": 0.75, "c": 0.35, "d": 0.6})     # d = 0.2, 0.25, 0.15, 0.2; x unpaired
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "paired_eval.py"), sft,
+                          os.path.join(rl, "eval_summary.json")], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "| 4 | 0.275 | 0.475 | +0.200 ± 0.020 | [+0.159, +0.241] | 4 / 0 / 0 | gain | 0.041 | 1 |" in out.stdout
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "paired_eval.py"), sft, str(tmp_path / "no")],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode != 0 and "/no: missing (an evaluation directory holds eval_summary.json)" in bad.stderr
