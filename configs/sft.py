@@ -43,15 +43,20 @@ RUNTIME = {
 }
 
 # The rollout sampler's copy of the policy (klong_jax.agent.RolloutConfig; RL rollouts and held-out evaluation):
-# devices (0: all, the trainer's mesh), dtype ("": the model's), session_chunk (tokens per row of a prefill call).
+# devices (0: all, the trainer's mesh), first_device (the sampler's devices start there), dtype ("": the model's),
+# session_chunk (tokens per row of a prefill call).
 # smol: bf16 on one device; a turn appends ~15-50 tokens per episode, so 32-token chunks (a 128-token chunk computes
 # 4x the padding). Decode step, 8 episodes, 1,792 cache slots: 250 ms on the 2-device fp32 mesh, ~150 ms on one
 # device (BUILD_NOTES, session 9).
+# glm45_air: a bf16 copy. Its compute is bf16 already (so is the KV cache), and the trainer's fp32 params are donated
+# every step, so the sampler holds a copy anyway: bf16 halves it (106e9 params: 212 GB instead of 424 GB over the
+# chips) and halves the bytes every decode step reads; sharing chips with the trainer (launch/plan.py's `colocated`)
+# needs that room.
 ROLLOUT = {
-    "tiny": dict(devices=0, dtype="", session_chunk=128),
-    "smol": dict(devices=1, dtype="bfloat16", session_chunk=32),
-    "small": dict(devices=0, dtype="", session_chunk=128),
-    "glm45_air": dict(devices=0, dtype="", session_chunk=128),
+    "tiny": dict(devices=0, first_device=0, dtype="", session_chunk=128),
+    "smol": dict(devices=1, first_device=0, dtype="bfloat16", session_chunk=32),
+    "small": dict(devices=0, first_device=0, dtype="", session_chunk=128),
+    "glm45_air": dict(devices=0, first_device=0, dtype="bfloat16", session_chunk=128),
 }
 
 # Training schedule per variant. seq_len is also the context budget of the ContextPolicy (tokens per window).

@@ -96,3 +96,15 @@ def test_updates_reach_the_copy_cast():
     for k, v in flat_new.items():
         assert flat_got[k].dtype == jnp.bfloat16 and flat_got[k].devices() == {jax.devices()[0]}
         np.testing.assert_array_equal(np.asarray(flat_got[k]), np.asarray(v).astype(jnp.bfloat16))
+
+
+def test_rollout_mesh_without_a_device_count_spans_every_device_and_first_device_offsets(devices):
+    """rollout.mesh with devices 0: that mesh over all 8 devices (not the trainer's); devices 4 from first_device 4:
+    a mesh over devices 4-7 in order; the defaults keep the trainer's mesh itself."""
+    model, trainer_mesh = _tiny(), make_mesh({"fsdp": -1})
+    _, mesh = rollout_model(model, trainer_mesh, RolloutConfig(mesh=(("data", 2), ("tensor", 4))))
+    assert dict(mesh.shape) == {**{a: 1 for a in mesh.axis_names}, "data": 2, "tensor": 4}
+    assert [d.id for d in mesh.devices.flat] == [d.id for d in jax.devices()]
+    _, mesh = rollout_model(model, trainer_mesh, RolloutConfig(devices=4, first_device=4))
+    assert [d.id for d in mesh.devices.flat] == [d.id for d in jax.devices()[4:]]
+    assert rollout_model(model, trainer_mesh, RolloutConfig())[1] is trainer_mesh

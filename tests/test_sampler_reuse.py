@@ -227,8 +227,11 @@ def test_rollout_with_reuse_equals_rollout_without(tmp_path):
             # ~1000-token contexts: float32 sums in another order (test_agent_sampler allows 2e-4 against the
             # full forward, on either side). Run after other sampler tests in one process, either side was seen
             # up to 1.7e-3 away (from the prefill, which reuse does not change: the same compiled functions give
-            # slightly different sums); the sampled ids and every routing decision above stay exact.
-            np.testing.assert_allclose(x.logprobs, y.logprobs, atol=3e-3)
+            # slightly different sums); the sampled ids and every routing decision above stay exact. Session 13 saw
+            # one token of 24 at 8.9e-3 (-6.1627 vs -6.1716) after the multi-host tests in the same process, and
+            # 0 of 24 above 3e-3 with this file alone: 1e-2 bounds that drift, while a wrong cache row or position
+            # moves a log-prob by whole nats.
+            np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-2)
             # Routing: the random router of the tiny model has near-ties, and the sums above flip ~0.1% of the
             # prompt tokens' expert choices (3 of 2724 seen); every one of the rest agrees.
             for got, want in ((x.routed_experts, y.routed_experts), (x.prompt_routed_experts, y.prompt_routed_experts)):

@@ -82,3 +82,88 @@ def test_update_params_swaps_weights_in_place_and_reshards(devices, mesh_sampler
         sampler.update_params({"lm_head": np.zeros((3, 3), np.float32)})
     with pytest.raises(KeyError, match="not a variable"):
         sampler.update_params({"no_such_weight": np.zeros((3,), np.float32)})
+
+
+def _turns(prompts, outs, seed):
+    """The next turn of each session: its prompt, its completion, then a few new tokens (a tool result)."""
+    rng = np.random.default_rng(seed)
+    return [p + o.tokens + rng.integers(2, CFG.vocab_size, 5 + 3 * i).tolist()
+            for i, (p, o) in enumerate(zip(prompts, outs))]
+
+
+def test_session_cache_sharded_over_tensor_equals_single_device(devices, model):
+    """Sessions (a persistent cache kept over turns) on a mesh with batch over data 4 and the 2 kv heads over
+    tensor 2: the same tokens over three turns as one device, and the cache really carries both axes."""
+    assert CFG.num_key_value_heads == 2                  # divisible by tensor=2: the kv-heads dim is sharded
+    sharded = Sampler(model, mesh=make_mesh({"data": 4, "tensor": 2}), default_stop_token_ids=(), session_chunk=16)
+    single = Sampler(model, default_stop_token_ids=(), session_chunk=16)
+    ids = [f"episode{i}" for i in range(4)]
+    prompts = _prompts(LENS[:4])
+    params = [GREEDY, PARAMS[1], GREEDY, PARAMS[3]]
+    for turn in range(3):
+        a = sharded.generate(prompts, params, session_ids=ids)
+        b = single.generate(prompts, params, session_ids=ids)
+        for x, y in zip(a, b):
+            assert x.tokens == y.tokens, turn
+            np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-4, rtol=0)
+            np.testing.assert_array_equal(x.prompt_routed_experts, y.prompt_routed_experts)
+        prompts = _turns(prompts, a, seed=turn)
+    # Turns 2 and 3 reused the cached k/v (only the new tokens were prefilled), on both samplers alike.
+    assert sharded.stats["reused_tokens"] == single.stats["reused_tokens"] > 0
+    # The persistent cache [L, B, S, K, H]: batch over data, kv heads over tensor, 2 x 4 = 8 shards of each array.
+    k = sharded.sessions.cache["moe"]["k"]
+    spec = k.sharding.spec
+    assert spec[1] == "data" and spec[3] == "tensor", spec
+    L, B, S, K, H = k.shape
+    assert k.sharding.shard_shape(k.shape) == (L, B // 4, S, K // 2, H)
+
+
+@pytest.mark.parametrize("placement", ["separate", "colocated"])
+def test_weight_sync_to_a_sampler_mesh(devices, placement):
+    """The sampler on its own mesh, in the model's fp32 (so tokens compare exactly): "separate" (fsdp 2 x tensor 2) on
+    devices 4-7 (rollout.first_device=4) beside a trainer on devices 0-3; "colocated" on the trainer's 8 devices
+    (data 4 x tensor 2 against the trainer's fsdp 8). update_params moves the trainer's new weights into the
+    sampler's layout (colocated: one compiled cast + reshard; separate: a device_put across, then the cast);
+    generation then equals a sampler built fresh from the new model, and differs from before."""
+    from klong_jax.agent import RolloutConfig
+    from klong_jax.agent.sampler_policy import SamplerPolicy
+    from klong_jax.sharding import state_shardings
+
+    if placement == "separate":
+        trainer_mesh = make_mesh({"fsdp": 4}, jax.devices()[:4])
+        rollout = RolloutConfig(devices=4, first_device=4, mesh=(("fsdp", 2), ("tensor", 2)))
+        trainer_ids, sampler_ids = {0, 1, 2, 3}, {4, 5, 6, 7}
+    else:
+        trainer_mesh = make_mesh({"fsdp": 8})
+        rollout = RolloutConfig(devices=8, mesh=(("data", 4), ("tensor", 2)))
+        trainer_ids = sampler_ids = set(range(8))
+
+    def on_trainer(seed):
+        with jax.set_mesh(trainer_mesh):
+            m = init_model(CFG, seed=seed)
+            graphdef, state = nnx.split(m)
+            return nnx.merge(graphdef, jax.device_put(state, state_shardings(state, trainer_mesh)))
+
+    def ids(tree):
+        return {d.id for x in jax.tree.leaves(tree) for d in x.devices()}
+
+    old, new = on_trainer(3), on_trainer(4)
+    assert ids(nnx.state(new)) == trainer_ids
+    policy = SamplerPolicy.from_model(old, trainer_mesh, rollout=rollout, default_stop_token_ids=())
+    sampler = policy.sampler
+    assert ids(sampler.state) == sampler_ids
+    prompts = _prompts(LENS[:4])
+    before = sampler.generate(prompts, GREEDY)
+    with jax.set_mesh(trainer_mesh):                    # as the RL loop calls it
+        policy.update_params(nnx.state(new, nnx.Param))
+    assert sampler.stats["fused_weight_syncs"] == (1 if placement == "colocated" else 0)
+    assert ids(sampler.state) == sampler_ids
+    w = sampler.state["moe_layers"]["mlp"]["w_gate"][...]
+    assert "tensor" in _spec_axes(w.sharding.spec)       # the sampler's layout, not the trainer's fsdp
+    after = sampler.generate(prompts, GREEDY)
+    fresh = SamplerPolicy.from_model(new, trainer_mesh, rollout=rollout, default_stop_token_ids=()).sampler
+    want = fresh.generate(prompts, GREEDY)
+    assert [c.tokens for c in after] == [c.tokens for c in want]
+    assert [c.tokens for c in after] != [c.tokens for c in before]   # the weights did change
+    for a, b in zip(after, want):
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5, rtol=0)

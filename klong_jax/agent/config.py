@@ -98,7 +98,11 @@ class RolloutConfig:
     emulated device of two is 1.7x faster than sharding it over both: no gather of every weight per step).
     The trainer recomputes every log-probability it trains on in its own dtype; the sampler's, in another dtype,
     only enter through the truncated importance weight (rl.tis_cap), which is there for this mismatch."""
-    devices: int = 0            # the first N devices of the process (0: all of them, the trainer's mesh)
+    devices: int = 0            # N devices of the process from first_device on (0: all of them: the trainer's mesh,
+    #                             or rollout.mesh over every device when that is given)
+    # The sampler's devices are jax.devices()[first_device:first_device + devices] (devices > 0 only): e.g. 4 and 4
+    # on 8 devices puts the sampler on devices 4-7, beside a trainer on 0-3 (the weight sync then copies across).
+    first_device: int = 0
     mesh: tuple = ()            # axis sizes over those devices, e.g. (("tensor", 4),) (empty: fsdp over all)
     dtype: str = ""             # params and compute of the sampler's copy ("": the model's own dtypes)
     session_chunk: int = 128    # C: tokens per row of one prefill call of a session (klong_jax/sampling/sessions.py)
@@ -106,6 +110,9 @@ class RolloutConfig:
     def __post_init__(self):
         if self.devices < 0:
             raise ValueError(f"rollout.devices={self.devices} must be >= 0 (0: every device)")
+        if self.first_device < 0 or (self.first_device and not self.devices):
+            raise ValueError(f"rollout.first_device={self.first_device}: must be >= 0, and > 0 only with "
+                             f"rollout.devices > 0 (devices={self.devices}; 0 means every device)")
         if self.dtype not in ROLLOUT_DTYPES:
             raise ValueError(f"rollout.dtype={self.dtype!r} must be one of {ROLLOUT_DTYPES} ('': the model's)")
         if self.session_chunk < 1:
@@ -116,5 +123,6 @@ class RolloutConfig:
         """From a dict or ConfigDict (None or empty: the defaults); unknown keys are an error."""
         items = known_items(dict(section or {}), cls, "rollout")
         mesh = items.pop("mesh", ())
-        mesh = tuple(sorted((str(k), int(v)) for k, v in (mesh.items() if isinstance(mesh, Mapping) else mesh)))
+        # A dict or a ConfigDict (not a Mapping: `--config.rollout.mesh` overrides give one) of axis sizes, or pairs.
+        mesh = tuple(sorted((str(k), int(v)) for k, v in (mesh.items() if hasattr(mesh, "items") else mesh)))
         return cls(mesh=mesh, **items)

@@ -12,7 +12,8 @@ run_episodes when an episode ends) frees its row. Outputs equal those without re
 `stats`: the sampler's counters (prompt_tokens, prefill_tokens, reused_tokens, compactions, ...).
 
 rollout (config.rollout, `RolloutConfig`): the sampler's own copy of the weights may be cast and placed on a mesh
-over the first N devices (`rollout_model`); `update_params` casts and moves each update the same way.
+over N devices (`rollout_model`: the first N, or from
+rollout.first_device on); `update_params` casts and moves each update the same way.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ from klong_jax.sharding import make_mesh
 def rollout_model(model, mesh, rollout: RolloutConfig | None):
     """(model, mesh) the sampler is built from: `model` cast to rollout.dtype (params and compute: a model of the
     same architecture whose floating-point variables are cast copies) and `mesh` replaced by a mesh of
-    rollout.mesh's axes over the first rollout.devices devices. None or the defaults: (model, mesh) unchanged."""
+    rollout.mesh's axes over the rollout.devices devices from rollout.first_device on (default: the first ones).
+    None or the defaults: (model, mesh) unchanged."""
     if rollout is None:
         return model, mesh
     if rollout.dtype and (model.cfg.param_dtype != rollout.dtype or model.cfg.compute_dtype != rollout.dtype):
@@ -43,11 +45,12 @@ def rollout_model(model, mesh, rollout: RolloutConfig | None):
         state = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                              nnx.state(model))
         model = nnx.merge(graphdef, state)
-    if rollout.devices:
-        if rollout.devices > jax.device_count():
-            raise ValueError(f"rollout.devices={rollout.devices}: this process has {jax.device_count()} devices "
-                             "(0: all of them)")
-        mesh = make_mesh(dict(rollout.mesh) or {"fsdp": -1}, jax.devices()[:rollout.devices])
+    if rollout.devices or rollout.mesh:     # a mesh of rollout.mesh's axes (devices 0: over every device)
+        first, n = rollout.first_device, rollout.devices or jax.device_count()
+        if first + n > jax.device_count():
+            raise ValueError(f"rollout.devices={n}: this process has {jax.device_count()} devices (0: all of them); "
+                             f"from rollout.first_device={first} on it needs {first + n}: lower either")
+        mesh = make_mesh(dict(rollout.mesh) or {"fsdp": -1}, jax.devices()[first:first + n])
     return model, mesh
 
 

@@ -1,7 +1,8 @@
 """An RL stage's update functions compiled ahead of time for a TPU topology from a CPU machine (libtpu installed,
 no TPU), or for this process's own devices without one: `rl_update`, `old_logprobs` and `rl_grads` through the
 loop's own jit wrappers and shardings, nothing allocated (launch/plan.py with an RL config). The abstract run,
-the mesh and the per-function memory report are the SFT plan's (klong_jax/training/aot.py)."""
+the mesh and the per-function memory report are the SFT plan's (klong_jax/training/aot.py). The rollout sampler's
+functions, the weight sync and the colocated verdict are compiled by klong_jax/rl/rollout_aot.py."""
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P

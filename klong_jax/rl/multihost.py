@@ -137,16 +137,20 @@ def sampler_inputs(params, rest, mesh, rollout):
     sampler may share the trainer's mesh). Several: the sampler must not span other processes' devices (each
     process decodes its own episodes at its own pace, no SPMD lockstep), so the weights are gathered to the host
     (`host_copy`) and the sampler's mesh is rollout.mesh (default: fsdp) over this process's first rollout.devices
-    local devices (0: all of them); the returned rollout config has devices=0 so `rollout_model` keeps that mesh."""
+    local devices from rollout.first_device on (devices 0: all of them); the returned rollout config has no devices
+    and no mesh of its own, so `rollout_model` keeps that local mesh."""
     if jax.process_count() == 1:
         return params, rest, mesh, rollout
     from klong_jax.sharding import make_mesh
     local = jax.local_devices()
-    n = rollout.devices if rollout is not None and rollout.devices else len(local)
-    if n > len(local):
-        raise ValueError(f"rollout.devices={n}: this process has {len(local)} local devices (0: all of them)")
-    local_mesh = make_mesh(dict(rollout.mesh) if rollout is not None and rollout.mesh else {"fsdp": -1}, local[:n])
-    rollout = dataclasses.replace(rollout, devices=0) if rollout is not None else None
+    first = rollout.first_device if rollout is not None else 0
+    n = rollout.devices if rollout is not None and rollout.devices else len(local) - first
+    if first + n > len(local):
+        raise ValueError(f"rollout.devices={n} from rollout.first_device={first}: this process has {len(local)} "
+                         "local devices (devices 0: all of them)")
+    local_mesh = make_mesh(dict(rollout.mesh) if rollout is not None and rollout.mesh else {"fsdp": -1},
+                           local[first:first + n])
+    rollout = dataclasses.replace(rollout, devices=0, first_device=0, mesh=()) if rollout is not None else None
     return host_copy(params), host_copy(rest), local_mesh, rollout
 
 

@@ -46,6 +46,15 @@ def _cast_all(xs, dtypes):
     return [x.astype(dt) for x, dt in zip(xs, dtypes)]
 
 
+def _on_device_order(x, mesh) -> bool:
+    """x is a jax.Array laid out on a mesh over exactly `mesh`'s devices in the same order (one jit may then read
+    it and write `mesh`'s shardings)."""
+    sharding = getattr(x, "sharding", None)
+    if not isinstance(x, jax.Array) or not isinstance(sharding, NamedSharding):
+        return False
+    return [d.id for d in sharding.mesh.devices.flat] == [d.id for d in mesh.devices.flat]
+
+
 def _as_tuple(ids) -> tuple[int, ...]:
     if ids is None:
         return ()
@@ -117,8 +126,11 @@ class Sampler:
 
         params: a model, or an nnx.State (or its pure dict) of all or some of its variables (e.g. only
           nnx.Param).
-        Each array is device_put onto this sampler's sharding (a reshard when the trainer's differs)
-        and cast to the sampler's dtype. copy=False lets unchanged arrays alias the caller's buffers:
+        Each array is cast to the sampler's dtype and resharded onto this sampler's sharding: one compiled
+        program when the arrays already live on the sampler's devices in its mesh's order (colocated: the trainer's
+        mesh or another mesh over the same chips; stats["fused_weight_syncs"] counts these), else device_put to
+        the sampler's devices first (other chips, host arrays), then the cast. copy=False lets unchanged arrays
+        alias the caller's buffers:
         only safe when the caller will not donate or delete them (a training step that donates its
         params would leave the sampler with deleted arrays).
         """
@@ -149,15 +161,30 @@ class Sampler:
         paths = list(new_flat)
         target_list = [targets[p] for p in paths]
         dtypes = [cur_flat[p].dtype for p in paths]
-        moved = jax.device_put([new_flat[p] for p in paths], target_list)
-        if copy or any(a.dtype != dt for a, dt in zip(moved, dtypes)):
-            # A jit output never aliases its (undonated) inputs: fresh buffers, cast in the same pass.
-            # (device_put alone may keep a shard of the caller's buffer even when asked not to alias.)
-            key = tuple(paths)
-            if key not in self._copy_fns:     # one compilation per set of updated variables
+        values = [new_flat[p] for p in paths]
+        key = tuple(paths)
+
+        def copy_fn():
+            if key not in self._copy_fns:     # one compilation per set of updated variables (and input layout)
                 self._copy_fns[key] = jax.jit(functools.partial(_cast_all, dtypes=tuple(dtypes)),
                                               out_shardings=target_list)
-            moved = self._copy_fns[key](moved)
+            return self._copy_fns[key]
+
+        if copy or any(jnp.dtype(v.dtype) != dt for v, dt in zip(values, dtypes)):
+            # A jit output never aliases its (undonated) inputs: fresh buffers, cast in the same pass.
+            # (device_put alone may keep a shard of the caller's buffer even when asked not to alias.)
+            if self.mesh is not None and all(_on_device_order(v, self.mesh) for v in values):
+                # The caller's arrays on the sampler's devices in the sampler mesh's order (the trainer's mesh, or
+                # another mesh over the same chips): cast and reshard are one compiled program, as
+                # klong_jax/rl/rollout_aot.py plans it.
+                moved = copy_fn()(values)
+                self.stats["fused_weight_syncs"] += 1
+            else:
+                # A jit reads and writes one device order only: arrays on other devices (another sampler's chips,
+                # another order, the host) are first moved by device_put, then cast.
+                moved = copy_fn()(jax.device_put(values, target_list))
+        else:
+            moved = jax.device_put(values, target_list)
         for p, arr in zip(paths, moved):
             cur_flat[p] = arr
         treedef = jax.tree_util.tree_structure(current)
