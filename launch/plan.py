@@ -44,15 +44,15 @@ _RL_FUNCTIONS = flags.DEFINE_list("rl_functions", None, "RL configs with --topol
                                   "(default: rl_update, old_logprobs, rl_grads when rl.minibatches > 0, and the "
                                   "three rollout functions)")
 _ROLLOUT_MESH = flags.DEFINE_string("rollout_mesh", "", "RL configs: the sampler's mesh axes, e.g. "
-                                    "fsdp:8,expert:8,tensor:4 (sets config.rollout.mesh; with rollout.devices 0 "
-                                    "also rollout.devices = all chips, the same chips as the trainer)")
+                                    "fsdp:8,expert:8,tensor:4 (sets config.rollout.mesh: over every chip, the "
+                                    "trainer's, unless rollout.devices / first_device say otherwise)")
 _ROLLOUT_MAX_NEW = flags.DEFINE_integer("rollout_max_new", 4096, "N: the decode state's new-token columns")
 _UPDATE_PEAK = flags.DEFINE_float("rl_update_peak_gib", None, "the RL update's per-chip peak (GiB) for the "
                                   "`colocated` verdict when rl_update is not compiled in this call")
 _OUT = flags.DEFINE_string("out", "", "also write the JSON here")
 
 
-def compile_rl(cfg, topology: str, n_devices: int) -> dict:
+def compile_rl(cfg, topology: str) -> dict:
     """{"compiled": the RL update functions asked (compile_rl_update), "rollout": the rollout functions asked
     (compile_rollout, its `colocated` verdict from this call's rl_update peak or --rl_update_peak_gib)}."""
     from klong_jax.rl.aot import RL_FUNCTIONS, compile_rl_update
@@ -66,10 +66,8 @@ def compile_rl(cfg, topology: str, n_devices: int) -> dict:
                              f"{RL_FUNCTIONS + ROLLOUT_FUNCTIONS}")
     rl_fns = None if asked is None else tuple(f for f in asked if f in RL_FUNCTIONS)
     rollout_fns = ROLLOUT_FUNCTIONS if asked is None else tuple(f for f in asked if f in ROLLOUT_FUNCTIONS)
-    if _ROLLOUT_MESH.value:
+    if _ROLLOUT_MESH.value:      # over every chip unless rollout.devices says how many
         cfg.rollout.mesh = parse_mesh_spec(_ROLLOUT_MESH.value)
-        if not cfg.rollout.devices:
-            cfg.rollout.devices = n_devices
     out = {}
     if rl_fns is None or rl_fns:
         out["compiled"] = compile_rl_update(cfg, topology, functions=rl_fns)
@@ -94,7 +92,7 @@ def main(_):
         n = len(topologies.get_topology_desc(topology_name=_TOPOLOGY.value, platform="tpu").devices)
         result.update(plan(model_config_from(cfg.model), dict(cfg.mesh.shape), n))
         if cfg.get("kind") == "rl":
-            result.update(compile_rl(cfg, _TOPOLOGY.value, n))
+            result.update(compile_rl(cfg, _TOPOLOGY.value))
         else:
             result["compiled"] = compile_train_step(cfg, _TOPOLOGY.value)
     else:

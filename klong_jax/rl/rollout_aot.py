@@ -13,9 +13,9 @@ Shapes (RL config `cfg`, `rl` = cfg.rl, `rollout` = cfg.rollout, RolloutConfig):
   L = all decoder layers, K kv heads, H head dim; the cache [L, B, S, K, H] (k and v) in the sampler's compute
       dtype, sharded by CACHE_AXES (batch over data/fsdp/expert, seq over context, kv heads over tensor).
 
-The sampler's mesh (`sampler_mesh`): rollout.devices == 0: the trainer's mesh itself ("trainer"); otherwise a mesh
-of rollout.mesh's axes (default fsdp over all) over the rollout.devices devices from rollout.first_device on, in id
-order as at run time (agent/sampler_policy.py rollout_model). When those are exactly the trainer's devices
+The sampler's mesh (`sampler_mesh`): rollout.devices == 0 and no rollout.mesh: the trainer's mesh itself
+("trainer"); otherwise a mesh of rollout.mesh's axes (default fsdp over all) over the rollout.devices devices (0:
+all) from rollout.first_device on, in id order as at run time (agent/sampler_policy.py rollout_model). When those are exactly the trainer's devices
 ("colocated"), the mesh takes them in the trainer mesh's order, so one jit can read the trainer's arrays and write
 the sampler's; otherwise ("separate") the sampler sits on other chips.
 
@@ -74,10 +74,10 @@ def _mesh_dims(mesh) -> dict:
 
 def sampler_mesh(rollout: RolloutConfig, trainer_mesh: Mesh, topology: str | None) -> tuple[Mesh, str]:
     """(the sampler's mesh, placement "trainer" | "colocated" | "separate"); see the module docstring."""
-    if not rollout.devices:
+    if not rollout.devices and not rollout.mesh:
         return trainer_mesh, "trainer"
     devices = sorted(trainer_mesh.devices.flat, key=lambda d: d.id)     # the process's (topology's) devices
-    first, n = rollout.first_device, rollout.devices
+    first, n = rollout.first_device, rollout.devices or len(devices)    # a mesh alone: over every device
     if first + n > len(devices):
         raise ValueError(f"rollout.devices={n} from rollout.first_device={first}: the mesh has {len(devices)} "
                          "devices; lower either")
