@@ -6,18 +6,18 @@
       --config.rl.seq_len=32768 --config.rl.batch_rows=64                          # an RL stage's update
 With --topology (needs the [tpu] extra: libtpu) the real train step is compiled for that TPU topology from
 this machine, with the configured mesh and shardings, and the compiled per-device memory, FLOPs and compile
-seconds are added ("compiled"). An RL stage config (config.kind == "rl") compiles the RL loop's functions
-instead (klong_jax/rl/aot.py compile_rl_update): `rl_update` (one optimizer step on a batch of
-rl.batch_rows rows of rl.seq_len tokens, donated state, through the loop's jit wrapper), `old_logprobs` (the
-forward pass(es) before the update; its `fits` counts the optimizer state that stays on device meanwhile) and,
-with rl.minibatches > 0, `rl_grads`; and the rollout sampler's (klong_jax/rl/rollout_aot.py compile_rollout, under
-"rollout"): `sampler_prefill` (a session prefill call: rollout.session_chunk tokens x rl.max_concurrent_episodes
-rows into a cache of rl.seq_len slots), `sampler_decode` (the decode loop on that cache) and `weight_sync` (the
-trainer's params cast and resharded to the sampler's copy), with the KV cache's bytes and the `colocated` verdict
-(training and sampling on the same chips). --rl_functions picks a subset of both lists; --rollout_mesh puts the
-sampler on a mesh of its own axes (over all chips unless --config.rollout.devices / first_device say otherwise);
---rl_update_peak_gib gives the update's peak for the verdict when rl_update is not compiled in the same call.
-Nothing is allocated either way.
+seconds are added ("compiled"). An RL stage config (config.kind == "rl") compiles the RL loop's functions instead
+(klong_jax/rl/aot.py compile_rl_update): `rl_update` (one optimizer step on a batch of rl.batch_rows rows of
+rl.seq_len tokens, donated state, through the loop's jit wrapper), `old_logprobs` (the forward pass(es) before the
+update; its `fits` counts the optimizer state that stays on device meanwhile) and, with rl.minibatches > 0,
+`rl_minibatch` (the step over a mini-batch of micro-batches); and the rollout sampler's (klong_jax/rl/rollout_aot.py
+compile_rollout, under "rollout"): `sampler_prefill` (a session prefill call: rollout.session_chunk tokens x
+rl.max_concurrent_episodes rows into a cache of rl.seq_len slots), `sampler_decode` (the decode loop on that cache)
+and `weight_sync` (the trainer's params cast and resharded to the sampler's copy), with the KV cache's bytes and the
+`colocated` verdict (training and sampling on the same chips). --rl_functions picks a subset of both lists;
+--rollout_mesh puts the sampler on a mesh of its own axes (over all chips unless --config.rollout.devices /
+first_device say otherwise); --rl_update_peak_gib gives the update's peak for the verdict when rl_update is not
+compiled in the same call. Nothing is allocated either way.
 
   python launch/plan.py --config=configs/rl_stage3.py:glm45_air --topology=v5p:4x8x8 \
       --rl_functions=sampler_prefill,sampler_decode,weight_sync --rollout_mesh=fsdp:8,expert:8,tensor:4
@@ -40,8 +40,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. con
 _DEVICES = flags.DEFINE_integer("num_devices", 256, "devices of the mesh to plan for (without --topology)")
 _TOPOLOGY = flags.DEFINE_string("topology", "", "TPU topology to AOT-compile the train step for, e.g. v5p:4x4x8")
 _RL_FUNCTIONS = flags.DEFINE_list("rl_functions", None, "RL configs with --topology: which of rl_update, "
-                                  "old_logprobs, rl_grads, sampler_prefill, sampler_decode, weight_sync to compile "
-                                  "(default: rl_update, old_logprobs, rl_grads when rl.minibatches > 0, and the "
+                                  "old_logprobs, rl_minibatch, sampler_prefill, sampler_decode, weight_sync to compile "
+                                  "(default: rl_update, old_logprobs, rl_minibatch when rl.minibatches > 0, and the "
                                   "three rollout functions)")
 _ROLLOUT_MESH = flags.DEFINE_string("rollout_mesh", "", "RL configs: the sampler's mesh axes, e.g. "
                                     "fsdp:8,expert:8,tensor:4 (sets config.rollout.mesh: over every chip, the "

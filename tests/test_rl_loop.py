@@ -171,12 +171,12 @@ def test_an_update_raises_the_positive_episode_and_lowers_the_negative_one(rollo
 
 
 def test_minibatch_of_micro_batches_equals_one_big_batch(rollout):
-    """rl.minibatches=1: the rows fed one per micro-batch (batch_rows=1), gradients summed on device with every
+    """rl.minibatches=1: the rows fed one per micro-batch (batch_rows=1), gradients summed in-graph with every
     loss normalised by the mini-batch's loss tokens, then ONE optimizer step, give the same parameters and loss
     as one rl_update on all rows as a single batch (AdamW's first step amplifies any difference: m/sqrt(v) is
     sign(g) elementwise, so a wrong normalisation or a missing micro-batch flips parameters by 2 lr)."""
     from klong_jax.rl.loop import update_policy
-    from klong_jax.rl.step import jit_rl_accumulate_fns
+    from klong_jax.rl.step import jit_rl_minibatch_update
     from klong_jax.sharding import logical_to_spec
     from klong_jax.training.optimizer import make_optimizer
     from klong_jax.training.state import abstract_layout, new_state
@@ -194,17 +194,20 @@ def test_minibatch_of_micro_batches_equals_one_big_batch(rollout):
         rl = ConfigDict({**RL.to_dict(), "batch_rows": batch_rows, "ppo_epochs": 1, "seq_len": SEQ,
                          "minibatches": minibatches})
         update_fn, old_fn = jit_rl_fns(graphdef, tx, rl, lr, state_sh, rest_sh, mesh)
-        accumulate = jit_rl_accumulate_fns(graphdef, tx, rl, lr, state_sh, rest_sh, mesh) if minibatches else None
+        minibatch_fn = jit_rl_minibatch_update(graphdef, tx, rl, lr, state_sh, rest_sh, mesh) if minibatches else None
         with jax.set_mesh(mesh):
             state = new_state(jax.tree.map(jnp.copy, params), tx, state_sh)
             state, metrics = update_policy(update_fn, old_fn, state, jax.device_put(rest, rest_sh), state["params"],
                                            rows, rl, mesh, logical_to_spec(("batch", "seq"), (batch_rows, SEQ), mesh),
-                                           accumulate_fns=accumulate)
+                                           minibatch_fn=minibatch_fn)
         results[name] = (jax.device_get(state["params"]), metrics, int(state["step"]))
     (p1, m1, s1), (p2, m2, s2) = results["one batch"], results["micro-batches"]
     assert s1 == s2 == 1, "one optimizer step each"
     np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(m2["grad_norm"], m1["grad_norm"], rtol=1e-4)
     # lr 1e-3: a flipped sign would differ by 2e-3; summation order alone moves elements whose gradient is near
-    # Adam's eps by a few 1e-6.
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=2e-5), p2, p1)
+    # Adam's eps (m / (sqrt(v) + eps) is then sensitive to the last bits): a few 1e-6, and one element of 81,920 by
+    # 3.2e-5 with the in-graph sum (session 13). So: every element within 1e-4, and at most 1 in 10,000 above 2e-5.
+    diffs = np.concatenate([np.abs(np.asarray(a) - np.asarray(b)).ravel()
+                            for a, b in zip(jax.tree.leaves(p2), jax.tree.leaves(p1))])
+    assert diffs.max() < 1e-4 and (diffs > 2e-5).mean() <= 1e-4, (diffs.max(), (diffs > 2e-5).sum())

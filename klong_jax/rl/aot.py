@@ -1,5 +1,5 @@
 """An RL stage's update functions compiled ahead of time for a TPU topology from a CPU machine (libtpu installed,
-no TPU), or for this process's own devices without one: `rl_update`, `old_logprobs` and `rl_grads` through the
+no TPU), or for this process's own devices without one: `rl_update`, `old_logprobs` and `rl_minibatch` through the
 loop's own jit wrappers and shardings, nothing allocated (launch/plan.py with an RL config). The abstract run,
 the mesh and the per-function memory report are the SFT plan's (klong_jax/training/aot.py). The rollout sampler's
 functions, the weight sync and the colocated verdict are compiled by klong_jax/rl/rollout_aot.py."""
@@ -10,13 +10,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from klong_jax.data.packing import ROW_FIELDS
 from klong_jax.models.from_config import model_config_from
 from klong_jax.rl.config import RLConfig
-from klong_jax.rl.step import jit_rl_accumulate_fns, jit_rl_fns
+from klong_jax.rl.step import jit_rl_fns, jit_rl_minibatch_update
 from klong_jax.sharding import logical_to_spec
 from klong_jax.training.aot import abstract_run, compile_report, config_mesh, hbm_gib, mesh_info, per_device_bytes
 from klong_jax.training.checkpoint import abstract_with_shardings
 
 RL_EXTRA_DTYPES = {"rl_mask": jnp.int32, "advantages": jnp.float32, "sampler_logprobs": jnp.float32}
-RL_FUNCTIONS = ("rl_update", "old_logprobs", "rl_grads")
+RL_FUNCTIONS = ("rl_update", "old_logprobs", "rl_minibatch")
+MINIBATCH_MICRO = 2   # micro-batches of the compiled `rl_minibatch` step (its memory is one micro-batch's + the sum)
 
 
 def rl_abstract_batch(rl, model_cfg, mesh, *, with_old: bool) -> dict:
@@ -36,14 +37,15 @@ def rl_abstract_batch(rl, model_cfg, mesh, *, with_old: bool) -> dict:
 
 def compile_rl_update(cfg, topology: str | None, functions=None) -> dict:
     """An RL stage config's (cfg.kind == "rl") update functions compiled for `topology` (None: this process's
-    devices), through the loop's jit wrappers and shardings (rl/step.py jit_rl_fns / jit_rl_accumulate_fns, the
+    devices), through the loop's jit wrappers and shardings (rl/step.py jit_rl_fns / jit_rl_minibatch_update, the
     TrainablePlan's state layout, donated state): `rl_update` (one optimizer step on a batch), `old_logprobs` (the
-    forward(s) before the update) and, when rl.minibatches > 0 (the loop then steps on summed micro-batch
-    gradients), `rl_grads`. functions: a subset of RL_FUNCTIONS (None: those). One report per function
-    (`compile_report`); `fits` on top: every function fits."""
+    forward(s) before the update) and, when rl.minibatches > 0 (the loop then steps on the in-graph sum of a
+    mini-batch's micro-batch gradients), `rl_minibatch` (that step over MINIBATCH_MICRO batches). functions: a
+    subset of RL_FUNCTIONS (None: those). One report per function (`compile_report`); `fits` on top: every function
+    fits."""
     rl = RLConfig.from_mapping(cfg.rl)
     if functions is None:
-        functions = ("rl_update", "old_logprobs") + (("rl_grads",) if rl.minibatches else ())
+        functions = ("rl_update", "old_logprobs") + (("rl_minibatch",) if rl.minibatches else ())
     unknown = set(functions) - set(RL_FUNCTIONS)
     if unknown:
         raise ValueError(f"unknown RL functions {sorted(unknown)}; choose from {RL_FUNCTIONS}")
@@ -74,10 +76,11 @@ def compile_rl_update(cfg, topology: str | None, functions=None) -> dict:
                 lowered = old_fn.lower(state["params"], run.rest, old_batch, run.frozen)
                 reports[name] = compile_report(lowered, topology, resident_bytes=opt_bytes + ref_bytes)
             else:
-                grads_fn, _, _ = jit_rl_accumulate_fns(*fn_args, **fn_kw)
+                minibatch_fn = jit_rl_minibatch_update(*fn_args, **fn_kw)
                 total = jax.ShapeDtypeStruct((), jnp.float32)
-                lowered = grads_fn.lower(state["params"], run.rest, ref_params, batch, total, run.frozen)
-                reports[name] = compile_report(lowered, topology, resident_bytes=opt_bytes)
+                lowered = minibatch_fn.lower(state, run.rest, ref_params, (batch,) * MINIBATCH_MICRO, total,
+                                             run.frozen)
+                reports[name] = compile_report(lowered, topology)
             del lowered
     return {**mesh_info(topology, mesh, model_cfg), "kind": "rl", "seq_len": rl.seq_len,
             "batch_rows": rl.batch_rows, "loss_chunk": rl.loss_chunk, "routing_replay": rl.routing_replay,

@@ -33,7 +33,7 @@ from klong_jax.rl import multihost
 from klong_jax.rl.advantages import advantage_stats, group_advantages
 from klong_jax.rl.batch import build_rows, to_batches
 from klong_jax.rl.config import RLConfig
-from klong_jax.rl.step import jit_rl_accumulate_fns, jit_rl_fns
+from klong_jax.rl.step import jit_rl_fns, jit_rl_minibatch_update
 from klong_jax.sandbox import SandboxPool
 from klong_jax.sharding import logical_to_spec, make_mesh
 from klong_jax.tasks import load_task
@@ -98,7 +98,7 @@ class StageSetup:
     old_fn: object
     batch_spec: object
     layout: TrainLayout = None    # what trains (config.trainable): state["params"] is its trainable subset
-    accumulate_fns: tuple = None  # (grads, add, apply) when rl.minibatches > 0 (jit_rl_accumulate_fns)
+    minibatch_fn: object = None   # the mini-batch step when rl.minibatches > 0 (jit_rl_minibatch_update)
 
     def initial_train_state(self, cfg, workdir):
         """(state, rest, frozen) at the start of the stage: init_from's weights and a fresh optimizer over the
@@ -149,9 +149,9 @@ def setup_stage(cfg, data_paths: dict) -> StageSetup:
                          "full tempered distribution (top_k=0, top_p=1.0)")
     update_fn, old_fn = jit_rl_fns(graphdef, tx, rl, lr_schedule, state_sh, rest_sh, mesh,
                                    temperature=agent_cfg.temperature, plan=plan, frozen_sh=layout.frozen_sh)
-    accumulate_fns = None
+    minibatch_fn = None
     if rl.minibatches:
-        accumulate_fns = jit_rl_accumulate_fns(graphdef, tx, rl, lr_schedule, state_sh, rest_sh, mesh,
+        minibatch_fn = jit_rl_minibatch_update(graphdef, tx, rl, lr_schedule, state_sh, rest_sh, mesh,
                                                temperature=agent_cfg.temperature, plan=plan,
                                                frozen_sh=layout.frozen_sh)
     template = make_chat_template(tokenizer, cfg.data.get("chat_template", "auto"))
@@ -159,7 +159,7 @@ def setup_stage(cfg, data_paths: dict) -> StageSetup:
                       tasks=load_tasks(data_paths["train_tasks"]), agent_cfg=agent_cfg,
                       rollout_cfg=RolloutConfig.from_mapping(cfg.get("rollout")), tx=tx,
                       graphdef=graphdef, abs_params=abs_params, abs_rest=abs_rest, state_sh=state_sh,
-                      rest_sh=rest_sh, update_fn=update_fn, old_fn=old_fn, accumulate_fns=accumulate_fns,
+                      rest_sh=rest_sh, update_fn=update_fn, old_fn=old_fn, minibatch_fn=minibatch_fn,
                       batch_spec=logical_to_spec(("batch", "seq"), (rl.batch_rows, rl.seq_len), mesh), layout=layout)
 
 
@@ -267,7 +267,7 @@ def learn_from_episodes(st: StageSetup, rl, state, rest, ref_params, frozen, res
     if windows:   # some process has rows: all update together (the others with masked rows)
         state, update_metrics = update_policy(
             st.update_fn, st.old_fn, state, rest, ref_params, rows, rl, st.mesh, st.batch_spec, frozen=frozen,
-            accumulate_fns=st.accumulate_fns,
+            minibatch_fn=st.minibatch_fn,
             pad_row=multihost.empty_row(rl.seq_len, st.model_cfg.num_moe_layers, st.model_cfg.num_experts_per_tok))
         metrics.update(update_metrics)
         metrics["windows"] = int(windows)
@@ -310,7 +310,7 @@ def _metrics_from_records(records) -> dict:
 
 
 def update_policy(update_fn, old_fn, state, rest, ref_params, rows, rl, mesh, batch_spec, frozen=None,
-                  accumulate_fns=None, pad_row=None):
+                  minibatch_fn=None, pad_row=None):
     """ppo_epochs passes over the packed rows; returns the new state and the mean update metrics.
     frozen: the params the run's TrainablePlan freezes ({} / None: every parameter trains).
 
@@ -321,7 +321,8 @@ def update_policy(update_fn, old_fn, state, rest, ref_params, rows, rl, mesh, ba
 
     Optimizer steps per pass: `rl.minibatches` (> 0: the rows split into that many mini-batches of whole
     batches, each one step on the exact sum of its micro-batches' gradients, every loss normalised by the
-    mini-batch's loss tokens; needs `accumulate_fns`, jit_rl_accumulate_fns) or, with 0 (off), one step per
+    mini-batch's loss tokens; needs `minibatch_fn`, jit_rl_minibatch_update: the micro-batches summed in-graph by
+    SFT's accumulate_gradients) or, with 0 (off), one step per
     batch of `rl.batch_rows` rows (`update_fn`). Metrics: per optimizer step (a mini-batch's additive metrics
     summed, `*_max` maxed), then the mean over steps.
 
@@ -356,8 +357,8 @@ def update_policy(update_fn, old_fn, state, rest, ref_params, rows, rl, mesh, ba
                 continue
             totals.setdefault(name, []).append(multihost.mean_gap(mesh, batch, logprobs))
     minibatches = int(getattr(rl, "minibatches", 0))   # an RLConfig; a mapping without the key: off
-    if minibatches and accumulate_fns is None:
-        raise ValueError(f"rl.minibatches={minibatches} needs the accumulating update (jit_rl_accumulate_fns)")
+    if minibatches and minibatch_fn is None:
+        raise ValueError(f"rl.minibatches={minibatches} needs the mini-batch update (jit_rl_minibatch_update)")
     groups = (np.array_split(np.arange(len(batches)), min(minibatches, len(batches))) if minibatches
               else [[i] for i in range(len(batches))])
 
@@ -370,18 +371,10 @@ def update_policy(update_fn, old_fn, state, rest, ref_params, rows, rl, mesh, ba
                 state, m = update_fn(state, rest, ref_params, batch_for_update(group[0]), frozen)
                 metrics = {k: float(v) for k, v in jax.device_get(m).items()}
             else:
-                grads_fn, add_fn, apply_fn = accumulate_fns
                 total = np.float32(max(sum(float(tokens[i]) for i in group), 1.0))
-                acc, loss, metrics = None, 0.0, {}
-                for i in group:
-                    g, l, m = grads_fn(state["params"], rest, ref_params, batch_for_update(i), total, frozen)
-                    acc = g if acc is None else add_fn(acc, g)
-                    loss = loss + l
-                    for k, v in jax.device_get(m).items():
-                        metrics[k] = max(metrics.get(k, float(v)), float(v)) if k.endswith("_max") \
-                            else metrics.get(k, 0.0) + float(v)
-                state, applied = apply_fn(state, acc, loss)
-                metrics.update({k: float(v) for k, v in jax.device_get(applied).items()})
+                state, m = minibatch_fn(state, rest, ref_params, tuple(batch_for_update(i) for i in group), total,
+                                        frozen)
+                metrics = {k: float(v) for k, v in jax.device_get(m).items()}
             for k, v in metrics.items():
                 totals.setdefault(k, []).append(v)
     return state, {k: float(np.mean(v)) for k, v in totals.items()}

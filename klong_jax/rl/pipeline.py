@@ -167,7 +167,8 @@ def results_table(heldout: dict, budgets: dict, paired: dict | None = None) -> s
         lines.append(f"| {name} | {row.get('mean_score', np.nan):.3f} ± {row.get('score_std', np.nan):.3f} | "
                      f"{row.get('leaf_pass_rate', np.nan):.3f} | {row.get('submit_rate', np.nan):.2f} | "
                      f"{row.get('mean_turns', np.nan):.1f} | {row.get('mean_sampled_tokens', np.nan):.0f} | "
-                     f"{row.get('rollout_prefill_tokens', np.nan):.0f} / {row.get('rollout_reused_tokens', np.nan):.0f} |")
+                     f"{row.get('rollout_prefill_tokens', np.nan):.0f} / "
+                     f"{row.get('rollout_reused_tokens', np.nan):.0f} |")
     if paired:
         lines += ["", "| paired on the same held-out tasks | tasks | mean difference ± standard error | "
                   "interval (± 2 se) | tasks up / down / same | verdict | smallest resolvable difference |",

@@ -15,9 +15,9 @@ Shapes (RL config `cfg`, `rl` = cfg.rl, `rollout` = cfg.rollout, RolloutConfig):
 
 The sampler's mesh (`sampler_mesh`): rollout.devices == 0 and no rollout.mesh: the trainer's mesh itself
 ("trainer"); otherwise a mesh of rollout.mesh's axes (default fsdp over all) over the rollout.devices devices (0:
-all) from rollout.first_device on, in id order as at run time (agent/sampler_policy.py rollout_model). When those are exactly the trainer's devices
-("colocated"), the mesh takes them in the trainer mesh's order, so one jit can read the trainer's arrays and write
-the sampler's; otherwise ("separate") the sampler sits on other chips.
+all) from rollout.first_device on, in id order as at run time (agent/sampler_policy.py rollout_model). When those
+are exactly the trainer's devices ("colocated"), the mesh takes them in the trainer mesh's order, so one jit can read
+the trainer's arrays and write the sampler's; otherwise ("separate") the sampler sits on other chips.
 
 Functions (ROLLOUT_FUNCTIONS), each through the Sampler's own jit wrapper and donation:
   sampler_prefill  decode.append_chunk: C tokens x B rows into the S-slot cache (cache donated);

@@ -1,7 +1,8 @@
 """The jit'd RL update: the trainer's log-probs of the sampled tokens (optionally with the sampler's
 expert routing forced: routing replay), the clipped policy loss with truncated importance weights, the
 optional k3 KL to a frozen reference, one AdamW update per mini-batch (one batch, or micro-batches whose
-gradients are summed exactly: `jit_rl_accumulate_fns`); same sharding/donation scheme as SFT.
+gradients are summed exactly in-graph by SFT's `accumulate_gradients`: `jit_rl_minibatch_update`); same
+sharding/donation scheme as SFT, and the same guarded optimizer step (`apply_gradients`).
 
 The policy being optimised is the one the sampler draws from: softmax(logits / temperature). The trainer
 therefore divides its logits by the rollout temperature too; otherwise the ratio against the sampler's
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from klong_jax.rl.objective import chunked_token_logprobs, policy_loss
-from klong_jax.training.step import apply_gradients
+from klong_jax.training.step import accumulate_gradients, apply_gradients
 from klong_jax.training.trainable import bind_model
 
 MODEL_KEYS = ("input_ids", "targets", "positions", "doc_ids", "window_ids")
@@ -96,13 +97,11 @@ def rl_apply(state, grads, loss, *, tx, lr_schedule):
 
 def rl_update(state, rest, ref_params, batch, frozen=None, *, graphdef, tx, rl_cfg, lr_schedule,
               temperature: float = 1.0, plan=None):
-    """One update of state["params"] (the trainable subset) on the clipped policy loss of `batch` alone."""
+    """One update of state["params"] (the trainable subset) on the clipped policy loss of `batch` alone: the
+    mini-batch step (`rl_minibatch_update`) of one micro-batch, normalised by its own loss tokens."""
     total = jnp.maximum(jnp.sum(batch["rl_mask"].astype(jnp.float32)), 1.0)
-    grads, loss, metrics = rl_grads(state["params"], rest, ref_params, batch, total, frozen, graphdef=graphdef,
-                                    rl_cfg=rl_cfg, temperature=temperature, plan=plan)
-    new_state, applied = rl_apply(state, grads, loss, tx=tx, lr_schedule=lr_schedule)
-    metrics.update(applied)
-    return new_state, metrics
+    return rl_minibatch_update(state, rest, ref_params, (batch,), total, frozen, graphdef=graphdef, tx=tx,
+                               rl_cfg=rl_cfg, lr_schedule=lr_schedule, temperature=temperature, plan=plan)
 
 
 def jit_rl_fns(graphdef, tx, rl_cfg, lr_schedule, state_sh, rest_sh, mesh, temperature: float = 1.0, plan=None,
@@ -125,24 +124,40 @@ def jit_rl_fns(graphdef, tx, rl_cfg, lr_schedule, state_sh, rest_sh, mesh, tempe
     return update, old
 
 
-def jit_rl_accumulate_fns(graphdef, tx, rl_cfg, lr_schedule, state_sh, rest_sh, mesh, temperature: float = 1.0,
-                          plan=None, frozen_sh=None):
-    """(grads(params, rest, ref_params, batch, total_tokens, frozen), add(acc, grads), apply(state, grads, loss)),
-    jit'd: an optimizer step over a mini-batch fed as host micro-batches (rl.minibatches), its gradient summed
-    exactly on device (rl/loop.py `update_policy`)."""
+def rl_minibatch_update(state, rest, ref_params, batches, total_tokens, frozen=None, *, graphdef, tx, rl_cfg,
+                        lr_schedule, temperature: float = 1.0, plan=None):
+    """One optimizer step on a mini-batch of M micro-batches (`batches`: a tuple of M batch dicts of one shape, e.g.
+    the loop's batches of rl.batch_rows rows): their gradients summed exactly in-graph by SFT's
+    `accumulate_gradients` (one micro-batch live at a time), every loss normalised by `total_tokens`, the loss tokens
+    of the whole mini-batch (so the sum is the mini-batch's gradient), then `rl_apply` (the guarded step shared with
+    SFT). Metrics: each micro-batch's additive metrics summed, `*_max` maxed; then the step's grad norm, lr and
+    non-finite flag."""
+    micro = jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
+
+    def grad_fn(p, mb):   # aux: the metrics (their "loss" is the micro-batch's loss, stopped) and the loss itself
+        grads, loss, metrics = rl_grads(p, rest, ref_params, mb, total_tokens, frozen, graphdef=graphdef,
+                                        rl_cfg=rl_cfg, temperature=temperature, plan=plan)
+        return grads, {**metrics, "_objective": loss}
+
+    first = jax.tree.map(lambda x: x[0], micro)
+    maxed = tuple(k for k in jax.eval_shape(lambda p: grad_fn(p, first)[1], state["params"]) if k.endswith("_max"))
+    grads, sums = accumulate_gradients(grad_fn, state["params"], micro, maxed=maxed)
+    loss = sums.pop("_objective")
+    new_state, applied = rl_apply(state, grads, loss, tx=tx, lr_schedule=lr_schedule)
+    return new_state, {**sums, **applied}
+
+
+def jit_rl_minibatch_update(graphdef, tx, rl_cfg, lr_schedule, state_sh, rest_sh, mesh, temperature: float = 1.0,
+                            plan=None, frozen_sh=None):
+    """update(state, rest, ref_params, batches, total_tokens, frozen) -> (state, metrics), jit'd with donated state:
+    `rl_minibatch_update`, the optimizer step of rl.minibatches > 0 (rl/loop.py `update_policy`). One compilation
+    per number of micro-batches M (the loop's mini-batches differ by at most one batch: at most two)."""
     if not temperature > 0:
         raise ValueError(f"RL needs a sampling temperature > 0 (greedy rollouts have no policy gradient), "
                          f"got {temperature}")
     replicated = NamedSharding(mesh, P())
     frozen_sh = {} if frozen_sh is None else frozen_sh
-    param_sh = state_sh["params"]
-    grads = jax.jit(functools.partial(rl_grads, graphdef=graphdef, rl_cfg=rl_cfg, temperature=temperature,
-                                      plan=plan),
-                    in_shardings=(param_sh, rest_sh, param_sh, None, None, frozen_sh),
-                    out_shardings=(param_sh, replicated, replicated))
-    add = jax.jit(lambda acc, g: jax.tree.map(jnp.add, acc, g), in_shardings=(param_sh, param_sh),
-                  out_shardings=param_sh, donate_argnums=(0,))
-    apply = jax.jit(functools.partial(rl_apply, tx=tx, lr_schedule=lr_schedule),
-                    in_shardings=(state_sh, param_sh, None), out_shardings=(state_sh, replicated),
-                    donate_argnums=(0,))
-    return grads, add, apply
+    return jax.jit(functools.partial(rl_minibatch_update, graphdef=graphdef, tx=tx, rl_cfg=rl_cfg,
+                                     lr_schedule=lr_schedule, temperature=temperature, plan=plan),
+                   in_shardings=(state_sh, rest_sh, state_sh["params"], None, None, frozen_sh),
+                   out_shardings=(state_sh, replicated), donate_argnums=(0,))

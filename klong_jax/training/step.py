@@ -44,6 +44,35 @@ def apply_gradients(state, grads, loss, tx):
     return new_state, grad_norm, finite
 
 
+def accumulate_gradients(grad_fn, params, micro, *, maxed=()):
+    """The exact sum over M micro-batches of `grad_fn(params, mb) -> (grads, aux)`; micro: a pytree whose every
+    leaf has the micro-batch index as its leading axis [M, ...]. One micro-batch is live at a time (lax.scan).
+    Gradients are summed in fp32 and returned in each param's dtype; aux (a pytree of arrays) is summed, except
+    the top-level keys in `maxed` (a dict aux), which are maxed. The sum is the whole batch's gradient when each
+    micro-batch's loss is normalised by the whole batch's count (loss tokens): the caller's loss does that.
+    The one accumulation of SFT (`train_step`) and RL (rl/step.py `rl_minibatch_update`)."""
+    first = jax.tree.map(lambda x: x[0], micro)
+    aux_shape = jax.eval_shape(lambda p, mb: grad_fn(p, mb)[1], params, first)
+    aux0 = {k: jax.tree.map(lambda a, k=k: jnp.full(a.shape, -jnp.inf if k in maxed else 0, a.dtype), v)
+            for k, v in aux_shape.items()} if isinstance(aux_shape, dict) else \
+        jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shape)
+
+    def add_aux(acc, new):
+        if isinstance(acc, dict):
+            return {k: jax.tree.map(jnp.maximum if k in maxed else jnp.add, acc[k], new[k]) for k in acc}
+        return jax.tree.map(jnp.add, acc, new)
+
+    def body(carry, mb):
+        grads_acc, aux_acc = carry
+        grads, aux = grad_fn(params, mb)
+        grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
+        return (grads_acc, add_aux(aux_acc, aux)), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    (grads, aux), _ = jax.lax.scan(body, (zeros, aux0), micro)
+    return jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params), aux
+
+
 def train_step(state, rest, batch, frozen=None, *, graphdef, tx, micro_batches: int, z_loss_weight: float,
                lr_schedule, loss_chunk: int = 0, plan=None):
     """One optimizer update over the global batch, split into `micro_batches` sequential micro-batches.
@@ -61,19 +90,14 @@ def train_step(state, rest, batch, frozen=None, *, graphdef, tx, micro_batches: 
         sums = forward_sums(graphdef, p, rest, mb, z_loss_weight, loss_chunk, frozen=frozen, plan=plan)
         return sums["loss_sum"] / total_tokens, sums
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def accumulate(carry, mb):
-        grads_acc, sums_acc = carry
+    def grad_fn(p, mb):
         mb = {k: constrain(v, ("batch", "seq")) for k, v in mb.items()}
-        (_, sums), grads = grad_fn(params, mb)
-        grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
-        return (grads_acc, jax.tree.map(jnp.add, sums_acc, sums)), None
+        (_, sums), grads = value_and_grad(p, mb)
+        return grads, {k: sums[k].astype(jnp.float32) for k in ("loss_sum", "correct_sum", "tokens")}
 
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    zero_sums = {"loss_sum": 0.0, "correct_sum": 0.0, "tokens": 0.0}
-    (grads, sums), _ = jax.lax.scan(accumulate, (zeros, jax.tree.map(jnp.float32, zero_sums)), micro)
-    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    grads, sums = accumulate_gradients(grad_fn, params, micro)
 
     loss = sums["loss_sum"] / total_tokens
     new_state, grad_norm, finite = apply_gradients(state, grads, loss, tx)
