@@ -233,9 +233,12 @@ def test_rollout_with_reuse_equals_rollout_without(tmp_path):
             # moves a log-prob by whole nats.
             np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-2)
             # Routing: the random router of the tiny model has near-ties, and the sums above flip ~0.1% of the
-            # prompt tokens' expert choices (3 of 2724 seen); every one of the rest agrees.
+            # prompt tokens' expert choices (3 of 2724 seen); every one of the rest agrees. A turn's generated tokens
+            # make only ~50-100 choices, where one flip is already > 1% (seen once in a full run on session 13's
+            # machine): at most 2 flips or 1% of the choices, whichever is more.
             for got, want in ((x.routed_experts, y.routed_experts), (x.prompt_routed_experts, y.prompt_routed_experts)):
-                assert got.shape == want.shape and (got == want).mean() >= 0.99, (got != want).sum()
+                flips = int((got != want).sum())
+                assert got.shape == want.shape and flips <= max(2, 0.01 * got.size), (flips, got.size)
     prompt_tokens = sum(t.prompt_len for r in a for t in r.turns)
     assert tb["prefill_tokens"] == prompt_tokens and tb["reused_tokens"] == 0
     assert ta["prefill_tokens"] + ta["reused_tokens"] == prompt_tokens and ta["reused_tokens"] > 0
