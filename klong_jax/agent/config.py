@@ -118,6 +118,16 @@ class RolloutConfig:
         if self.session_chunk < 1:
             raise ValueError(f"rollout.session_chunk={self.session_chunk} must be >= 1 (e.g. 128)")
 
+    def device_slice(self, devices: list, where: str = "this process") -> list:
+        """The sampler's devices among `devices` (in their order): `devices` of them from `first_device` on (0: all
+        from first_device on); ValueError naming the fields when they do not fit."""
+        first = self.first_device
+        n = self.devices or len(devices) - first
+        if first + n > len(devices):
+            raise ValueError(f"rollout.devices={n}: {where} has {len(devices)} devices (0: all of them); from "
+                             f"rollout.first_device={first} on it needs {first + n}: lower either")
+        return list(devices)[first:first + n]
+
     @classmethod
     def from_mapping(cls, section: Mapping | None) -> RolloutConfig:
         """From a dict or ConfigDict (None or empty: the defaults); unknown keys are an error."""

@@ -46,11 +46,7 @@ def rollout_model(model, mesh, rollout: RolloutConfig | None):
                              nnx.state(model))
         model = nnx.merge(graphdef, state)
     if rollout.devices or rollout.mesh:     # a mesh of rollout.mesh's axes (devices 0: over every device)
-        first, n = rollout.first_device, rollout.devices or jax.device_count()
-        if first + n > jax.device_count():
-            raise ValueError(f"rollout.devices={n}: this process has {jax.device_count()} devices (0: all of them); "
-                             f"from rollout.first_device={first} on it needs {first + n}: lower either")
-        mesh = make_mesh(dict(rollout.mesh) or {"fsdp": -1}, jax.devices()[first:first + n])
+        mesh = make_mesh(dict(rollout.mesh) or {"fsdp": -1}, rollout.device_slice(jax.devices()))
     return model, mesh
 
 

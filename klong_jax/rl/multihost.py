@@ -143,13 +143,8 @@ def sampler_inputs(params, rest, mesh, rollout):
         return params, rest, mesh, rollout
     from klong_jax.sharding import make_mesh
     local = jax.local_devices()
-    first = rollout.first_device if rollout is not None else 0
-    n = rollout.devices if rollout is not None and rollout.devices else len(local) - first
-    if first + n > len(local):
-        raise ValueError(f"rollout.devices={n} from rollout.first_device={first}: this process has {len(local)} "
-                         "local devices (devices 0: all of them)")
-    local_mesh = make_mesh(dict(rollout.mesh) if rollout is not None and rollout.mesh else {"fsdp": -1},
-                           local[first:first + n])
+    chosen = rollout.device_slice(local, "this process's local device list") if rollout is not None else local
+    local_mesh = make_mesh(dict(rollout.mesh) if rollout is not None and rollout.mesh else {"fsdp": -1}, chosen)
     rollout = dataclasses.replace(rollout, devices=0, first_device=0, mesh=()) if rollout is not None else None
     return host_copy(params), host_copy(rest), local_mesh, rollout
 

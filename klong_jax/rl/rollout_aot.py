@@ -44,7 +44,6 @@ Functions (ROLLOUT_FUNCTIONS), each through the Sampler's own jit wrapper and do
   fits = every phase <= the chip's HBM. rl_update's peak comes from compile_rl_update in the same plan, or is
   given (`rl_update_peak_bytes`, e.g. from an earlier plan of the same shapes).
 """
-import math
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +59,7 @@ from klong_jax.models.init import abstract_model
 from klong_jax.rl.config import RLConfig
 from klong_jax.sampling import decode
 from klong_jax.sampling.buckets import batch_bucket
+from klong_jax.sampling.sampler import batch_devices
 from klong_jax.sharding import MESH_AXES, logical_to_spec, resolve_mesh_shape
 from klong_jax.sharding.rules import variable_axes
 from klong_jax.training.aot import GIB, abstract_run, compile_report, config_mesh, hbm_gib, mesh_info, per_device_bytes
@@ -77,13 +77,9 @@ def sampler_mesh(rollout: RolloutConfig, trainer_mesh: Mesh, topology: str | Non
     if not rollout.devices and not rollout.mesh:
         return trainer_mesh, "trainer"
     devices = sorted(trainer_mesh.devices.flat, key=lambda d: d.id)     # the process's (topology's) devices
-    first, n = rollout.first_device, rollout.devices or len(devices)    # a mesh alone: over every device
-    if first + n > len(devices):
-        raise ValueError(f"rollout.devices={n} from rollout.first_device={first}: the mesh has {len(devices)} "
-                         "devices; lower either")
-    shape = resolve_mesh_shape(dict(rollout.mesh) or {"fsdp": -1}, n)
+    chosen = rollout.device_slice(devices, "the trainer's mesh")         # a mesh alone: over every device
+    shape = resolve_mesh_shape(dict(rollout.mesh) or {"fsdp": -1}, len(chosen))
     dims = tuple(shape[a] for a in MESH_AXES)
-    chosen = devices[first:first + n]
     if {d.id for d in chosen} == {d.id for d in devices}:
         grid, placement = np.asarray(list(trainer_mesh.devices.flat), dtype=object).reshape(dims), "colocated"
     else:
@@ -97,14 +93,6 @@ def sampler_mesh(rollout: RolloutConfig, trainer_mesh: Mesh, topology: str | Non
         if grid is None:
             grid = np.asarray(chosen, dtype=object).reshape(dims)
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES)), placement
-
-
-def batch_devices(mesh) -> int:
-    """Devices the `batch` logical axis spreads over on `mesh` (as Sampler._batch_devices)."""
-    big = math.prod(mesh.devices.shape) * 1024
-    spec = logical_to_spec(("batch",), (big,), mesh)[0]
-    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
-    return math.prod(_mesh_dims(mesh)[a] for a in axes)
 
 
 def sampler_abstract(model_cfg, dtype: str, mesh):

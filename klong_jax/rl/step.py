@@ -139,9 +139,7 @@ def rl_minibatch_update(state, rest, ref_params, batches, total_tokens, frozen=N
                                         rl_cfg=rl_cfg, temperature=temperature, plan=plan)
         return grads, {**metrics, "_objective": loss}
 
-    first = jax.tree.map(lambda x: x[0], micro)
-    maxed = tuple(k for k in jax.eval_shape(lambda p: grad_fn(p, first)[1], state["params"]) if k.endswith("_max"))
-    grads, sums = accumulate_gradients(grad_fn, state["params"], micro, maxed=maxed)
+    grads, sums = accumulate_gradients(grad_fn, state["params"], micro, maxed=lambda key: key.endswith("_max"))
     loss = sums.pop("_objective")
     new_state, applied = rl_apply(state, grads, loss, tx=tx, lr_schedule=lr_schedule)
     return new_state, {**sums, **applied}

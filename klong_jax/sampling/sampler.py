@@ -55,6 +55,17 @@ def _on_device_order(x, mesh) -> bool:
     return [d.id for d in sharding.mesh.devices.flat] == [d.id for d in mesh.devices.flat]
 
 
+def batch_devices(mesh, rules=DEFAULT_RULES) -> int:
+    """Devices the `batch` logical axis spreads over on `mesh` (None: 1): a Sampler's batch bucket is a multiple of
+    it (launch/plan.py's rollout plan rounds its cache rows the same way)."""
+    if mesh is None:
+        return 1
+    big = math.prod(mesh.devices.shape) * 1024
+    spec = logical_to_spec(("batch",), (big,), mesh, rules)[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    return math.prod(mesh.shape[a] for a in axes)
+
+
 def _as_tuple(ids) -> tuple[int, ...]:
     if ids is None:
         return ()
@@ -162,27 +173,23 @@ class Sampler:
         target_list = [targets[p] for p in paths]
         dtypes = [cur_flat[p].dtype for p in paths]
         values = [new_flat[p] for p in paths]
-        key = tuple(paths)
-
-        def copy_fn():
-            if key not in self._copy_fns:     # one compilation per set of updated variables (and input layout)
-                self._copy_fns[key] = jax.jit(functools.partial(_cast_all, dtypes=tuple(dtypes)),
-                                              out_shardings=target_list)
-            return self._copy_fns[key]
-
         if copy or any(jnp.dtype(v.dtype) != dt for v, dt in zip(values, dtypes)):
             # A jit output never aliases its (undonated) inputs: fresh buffers, cast in the same pass.
             # (device_put alone may keep a shard of the caller's buffer even when asked not to alias.)
+            key = tuple(paths)
+            if key not in self._copy_fns:     # one compilation per set of updated variables (and input layout)
+                self._copy_fns[key] = jax.jit(functools.partial(_cast_all, dtypes=tuple(dtypes)),
+                                              out_shardings=target_list)
             if self.mesh is not None and all(_on_device_order(v, self.mesh) for v in values):
                 # The caller's arrays on the sampler's devices in the sampler mesh's order (the trainer's mesh, or
                 # another mesh over the same chips): cast and reshard are one compiled program, as
                 # klong_jax/rl/rollout_aot.py plans it.
-                moved = copy_fn()(values)
+                moved = self._copy_fns[key](values)
                 self.stats["fused_weight_syncs"] += 1
             else:
                 # A jit reads and writes one device order only: arrays on other devices (another sampler's chips,
                 # another order, the host) are first moved by device_put, then cast.
-                moved = copy_fn()(jax.device_put(values, target_list))
+                moved = self._copy_fns[key](jax.device_put(values, target_list))
         else:
             moved = jax.device_put(values, target_list)
         for p, arr in zip(paths, moved):
@@ -248,12 +255,7 @@ class Sampler:
 
     def _batch_devices(self) -> int:
         """Devices the `batch` logical axis spreads over: the batch bucket is a multiple of it."""
-        if self.mesh is None:
-            return 1
-        big = math.prod(self.mesh.devices.shape) * 1024
-        spec = logical_to_spec(("batch",), (big,), self.mesh, self.rules)[0]
-        axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
-        return math.prod(self.mesh.shape[a] for a in axes)
+        return batch_devices(self.mesh, self.rules)
 
     def _mesh_context(self):
         return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()

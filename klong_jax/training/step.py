@@ -44,29 +44,23 @@ def apply_gradients(state, grads, loss, tx):
     return new_state, grad_norm, finite
 
 
-def accumulate_gradients(grad_fn, params, micro, *, maxed=()):
+def accumulate_gradients(grad_fn, params, micro, *, maxed=lambda key: False):
     """The exact sum over M micro-batches of `grad_fn(params, mb) -> (grads, aux)`; micro: a pytree whose every
     leaf has the micro-batch index as its leading axis [M, ...]. One micro-batch is live at a time (lax.scan).
-    Gradients are summed in fp32 and returned in each param's dtype; aux (a pytree of arrays) is summed, except
-    the top-level keys in `maxed` (a dict aux), which are maxed. The sum is the whole batch's gradient when each
+    Gradients are summed in fp32 and returned in each param's dtype; aux (a dict of arrays) is summed key by key,
+    except the keys for which `maxed(key)` holds, which are maxed. The sum is the whole batch's gradient when each
     micro-batch's loss is normalised by the whole batch's count (loss tokens): the caller's loss does that.
     The one accumulation of SFT (`train_step`) and RL (rl/step.py `rl_minibatch_update`)."""
     first = jax.tree.map(lambda x: x[0], micro)
     aux_shape = jax.eval_shape(lambda p, mb: grad_fn(p, mb)[1], params, first)
-    aux0 = {k: jax.tree.map(lambda a, k=k: jnp.full(a.shape, -jnp.inf if k in maxed else 0, a.dtype), v)
-            for k, v in aux_shape.items()} if isinstance(aux_shape, dict) else \
-        jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shape)
-
-    def add_aux(acc, new):
-        if isinstance(acc, dict):
-            return {k: jax.tree.map(jnp.maximum if k in maxed else jnp.add, acc[k], new[k]) for k in acc}
-        return jax.tree.map(jnp.add, acc, new)
+    aux0 = {k: jnp.full(a.shape, -jnp.inf if maxed(k) else 0, a.dtype) for k, a in aux_shape.items()}
 
     def body(carry, mb):
         grads_acc, aux_acc = carry
         grads, aux = grad_fn(params, mb)
         grads_acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads_acc, grads)
-        return (grads_acc, add_aux(aux_acc, aux)), None
+        aux_acc = {k: (jnp.maximum if maxed(k) else jnp.add)(aux_acc[k], aux[k]) for k in aux_acc}
+        return (grads_acc, aux_acc), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
     (grads, aux), _ = jax.lax.scan(body, (zeros, aux0), micro)
